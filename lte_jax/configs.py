@@ -1,0 +1,251 @@
+"""Model configurations as validated, frozen data.
+
+``get_config(architecture, size, **overrides)`` is the one entry point. An
+architecture names the mixer of every layer (``ModelConfig.layers``); a size
+names a preset of shapes. The 0.4B and 1.4B presets copy the reference configs
+of the paper (shared/PAPER.md section 5); ``tiny`` trains on a laptop CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+MIXERS = ("gdn", "swa", "attn", "lte")
+ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "transformer")
+SIZES = ("tiny", "0.4B", "1.4B")
+DTYPES = ("float32", "bfloat16")
+
+
+def _require(cond: bool, field: str, allowed: str, value: Any) -> None:
+  if not cond:
+    raise ValueError(f"config field {field} must be {allowed}, got {value!r}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(obj, name)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             f"{type(obj).__name__}.{name}", "a positive integer", value)
+
+
+def intermediate_size(d_model: int, hidden_ratio: int = 4) -> int:
+  """SwiGLU width of the reference: 2/3 of ratio x d, rounded up to a multiple of 256."""
+  return 256 * math.ceil(int(d_model * hidden_ratio * 2 / 3) / 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNConfig:
+  """Gated DeltaNet mixer. Value head dim = head_dim * expand_v."""
+  num_heads: int = 8
+  head_dim: int = 128
+  expand_v: float = 1.0
+  conv_size: int = 4
+  use_gate: bool = True
+  norm_eps: float = 1e-6
+  chunk_size: int = 64
+  implementation: str | None = None  # None: best available for the backend
+
+  def __post_init__(self):
+    _positive(self, "num_heads", "head_dim", "conv_size", "chunk_size")
+    _require(self.expand_v > 0 and float(self.head_dim * self.expand_v).is_integer(),
+             "GDNConfig.expand_v", "> 0 with head_dim * expand_v an integer", self.expand_v)
+
+  @property
+  def head_v_dim(self) -> int:
+    return int(self.head_dim * self.expand_v)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Softmax attention mixer (full or sliding window), RoPE, GQA.
+
+  ``window_size`` follows the reference (flash-attn) convention: the number of
+  visible tokens including the current one, so a query at i sees keys
+  i - window_size < j <= i. None means full causal attention.
+  """
+  num_heads: int = 16
+  num_kv_heads: int = 16
+  head_dim: int = 64
+  window_size: int | None = None
+  rope_theta: float = 10000.0
+  implementation: str | None = None
+
+  def __post_init__(self):
+    _positive(self, "num_heads", "num_kv_heads", "head_dim")
+    _require(self.num_heads % self.num_kv_heads == 0, "AttentionConfig.num_kv_heads",
+             f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
+    if self.window_size is not None:
+      _positive(self, "window_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class LTEConfig:
+  """LTE sparse attention mixer (PAPER.md section 3).
+
+  Query i sees key j iff j <= i and (j < sink_size or i - j <= window_size or
+  the CNN retains j). ``budget`` retained slots per KV head at inference
+  (sinks included); ``target_kept`` is the controller's target count of kept
+  tokens per sequence of ``target_seq_len`` during training.
+  """
+  num_heads: int = 16
+  num_kv_heads: int = 16
+  head_dim: int = 64
+  sink_size: int = 4
+  window_size: int = 768
+  budget: int = 512
+  kernel_sizes: tuple[int, ...] = (3, 3, 3)
+  dilations: tuple[int, ...] = (2, 2, 2)
+  dropout: float = 0.1
+  score_bias_init: float = 0.5
+  target_kept: int = 512
+  target_seq_len: int = 4096
+  rope_theta: float = 10000.0
+  implementation: str | None = None
+
+  def __post_init__(self):
+    _positive(self, "num_heads", "num_kv_heads", "head_dim", "window_size", "budget",
+              "target_kept", "target_seq_len")
+    _require(isinstance(self.sink_size, int) and self.sink_size >= 0, "LTEConfig.sink_size",
+             "an integer >= 0", self.sink_size)
+    _require(self.num_heads % self.num_kv_heads == 0, "LTEConfig.num_kv_heads",
+             f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
+    _require(self.budget > self.sink_size, "LTEConfig.budget",
+             f"> sink_size={self.sink_size}", self.budget)
+    _require(len(self.kernel_sizes) == len(self.dilations) and len(self.kernel_sizes) >= 1,
+             "LTEConfig.dilations", f"a tuple as long as kernel_sizes={self.kernel_sizes}",
+             self.dilations)
+    for k in self.kernel_sizes:
+      _require(isinstance(k, int) and k >= 1 and k % 2 == 1, "LTEConfig.kernel_sizes",
+               "odd positive integers (centred 'same' convolutions)", self.kernel_sizes)
+    _require(0.0 <= self.dropout < 1.0, "LTEConfig.dropout", "in [0, 1)", self.dropout)
+    _require(self.window_size + 1 > 2 * self.lookahead, "LTEConfig.window_size",
+             f"> 2 x the CNN look-ahead ({self.lookahead}) so delayed scoring fits the ring",
+             self.window_size)
+
+  @property
+  def lookahead(self) -> int:
+    """Future (and past) tokens the scorer CNN reads: sum of dilation*(k-1)/2."""
+    return sum(d * (k - 1) // 2 for k, d in zip(self.kernel_sizes, self.dilations))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A hybrid decoder LM. ``layers[i]`` is the mixer of layer i, one of MIXERS."""
+  vocab_size: int
+  d_model: int
+  layers: tuple[str, ...]
+  intermediate_size: int
+  gdn: GDNConfig = GDNConfig()
+  attn: AttentionConfig = AttentionConfig()
+  swa: AttentionConfig = AttentionConfig(window_size=1024)
+  lte: LTEConfig = LTEConfig()
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+  init_std: float = 0.006
+  max_position: int = 4096
+  dtype: str = "float32"        # compute dtype of activations
+  param_dtype: str = "float32"  # master parameters
+
+  def __post_init__(self):
+    _positive(self, "vocab_size", "d_model", "intermediate_size", "max_position")
+    _require(isinstance(self.layers, tuple) and len(self.layers) > 0, "ModelConfig.layers",
+             "a non-empty tuple of mixer names", self.layers)
+    for mixer in self.layers:
+      _require(mixer in MIXERS, "ModelConfig.layers", f"mixer names from {MIXERS}", mixer)
+    _require(self.dtype in DTYPES, "ModelConfig.dtype", f"one of {DTYPES}", self.dtype)
+    _require(self.param_dtype in DTYPES, "ModelConfig.param_dtype", f"one of {DTYPES}",
+             self.param_dtype)
+    _require(self.swa.window_size is not None, "ModelConfig.swa.window_size",
+             "a positive integer (the sliding window)", self.swa.window_size)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layers)
+
+
+def _alternate(mixer: str, num_layers: int) -> tuple[str, ...]:
+  """GDN on even layers, ``mixer`` on odd ones, as in the paper's hybrids."""
+  return tuple("gdn" if i % 2 == 0 else mixer for i in range(num_layers))
+
+
+_ARCH_LAYERS = {
+    "GDN": lambda n: ("gdn",) * n,
+    "GDN_SWA": lambda n: _alternate("swa", n),
+    "GDN_Attn": lambda n: _alternate("attn", n),
+    "laLTE": lambda n: _alternate("lte", n),
+    "transformer": lambda n: ("attn",) * n,
+}
+
+
+def _preset(size: str, architecture: str) -> dict[str, Any]:
+  if size == "tiny":
+    d = 128
+    return dict(
+        vocab_size=512, d_model=d, num_layers=4, intermediate_size=intermediate_size(d),
+        tie_embeddings=True, max_position=1024,
+        gdn=GDNConfig(num_heads=2, head_dim=64),
+        attn=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32),
+        swa=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32, window_size=64),
+        lte=LTEConfig(num_heads=4, num_kv_heads=2, head_dim=32, window_size=48, budget=24,
+                      target_kept=24, target_seq_len=256),
+    )
+  if size == "0.4B":
+    d = 1024
+    return dict(
+        vocab_size=32000, d_model=d, num_layers=24, intermediate_size=intermediate_size(d),
+        tie_embeddings=True,
+        gdn=GDNConfig(num_heads=8, head_dim=128),
+        attn=AttentionConfig(num_heads=16, num_kv_heads=16, head_dim=64),
+        swa=AttentionConfig(num_heads=16, num_kv_heads=16, head_dim=64, window_size=1024),
+        lte=LTEConfig(num_heads=16, num_kv_heads=16, head_dim=64),
+    )
+  if size == "1.4B":
+    d = 2048
+    return dict(
+        vocab_size=32000, d_model=d, num_layers=24, intermediate_size=intermediate_size(d),
+        tie_embeddings=False,
+        gdn=GDNConfig(num_heads=8, head_dim=256),
+        attn=AttentionConfig(num_heads=32, num_kv_heads=8, head_dim=64),
+        swa=AttentionConfig(num_heads=32, num_kv_heads=8, head_dim=64, window_size=1024),
+        lte=LTEConfig(num_heads=32, num_kv_heads=8, head_dim=64),
+    )
+  raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+
+
+def get_config(architecture: str, size: str = "tiny", **overrides: Any) -> ModelConfig:
+  """Build a validated ModelConfig.
+
+  Args:
+    architecture: one of ARCHITECTURES.
+    size: one of SIZES.
+    **overrides: ModelConfig fields to replace; ``num_layers`` rebuilds the layer
+      pattern of the architecture with that depth.
+  """
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+  if size not in SIZES:
+    raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+  fields = _preset(size, architecture)
+  valid = {f.name for f in dataclasses.fields(ModelConfig)} | {"num_layers"}
+  for key in overrides:
+    if key not in valid:
+      raise ValueError(f"unknown ModelConfig field {key!r}; valid fields: {sorted(valid)}")
+  fields.update(overrides)
+  num_layers = fields.pop("num_layers")
+  fields.setdefault("layers", _ARCH_LAYERS[architecture](num_layers))
+  return ModelConfig(**fields)
+
+
+def replace(config: Any, **changes: Any) -> Any:
+  """dataclasses.replace with an error that lists the valid field names."""
+  valid = {f.name for f in dataclasses.fields(config)}
+  for key in changes:
+    if key not in valid:
+      raise ValueError(f"unknown {type(config).__name__} field {key!r}; valid fields: "
+                       f"{sorted(valid)}")
+  return dataclasses.replace(config, **changes)
+
+
+def to_dict(config: Any) -> Mapping[str, Any]:
+  return dataclasses.asdict(config)
