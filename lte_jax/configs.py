@@ -146,6 +146,7 @@ class ModelConfig:
   max_position: int = 4096
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # master parameters
+  remat: bool = False           # rematerialise each block in the backward pass
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "intermediate_size", "max_position")

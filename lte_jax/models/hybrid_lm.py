@@ -1,0 +1,180 @@
+"""HybridLM: a decoder whose mixer per layer comes from ``ModelConfig.layers``.
+
+Block (pre-norm, as the reference):  x += mixer(RMSNorm(x));  x += SwiGLU(RMSNorm(x)).
+Data flow of a batch: tokens [B, T] -> embed [B, T, D] -> blocks -> RMSNorm ->
+logits [B, T, V] (float32; tied embeddings where the preset says so).
+
+Decoding runs the same blocks on an explicit cache: a tuple with one pytree per
+layer, built by each mixer's ``init_cache`` and threaded through ``prefill``
+and ``decode``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lte_jax import configs as configs_lib
+from lte_jax import segments
+from lte_jax import sharding as sh
+from lte_jax._checks import check_int_dtype, check_rank, check_segment_ids, check_shape
+from lte_jax.layers.attention import Attention
+from lte_jax.layers.common import dtype_of, linear
+from lte_jax.layers.gated_deltanet import GatedDeltaNet
+from lte_jax.layers.lte import LTEAttention
+from lte_jax.layers.mlp import SwiGLU
+from lte_jax.layers.norm import RMSNorm
+
+# Mixer name -> constructor(model_config, **common_kwargs). Adding a mixer means
+# writing a module with the mixer protocol (see WORKSPACE.md) and one line here.
+MIXER_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+    "gdn": lambda cfg, **kw: GatedDeltaNet(cfg.gdn, cfg.d_model, **kw),
+    "attn": lambda cfg, **kw: Attention(cfg.attn, cfg.d_model, **kw),
+    "swa": lambda cfg, **kw: Attention(cfg.swa, cfg.d_model, **kw),
+    "lte": lambda cfg, **kw: LTEAttention(cfg.lte, cfg.d_model, **kw),
+}
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: mixer then SwiGLU MLP."""
+
+  def __init__(self, cfg: configs_lib.ModelConfig, mixer: str, *, rngs: nnx.Rngs):
+    dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    common = dict(num_layers=cfg.num_layers, init_std=cfg.init_std, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+    self.mixer_name = mixer
+    self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                              param_dtype=param_dtype)
+    self.mixer = MIXER_REGISTRY[mixer](cfg, **common)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.mlp = SwiGLU(cfg.d_model, cfg.intermediate_size, **common)
+
+  def __call__(self, x, *, segment_ids=None, positions=None):
+    h, aux = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), aux
+
+  def prefill(self, x, cache):
+    h, cache = self.mixer.prefill(self.mixer_norm(x), cache)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def decode(self, x, cache):
+    h, cache = self.mixer.decode(self.mixer_norm(x), cache)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+def _run_block(block: Block, x, segment_ids, positions):
+  return block(x, segment_ids=segment_ids, positions=positions)
+
+
+# Rematerialised twin of _run_block: activations inside a block are recomputed
+# in the backward pass, trading ~1/3 more FLOPs for memory at long sequences.
+_run_block_remat = nnx.remat(_run_block)
+
+
+class HybridLM(nnx.Module):
+  """Decoder LM. ``model(tokens) -> (logits [B, T, V] f32, aux)``.
+
+  aux['lte_retention'] is a tuple with the retention scores r [B, T, H_kv] of
+  each LTE layer in order (empty for models without LTE).
+  """
+
+  def __init__(self, config: configs_lib.ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, configs_lib.ModelConfig):
+      raise ValueError(f"config must be a lte_jax.configs.ModelConfig, got {type(config).__name__}")
+    self.config = config
+    dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+    self.embed = nnx.Embed(
+        config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.with_partitioning(nnx.initializers.normal(config.init_std),
+                                             (sh.VOCAB, sh.EMBED)),
+        rngs=rngs)
+    self.blocks = nnx.List([Block(config, mixer, rngs=rngs) for mixer in config.layers])
+    self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                              param_dtype=param_dtype)
+    if config.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = linear(config.d_model, config.vocab_size, names=(sh.EMBED, sh.VOCAB),
+                            std=config.init_std, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.lte_layers = tuple(i for i, m in enumerate(config.layers) if m == "lte")
+
+  def _check_tokens(self, tokens, name="tokens"):
+    check_rank(name, tokens, 2, "[batch, time]")
+    check_int_dtype(name, tokens)
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    if self.lm_head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens, *, segment_ids=None, positions=None):
+    """tokens [B, T] int; segment_ids/positions [B, T] int (packed documents)."""
+    self._check_tokens(tokens)
+    b, t = tokens.shape
+    check_segment_ids(segment_ids, b, t)
+    if positions is not None:
+      check_shape("positions", positions, (b, t), "[batch, time]")
+      check_int_dtype("positions", positions)
+    elif segment_ids is not None:
+      positions = segments.positions_from_segment_ids(segment_ids)
+    else:
+      positions = segments.default_positions(b, t)
+    x = self.embed(tokens)
+    x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+    run = _run_block_remat if self.config.remat else _run_block
+    retention = []
+    for block in self.blocks:
+      x, aux = run(block, x, segment_ids, positions)
+      if "retention" in aux:
+        retention.append(aux["retention"])
+    return self._logits(x), {"lte_retention": tuple(retention)}
+
+  def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> tuple:
+    """One cache pytree per layer; ``max_len`` bounds the tokens a full-attention layer keeps."""
+    dtype = dtype_of(self.config.dtype) if dtype is None else dtype
+    return tuple(block.mixer.init_cache(batch_size, max_len, dtype) for block in self.blocks)
+
+  def prefill(self, tokens, cache: tuple):
+    """Run a prompt tokens [B, T] into a fresh cache; returns (logits [B, T, V], cache)."""
+    self._check_tokens(tokens)
+    self._check_cache(cache)
+    x = self.embed(tokens)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.prefill(x, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x), tuple(new_cache)
+
+  def decode(self, tokens, cache: tuple):
+    """One step: tokens [B, 1] -> (logits [B, 1, V], cache)."""
+    self._check_tokens(tokens)
+    if tokens.shape[1] != 1:
+      raise ValueError(f"tokens must have shape [batch, 1] for decode, got {tuple(tokens.shape)}")
+    self._check_cache(cache)
+    x = self.embed(tokens)
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.decode(x, layer_cache)
+      new_cache.append(layer_cache)
+    return self._logits(x), tuple(new_cache)
+
+  def _check_cache(self, cache):
+    if not isinstance(cache, (tuple, list)) or len(cache) != len(self.blocks):
+      raise ValueError(f"cache must be the tuple of {len(self.blocks)} per-layer caches made by "
+                       f"init_cache, got {type(cache).__name__}")
+
+
+def count_params(config: configs_lib.ModelConfig) -> int:
+  """Parameter count of a config, computed without allocating (nnx.eval_shape)."""
+  abstract = nnx.eval_shape(lambda: HybridLM(config, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  return sum(int(x.size) for x in jax.tree.leaves(state))

@@ -1,0 +1,143 @@
+"""HybridLM: parameter counts of the paper presets, decode parity, validation."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lte_jax import configs
+from lte_jax.models import HybridLM, count_params
+
+
+def reference_param_count(arch: str, size: str) -> int:
+  """Count from the reference (flash-linear-attention) module shapes, written independently."""
+  d, v, inter = {"0.4B": (1024, 32000, 2816), "1.4B": (2048, 32000, 5632)}[size]
+  tied = size == "0.4B"
+  gdn_h, gdn_dk = {"0.4B": (8, 128), "1.4B": (8, 256)}[size]
+  hq, hkv = {"0.4B": (16, 16), "1.4B": (32, 8)}[size]
+  dh, conv = 64, 4
+  gdn_dv = gdn_dk  # expand_v = 1
+  gdn = (2 * d * gdn_h * gdn_dk + d * gdn_h * gdn_dv  # q, k, v projections
+         + 2 * d * gdn_h + 2 * gdn_h                  # a_proj, b_proj, A_log, dt_bias
+         + conv * gdn_h * (2 * gdn_dk + gdn_dv)       # short convs (no bias)
+         + d * gdn_h * gdn_dv + gdn_dv                # g_proj, gated RMSNorm weight
+         + gdn_h * gdn_dv * d)                        # o_proj
+  attn = d * hq * dh + 2 * d * hkv * dh + hq * dh * d
+  channels = [2 * dh, dh, dh // 2, dh // 4]
+  scorer_per_head = sum(cin * cout * 3 + cout for cin, cout in zip(channels, channels[1:]))
+  scorer_per_head += channels[-1] + 1
+  lte = attn + hkv * scorer_per_head
+  mixer = {"gdn": gdn, "attn": attn, "swa": attn, "lte": lte}
+  layers = configs.get_config(arch, size).layers
+  per_layer = 3 * d * inter + 2 * d
+  total = sum(mixer[m] + per_layer for m in layers)
+  total += v * d + d + (0 if tied else v * d)
+  return total
+
+
+PRESETS = [(a, s) for a in configs.ARCHITECTURES for s in ("0.4B", "1.4B")]
+
+
+@pytest.mark.parametrize("arch,size", PRESETS)
+def test_param_count_matches_reference(arch, size):
+  ours = count_params(configs.get_config(arch, size))
+  ref = reference_param_count(arch, size)
+  print(f"{arch} {size}: lte_jax {ours:,} reference {ref:,}")
+  assert abs(ours - ref) / ref < 0.01
+
+
+def test_gdn_04b_matches_fla_anchor():
+  # flash-linear-attention 0.6.0 GatedDeltaNet at this shape reports 366,956,928 parameters.
+  assert count_params(configs.get_config("GDN", "0.4B")) == 366_956_928
+
+
+def _tiny(arch, **overrides):
+  base = dict(vocab_size=97, d_model=32, num_layers=4, intermediate_size=64,
+              gdn=configs.GDNConfig(num_heads=2, head_dim=16, chunk_size=8),
+              attn=configs.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
+              swa=configs.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, window_size=6),
+              lte=configs.LTEConfig(num_heads=4, num_kv_heads=2, head_dim=8, sink_size=2,
+                                    window_size=13, budget=5, dropout=0.0))
+  base.update(overrides)
+  return configs.get_config(arch, "tiny", **base)
+
+
+@pytest.mark.parametrize("arch", configs.ARCHITECTURES)
+@pytest.mark.parametrize("prompt_len", [3, 17])
+def test_prefill_then_decode_matches_full_forward(arch, prompt_len):
+  cfg = _tiny(arch)
+  model = HybridLM(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  model.set_attributes(enforce_budget=True, raise_if_not_found=False)
+  total = 48
+  tokens = jax.random.randint(jax.random.key(1), (2, total), 0, cfg.vocab_size)
+  full, _ = model(tokens)
+  cache = model.init_cache(2, total, jnp.float32)
+  logits, cache = model.prefill(tokens[:, :prompt_len], cache)
+  steps = [logits]
+  decode = nnx.jit(lambda m, t, c: m.decode(t, c))
+  for t in range(prompt_len, total):
+    logits, cache = decode(model, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  got = jnp.concatenate(steps, axis=1)
+  np.testing.assert_allclose(got, full, rtol=2e-4, atol=2e-4)
+
+
+def test_forward_shapes_and_aux():
+  cfg = _tiny("laLTE")
+  model = HybridLM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((2, 10), jnp.int32)
+  logits, aux = model(tokens)
+  assert logits.shape == (2, 10, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert model.lte_layers == (1, 3)
+  assert len(aux["lte_retention"]) == 2
+  assert aux["lte_retention"][0].shape == (2, 10, cfg.lte.num_kv_heads)
+
+
+def test_segment_ids_isolate_documents():
+  cfg = _tiny("GDN_Attn")
+  model = HybridLM(cfg, rngs=nnx.Rngs(0))
+  a = jax.random.randint(jax.random.key(2), (1, 11), 0, cfg.vocab_size)
+  b = jax.random.randint(jax.random.key(3), (1, 9), 0, cfg.vocab_size)
+  packed = jnp.concatenate([a, b], axis=1)
+  seg = jnp.concatenate([jnp.ones((1, 11), jnp.int32), 2 * jnp.ones((1, 9), jnp.int32)], axis=1)
+  got, _ = model(packed, segment_ids=seg)
+  want = jnp.concatenate([model(a)[0], model(b)[0]], axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_and_untied_heads():
+  assert HybridLM(_tiny("GDN"), rngs=nnx.Rngs(0)).lm_head is None
+  untied = HybridLM(_tiny("GDN", tie_embeddings=False), rngs=nnx.Rngs(0))
+  assert untied.lm_head is not None
+
+
+def test_init_std_and_output_scaling():
+  cfg = configs.get_config("GDN_Attn", "tiny", d_model=256, intermediate_size=1024)
+  model = HybridLM(cfg, rngs=nnx.Rngs(0))
+  block = model.blocks[1]
+  q = np.asarray(block.mixer.q_proj.kernel.value)
+  o = np.asarray(block.mixer.o_proj.kernel.value)
+  down = np.asarray(block.mlp.down_proj.kernel.value)
+  assert abs(q.std() - 0.006) < 0.0005
+  scaled = 0.006 / np.sqrt(2 * cfg.num_layers)
+  assert abs(o.std() - scaled) < 0.1 * scaled
+  assert abs(down.std() - scaled) < 0.1 * scaled
+
+
+def test_bad_inputs_raise_value_error():
+  model = HybridLM(_tiny("GDN"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="tokens"):
+    model(jnp.zeros((4,), jnp.int32))
+  with pytest.raises(ValueError, match="tokens"):
+    model(jnp.zeros((1, 4), jnp.float32))
+  with pytest.raises(ValueError, match="segment_ids"):
+    model(jnp.zeros((1, 4), jnp.int32), segment_ids=jnp.zeros((1, 5), jnp.int32))
+  with pytest.raises(ValueError, match="cache"):
+    model.decode(jnp.zeros((1, 1), jnp.int32), cache=())
+  with pytest.raises(ValueError, match="config"):
+    HybridLM(dataclasses.asdict(_tiny("GDN")), rngs=nnx.Rngs(0))
