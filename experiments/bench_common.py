@@ -1,0 +1,58 @@
+"""Timing helpers shared by the benchmark scripts (never used by tests)."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20) -> float:
+  """Median wall time in ms of a jitted call, synchronising on its outputs."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def environment() -> dict[str, Any]:
+  env = {"jax": jax.__version__, "backend": jax.default_backend(),
+         "device": jax.devices()[0].device_kind, "python": platform.python_version(),
+         "date": time.strftime("%Y-%m-%d")}
+  try:
+    import torch
+    env["torch"] = torch.__version__
+    import triton
+    env["triton"] = triton.__version__
+    import fla
+    env["fla"] = getattr(fla, "__version__", "?")
+  except ImportError:
+    pass
+  return env
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+  widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+  print(" | ".join(c.ljust(widths[c]) for c in columns))
+  print("-+-".join("-" * widths[c] for c in columns))
+  for r in rows:
+    print(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.3f}" if v < 100 else f"{v:,.0f}"
+  return "" if v is None else str(v)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2)
+  print(f"wrote {path}")

@@ -1,0 +1,79 @@
+"""Fields shared by every training config; each architecture's file edits a copy.
+
+Every field can be overridden on the command line: ``--config.optim.learning_rate=1e-4``.
+Fields set to None under ``model`` keep the value of the ``size`` preset
+(lte_jax.configs.get_config(arch, size, ...)).
+
+The defaults train a tiny model on the embedded corpus on a laptop CPU in a few
+minutes. A paper-scale run (PAPER.md section 5) sets, e.g. for the 1.4B laLTE:
+  --config.size=1.4B --config.steps=30720 --config.data.seq_len=4096
+  --config.data.batch_size=16 --config.optim.grad_accum=16 --config.optim.warmup_steps=512
+  --config.model.dtype=bfloat16 --config.mesh.fsdp=-1 --config.mesh.data=1
+  --config.data.source=jsonl --config.data.path=... --config.data.tokenizer=...
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.arch = "laLTE"         # lte_jax.configs.ARCHITECTURES
+  config.size = "tiny"          # tiny | 0.4B | 1.4B
+  config.steps = 300            # optimizer updates
+  config.seed = 42
+
+  # ModelConfig overrides; None keeps the preset's value.
+  config.model = ml_collections.ConfigDict()
+  config.model.num_layers = config_dict.placeholder(int)
+  config.model.d_model = config_dict.placeholder(int)
+  config.model.intermediate_size = config_dict.placeholder(int)
+  config.model.vocab_size = config_dict.placeholder(int)
+  config.model.dtype = "bfloat16"        # compute dtype (fp32 math in norms, softmax, loss)
+  config.model.param_dtype = "float32"   # master parameters
+  config.model.remat = False
+  config.model.lte_dropout = config_dict.placeholder(float)
+  config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
+
+  # lte_jax.data.DataConfig fields (batch_size is global, over all processes).
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "embedded"
+  config.data.path = config_dict.placeholder(str)
+  config.data.text_field = "text"
+  config.data.tokenizer = "byte"
+  config.data.seq_len = 256
+  config.data.batch_size = 8
+  config.data.seed = 0
+  config.data.mixture = ml_collections.ConfigDict({"corpus": 1.0, "mqar": 0.0, "niah": 0.0})
+  config.data.worker_count = 0
+  config.data.read_threads = 2
+
+  # lte_jax.training.optimizer.OptimizerConfig fields, plus accumulation.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 3e-4
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-15
+  config.optim.weight_decay = 0.1
+  config.optim.warmup_steps = 30   # the paper: 512 (with 30720 steps)
+  config.optim.final_lr_ratio = 0.1
+  config.optim.clip_norm = 1.0
+  config.optim.grad_accum = 1      # micro-batches per update (batch_size must divide)
+
+  # Device mesh: -1 takes the devices left over.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 100    # steps between saves (also saved at the end and on SIGTERM)
+  config.checkpoint.keep = 3       # newest checkpoints kept
+  config.checkpoint.async_save = True
+
+  config.log = ml_collections.ConfigDict()
+  config.log.every = 10            # steps between metric records (JSONL, TensorBoard)
+  config.log.progress = True       # progress line with loss, tokens/s and ETA
+  config.log.tensorboard = True
+  return config

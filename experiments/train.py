@@ -1,0 +1,161 @@
+r"""Train a hybrid LM.
+
+    python -m experiments.train --config=laLTE --workdir=/tmp/lalte \
+        --config.steps=500 --config.data.batch_size=16
+
+``--config`` is a config name (experiments/configs/<name>.py) or a config file;
+``--config.<field>=<value>`` overrides any field (see experiments/configs/base.py).
+The workdir gets config.json, metrics.jsonl, tensorboard/ and checkpoints/; a
+run started on a workdir with checkpoints resumes from the newest readable one.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import configs as config_files
+from experiments.configs.base import get_base_config
+from lte_jax import data as data_lib
+from lte_jax.training import checkpoint, experiment, mesh as mesh_lib, metrics as metrics_lib
+from lte_jax.training import optimizer, step as step_lib, train_state
+from lte_jax.training.train_state import TrainState
+
+
+def _fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _fields(value, f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}={value!r}")
+  return out
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None,
+    f"Training config: one of {config_files.available()} (experiments/configs/<name>.py) or a "
+    "path to a config file with get_config(). Override any field with "
+    "--config.<field>=<value>. Fields and their base defaults: "
+    + ", ".join(_fields(get_base_config())),
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None,
+    "Directory for checkpoints/, metrics.jsonl, tensorboard/ and config.json. A workdir with "
+    "checkpoints resumes from the newest one. Default: a fresh folder under "
+    f"{tempfile.gettempdir()}/lte_jax_runs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", mesh_lib.DISTRIBUTED_MODES,
+    "Call jax.distributed.initialize() for multi-host training: 'on', 'off', or 'auto' "
+    "(when a coordinator address or a SLURM / Open MPI launch with several tasks is found).")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Run (or resume) training to ``config.steps``; returns the final train state."""
+  exp = experiment.resolve(config)
+  mesh = mesh_lib.make_mesh(**config.mesh)
+  model_def = train_state.make_model_def(exp.model)
+  tx, schedule = optimizer.make_optimizer(exp.optim, exp.steps)
+  init = lambda: train_state.init_train_state(model_def, tx, exp.seed)
+  abstract = jax.eval_shape(init)
+  shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  data_iter = data_lib.make_train_iterator(exp.data, process_index=jax.process_index(),
+                                           process_count=jax.process_count())
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), **config.checkpoint)
+  num_params = train_state.num_params(model_def)
+  logging.info("%s %s: %.2fM parameters, mesh %s, %d x %s", config.arch, config.size,
+               num_params / 1e6, mesh_lib.describe(mesh), jax.device_count(),
+               jax.devices()[0].device_kind)
+
+  with jax.set_mesh(mesh):
+    state = ckpt.restore_latest(mesh_lib.with_shardings(abstract, shardings), data_iter)
+    if state is None:
+      state = jax.jit(init, out_shardings=shardings)()
+    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                      donate_argnums=0)
+    start = step = int(state.step)
+    peak = metrics_lib.peak_flops(jax.devices()[0])
+    log = metrics_lib.TrainLogger(
+        workdir, total_steps=exp.steps, start_step=start, log_every=config.log.every,
+        tokens_per_step=exp.data.batch_size * exp.data.seq_len, lte_layers=model_def.lte_layers,
+        flops_per_token=metrics_lib.flops_per_token(exp.model, num_params, exp.data.seq_len),
+        peak_flops=peak * jax.device_count() if peak else None,
+        progress=config.log.progress, tensorboard=config.log.tensorboard)
+    guard = checkpoint.PreemptionGuard().install()
+    try:
+      for step in range(start + 1, exp.steps + 1):
+        batch = next(data_iter, None)
+        if batch is None:
+          logging.warning("the data ran out after step %d", step - 1)
+          step -= 1
+          break
+        state, metrics = step_fn(state, mesh_lib.global_batch(batch, batch_sharding))
+        log.step_done(step, state, metrics)
+        ckpt.save(step, state, data_iter)
+        if guard.should_stop():
+          logging.warning("stopping at step %d on SIGTERM", step)
+          break
+      log.stop_clock()
+      ckpt.save(step, state, data_iter, force=True)
+    finally:
+      log.close()
+      ckpt.close()
+      guard.uninstall()
+  if jax.process_index() == 0:
+    print(log.summary(step, skipped=int(state.skipped), checkpoints=ckpt.saved_steps,
+                      workdir=workdir), flush=True)
+  return state
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  text = experiment.to_json(config, experiment.resolve(config))
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        logging.warning("%s differs from this run's config; overwriting it", path)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  checkpoint.quiet_orbax_logs()
+  mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value)
+  config = _CONFIG.value
+  try:
+    experiment.resolve(config)
+    mesh_lib.mesh_shape(**config.mesh, num_devices=jax.device_count())
+  except ValueError as err:
+    sys.exit(f"invalid config: {err}")
+  workdir = _WORKDIR.value or os.path.join(
+      tempfile.gettempdir(), "lte_jax_runs",
+      f"{config.arch}-{config.size}-{time.strftime('%Y%m%d-%H%M%S')}")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _write_config(config, workdir)
+  logging.info("workdir %s", workdir)
+  train(config, workdir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Resolve ``--config=NAME`` to its file and check ``--config.*`` names, then parse."""
+  try:
+    argv = config_files.resolve_command_line(argv)
+  except ValueError as err:
+    sys.exit(f"FATAL Flags parsing error: {err}")
+  return app.parse_flags_with_usage(argv)  # exits with a message on a bad flag
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,307 @@
+"""The training input pipeline: config, document mixture, packed batches, checkpoints.
+
+``make_train_iterator(cfg)`` builds, with grain::
+
+  corpus (shuffled per epoch, repeated) --\
+  MQAR examples (generated per index)   ---> mix by weight -> this process's slice
+  NIAH documents (generated per index)  --/    -> tokenize -> pack into [B, T] batches
+
+Every random choice is a function of ``cfg.seed`` and an element index, so the
+same config gives the same batches in every run, and the iterator's state
+(``get_state()`` / ``set_state()``, a small JSON-able dict) resumes at the next
+unseen batch. Mixture weights count documents, not tokens: an MQAR document is
+``mqar_seq_len + 1`` tokens, a corpus document as long as it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from lte_jax.data.packing import PackedBatchIterDataset
+from lte_jax.data.retrieval import NIAH_TASKS, check_mqar_args, make_niah, mqar_batch
+from lte_jax.data.sources import SOURCE_KINDS, make_source
+from lte_jax.data.tokenizers import Tokenizer, get_tokenizer
+
+MIXTURE_NAMES = ("corpus", "mqar", "niah")
+KIND_IDS = {"corpus": 0, "mqar": 1, "niah": 2}  # the 'kind' field of a document
+_SALT_SHUFFLE, _SALT_MQAR, _SALT_NIAH = 1, 2, 3
+
+
+def _fail(field: str, allowed: str, value: Any) -> None:
+  raise ValueError(f"config field DataConfig.{field} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to read, how to tokenize, pack and mix it. Validated on construction.
+
+  source: 'embedded' (Python's own documentation, no download), 'text' (each
+    file one document), 'jsonl', 'parquet' or 'arrayrecord'; ``path`` is a glob
+    (required unless 'embedded'); ``text_field`` names the JSONL field / Parquet
+    column.
+  tokenizer: 'byte' or a path to a local tokenizer.json / SentencePiece .model.
+  seq_len, batch_size: batches are [batch_size // process_count, seq_len] per
+    process; batch_size is global.
+  mixture: document weights for 'corpus', 'mqar', 'niah' (missing = 0).
+  mqar_*: MQAR vocab V, offset into the model vocab (ids used: offset ..
+    offset + V - 1, filler = offset), length L (L + 1 <= seq_len with the BOS),
+    number of pairs N and query-slot exponent alpha (shared/EVALS.md).
+  niah_tasks: RULER tasks drawn uniformly for NIAH documents; each fits one row
+    with a haystack of uniformly random size (needs a seq_len that holds the
+    empty-haystack prompt: ~400 byte-level tokens).
+  num_epochs: passes over the corpus (None: forever); synthetic data never ends.
+  worker_count: processes for grain's mp_prefetch (0: in-process).
+  read_threads: threads reading and tokenizing documents in each process.
+  model_vocab_size: if set, the tokenizer and MQAR ids must fit below it.
+  """
+  source: str = "embedded"
+  path: str | None = None
+  text_field: str = "text"
+  tokenizer: str = "byte"
+  seq_len: int = 256
+  batch_size: int = 8
+  seed: int = 0
+  mixture: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"corpus": 1.0})
+  mqar_vocab_size: int = 256
+  mqar_vocab_offset: int = 3
+  mqar_seq_len: int = 64
+  mqar_num_pairs: int = 8
+  mqar_alpha: float = 0.01
+  niah_tasks: Sequence[str] = tuple(NIAH_TASKS)
+  shuffle: bool = True
+  num_epochs: int | None = None
+  worker_count: int = 0
+  read_threads: int = 2
+  model_vocab_size: int | None = None
+
+  def __post_init__(self):
+    if self.source not in SOURCE_KINDS:
+      _fail("source", f"one of {SOURCE_KINDS}", self.source)
+    if self.source != "embedded" and not (isinstance(self.path, str) and self.path):
+      _fail("path", f"a glob of files for source={self.source!r}", self.path)
+    if not (isinstance(self.text_field, str) and self.text_field):
+      _fail("text_field", "a non-empty string", self.text_field)
+    if not (isinstance(self.tokenizer, str) and self.tokenizer):
+      _fail("tokenizer", "'byte' or a path to tokenizer.json / a SentencePiece .model",
+            self.tokenizer)
+    for name in ("seq_len", "batch_size", "mqar_vocab_size", "mqar_seq_len", "mqar_num_pairs"):
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+        _fail(name, "a positive integer", getattr(self, name))
+    for name in ("seed", "mqar_vocab_offset", "worker_count", "read_threads"):
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+        _fail(name, "an integer >= 0", getattr(self, name))
+    if self.num_epochs is not None and (not _is_int(self.num_epochs) or self.num_epochs < 1):
+      _fail("num_epochs", "None (repeat forever) or a positive integer", self.num_epochs)
+    if self.model_vocab_size is not None and (
+        not _is_int(self.model_vocab_size) or self.model_vocab_size < 1):
+      _fail("model_vocab_size", "None or a positive integer", self.model_vocab_size)
+    if not isinstance(self.shuffle, bool):
+      _fail("shuffle", "a bool", self.shuffle)
+    self._check_mixture()
+    weights = self.weights
+    if weights.get("mqar", 0) > 0:
+      check_mqar_args(self.mqar_vocab_size, self.mqar_seq_len, self.mqar_num_pairs,
+                      self.mqar_alpha, self.mqar_vocab_offset, prefix="config field DataConfig.mqar_")
+      if self.mqar_seq_len + 1 > self.seq_len:
+        _fail("mqar_seq_len", f"<= seq_len - 1 = {self.seq_len - 1} (an MQAR example plus "
+              "its BOS fills at most one row)", self.mqar_seq_len)
+    if weights.get("niah", 0) > 0:
+      tasks = self.niah_tasks
+      if isinstance(tasks, str) or not tasks or any(t not in NIAH_TASKS for t in tasks):
+        _fail("niah_tasks", f"a non-empty sequence of {tuple(NIAH_TASKS)}", tasks)
+
+  def _check_mixture(self) -> None:
+    mix = self.mixture
+    if not isinstance(mix, Mapping) or not mix:
+      _fail("mixture", f"a mapping from {MIXTURE_NAMES} to weights >= 0", mix)
+    for name, w in mix.items():
+      if name not in MIXTURE_NAMES:
+        _fail("mixture", f"keyed by names in {MIXTURE_NAMES}", name)
+      if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        _fail("mixture", f"weights >= 0 (mixture[{name!r}])", w)
+    if sum(mix.values()) <= 0:
+      _fail("mixture", "weights with a positive sum", dict(mix))
+
+  @property
+  def weights(self) -> dict[str, float]:
+    """The positive mixture weights, in MIXTURE_NAMES order."""
+    return {n: float(self.mixture[n]) for n in MIXTURE_NAMES if self.mixture.get(n, 0) > 0}
+
+
+def _subseed(seed: int, salt: int) -> int:
+  """A 32-bit seed (grain's shuffle takes at most 2**32 - 1) from (seed, salt)."""
+  return int(np.random.SeedSequence([seed, salt]).generate_state(1)[0])
+
+
+def _doc(ids: Sequence[int] | np.ndarray, kind: str, atomic: bool) -> dict:
+  """A text document [BOS, ..., EOS] as its len - 1 (input, next token) pairs."""
+  ids = np.asarray(ids, np.int32)
+  return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": np.ones(len(ids) - 1, np.float32),
+          "atomic": np.bool_(atomic), "kind": np.int32(KIND_IDS[kind])}
+
+
+class _TokenizeText:
+  """text -> document: [BOS] + ids + [EOS] as shifted inputs / targets."""
+
+  def __init__(self, tokenizer: Tokenizer):
+    self.tokenizer = tokenizer
+
+  def __call__(self, text: str) -> dict:
+    tok = self.tokenizer
+    return _doc([tok.bos_id, *tok.encode(text), tok.eos_id], "corpus", atomic=False)
+
+
+class _Synthetic(Sequence):
+  """An endless random-access source: element i is ``make(rng(seed, i))``."""
+
+  def __init__(self, seed: int, make):
+    self.seed, self.make = seed, make
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index: int) -> dict:
+    return self.make(np.random.default_rng([self.seed, int(index)]))
+
+
+class _MQARDoc:
+  """One MQAR example as a document of L + 1 (input, target) pairs: BOS, then the
+  L tokens. Targets are the next tokens, except at the queries, whose target is
+  the paired value; the loss mask keeps the queries only."""
+
+  def __init__(self, cfg: DataConfig, bos_id: int):
+    self.cfg, self.bos_id = cfg, bos_id
+
+  def __call__(self, rng: np.random.Generator) -> dict:
+    c = self.cfg
+    ex = mqar_batch(rng, 1, vocab_size=c.mqar_vocab_size, seq_len=c.mqar_seq_len,
+                    num_pairs=c.mqar_num_pairs, alpha=c.mqar_alpha, offset=c.mqar_vocab_offset)
+    x, labels, query = ex.inputs[0], ex.labels[0], ex.label_mask[0]
+    inputs = np.concatenate([[self.bos_id], x]).astype(np.int32)
+    targets = np.concatenate([x, [c.mqar_vocab_offset]]).astype(np.int32)  # last: filler
+    targets[1:][query] = labels[query]
+    mask = np.concatenate([[False], query]).astype(np.float32)
+    return {"inputs": inputs, "targets": targets, "loss_mask": mask, "atomic": np.bool_(True),
+            "kind": np.int32(KIND_IDS["mqar"])}
+
+
+class _NIAHDoc:
+  """One needle document (prompt + answer) of random haystack size fitting one row."""
+
+  def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
+    self.cfg, self.tokenizer = cfg, tokenizer
+
+  def __call__(self, rng: np.random.Generator) -> dict:
+    tasks = tuple(self.cfg.niah_tasks)
+    task = tasks[int(rng.integers(len(tasks)))]
+    # BOS + text + EOS = seq_len + 1 tokens at most: seq_len (input, target) pairs.
+    ex = make_niah(rng, self.tokenizer, self.cfg.seq_len + 1, task=task, reserve_tokens=2,
+                   include_answer=True, fill="random")
+    tok = self.tokenizer
+    return _doc([tok.bos_id, *tok.encode(ex.document), tok.eos_id], "niah", atomic=True)
+
+
+def _check_vocab(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+  limit = cfg.model_vocab_size or tokenizer.vocab_size
+  if cfg.model_vocab_size is not None and tokenizer.vocab_size > cfg.model_vocab_size:
+    _fail("model_vocab_size", f">= the tokenizer's vocab size {tokenizer.vocab_size}",
+          cfg.model_vocab_size)
+  if "mqar" in cfg.weights and cfg.mqar_vocab_offset + cfg.mqar_vocab_size > limit:
+    _fail("mqar_vocab_size", f"<= {limit - cfg.mqar_vocab_offset} (mqar_vocab_offset "
+          f"{cfg.mqar_vocab_offset} + mqar_vocab_size must fit the vocab of {limit})",
+          cfg.mqar_vocab_size)
+  if "niah" in cfg.weights:
+    for task in cfg.niah_tasks:
+      try:
+        make_niah(np.random.default_rng(0), tokenizer, cfg.seq_len + 1, task=task,
+                  reserve_tokens=2, include_answer=True, fill="max")
+      except ValueError:
+        _fail("seq_len", f"large enough to hold a {task} document with an empty haystack "
+              "(raise it or drop 'niah' from the mixture)", cfg.seq_len)
+
+
+def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
+                          process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """This process's slice of the mixed, tokenized document stream (a grain MapDataset).
+
+  Elements: dict(inputs [n] int32, targets [n] int32, loss_mask [n] float32,
+  atomic bool, kind int32 (KIND_IDS)). Element i of the global stream goes to
+  process i % process_count.
+  """
+  if not _is_int(process_count) or process_count < 1:
+    raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+  if not _is_int(process_index) or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+  tokenizer = get_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
+  _check_vocab(cfg, tokenizer)
+  parts = []
+  for name in cfg.weights:
+    if name == "corpus":
+      ds = grain.MapDataset.source(make_source(cfg.source, cfg.path, cfg.text_field))
+      if len(ds) == 0:
+        _fail("path", "a glob of files holding at least one document", cfg.path)
+      if cfg.shuffle:
+        ds = ds.shuffle(seed=_subseed(cfg.seed, _SALT_SHUFFLE))
+      ds = ds.repeat(cfg.num_epochs).map(_TokenizeText(tokenizer))
+    elif name == "mqar":
+      ds = grain.MapDataset.source(_Synthetic(_subseed(cfg.seed, _SALT_MQAR),
+                                              _MQARDoc(cfg, tokenizer.bos_id)))
+    else:
+      ds = grain.MapDataset.source(_Synthetic(_subseed(cfg.seed, _SALT_NIAH),
+                                              _NIAHDoc(cfg, tokenizer)))
+    parts.append(ds)
+  weights = list(cfg.weights.values())
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  return ds[process_index::process_count]
+
+
+def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """A checkpointable iterator of this process's packed batches.
+
+  Each batch is a dict of [batch_size // process_count, seq_len] arrays:
+  inputs, targets (next token), segment_ids (1, 2, ... per document chunk, 0 on
+  padding), positions (inside the chunk) as int32, and loss_mask float32 (0 on
+  padding and on MQAR non-query tokens). ``get_state()`` / ``set_state()``
+  round-trip to the next unseen batch; see ``iterator_checkpoint_args`` for orbax.
+  With ``num_epochs`` set, the last batch is padded and then StopIteration.
+  """
+  if not _is_int(process_count) or process_count < 1:
+    raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+  if cfg.batch_size % process_count:
+    _fail("batch_size", f"a multiple of process_count={process_count}", cfg.batch_size)
+  tokenizer = get_tokenizer(cfg.tokenizer)
+  docs = make_document_dataset(cfg, tokenizer, process_index=process_index,
+                               process_count=process_count)
+  stream = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                  prefetch_buffer_size=max(4, 8 * cfg.read_threads)))
+  ds = PackedBatchIterDataset(stream, seq_len=cfg.seq_len,
+                              batch_size=cfg.batch_size // process_count, pad_id=tokenizer.pad_id)
+  if cfg.worker_count > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+  return iter(ds)
+
+
+def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False) -> Any:
+  """Orbax args saving (or, with ``restore=True``, restoring into) ``iterator``.
+
+  Use as one item of ``ocp.args.Composite``, e.g.
+  ``mngr.save(step, args=ocp.args.Composite(state=..., data=iterator_checkpoint_args(it)))``
+  and ``mngr.restore(step, args=ocp.args.Composite(state=...,
+  data=iterator_checkpoint_args(it, restore=True)))``; restoring sets the state
+  of ``it`` in place. Each process writes its own JSON file.
+  """
+  try:
+    from grain.checkpoint import CheckpointRestore, CheckpointSave  # pylint: disable=g-import-not-at-top
+  except ImportError:  # grain < 0.2.12 names them in grain.python
+    from grain.python import PyGrainCheckpointRestore as CheckpointRestore  # pylint: disable=g-import-not-at-top
+    from grain.python import PyGrainCheckpointSave as CheckpointSave  # pylint: disable=g-import-not-at-top
+  return CheckpointRestore(iterator) if restore else CheckpointSave(iterator)

@@ -1,0 +1,74 @@
+"""Public entry point of the gated delta rule with a choice of implementation."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+
+from lte_jax._checks import check_positive_int
+from lte_jax.ops.gated_delta_rule.reference import recurrent_gated_delta_rule
+from lte_jax.ops.gated_delta_rule.validation import validate_args
+from lte_jax.ops.gated_delta_rule.xla import chunk_gated_delta_rule_xla
+
+
+def _reference(q, k, v, g, beta, *, scale, initial_state, output_final_state, segment_ids,
+               chunk_size):
+  del chunk_size  # the recurrence has no chunks
+  return recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale,
+                                    initial_state=initial_state,
+                                    output_final_state=output_final_state,
+                                    segment_ids=segment_ids)
+
+
+# name -> fn(q, k, v, g, beta, *, scale, initial_state, output_final_state,
+#            segment_ids, chunk_size) -> (o, final_state | None)
+IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array | None]]] = {
+    "reference": _reference,
+    "xla": chunk_gated_delta_rule_xla,
+}
+NOT_YET_AVAILABLE = ("pallas",)
+DEFAULT_IMPLEMENTATION = "xla"
+
+
+def _resolve(implementation: str | None) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
+  name = DEFAULT_IMPLEMENTATION if implementation is None else implementation
+  available = tuple(IMPLEMENTATIONS)
+  if name in NOT_YET_AVAILABLE:
+    raise ValueError(f"implementation {name!r} is not available yet; available: {available}")
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {available} (or None), got {name!r}")
+  return IMPLEMENTATIONS[name]
+
+
+def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                           beta: jax.Array, *, scale: float | None = None,
+                           initial_state: jax.Array | None = None,
+                           output_final_state: bool = False,
+                           segment_ids: jax.Array | None = None, chunk_size: int = 64,
+                           implementation: str | None = None
+                           ) -> tuple[jax.Array, jax.Array | None]:
+  """Gated delta rule over a whole sequence (training / prefill).
+
+  Args:
+    q, k: [B, T, H, Dk], used as given (the layer L2-normalises them).
+    v: [B, T, H, Dv].
+    g: [B, T, H] per-token log decay (<= 0).  beta: [B, T, H] in (0, 1).
+    scale: query scale; None means Dk ** -0.5.
+    initial_state: [B, H, Dk, Dv] state before t = 0, for the row's first document.
+    output_final_state: also return the state after the last token.
+    segment_ids: [B, T] int; the state restarts at each change of id.
+    chunk_size: tokens per chunk of the chunked form (any integer >= 1; T need
+      not be a multiple of it).
+    implementation: 'xla' (chunked, the default) or 'reference' (recurrent scan).
+
+  Returns:
+    o [B, T, H, Dv] in v.dtype; final state [B, H, Dk, Dv] float32 or None.
+  """
+  fn = _resolve(implementation)
+  _, _, _, dk, _ = validate_args(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                 segment_ids=segment_ids)
+  check_positive_int("chunk_size", chunk_size)
+  scale = dk ** -0.5 if scale is None else scale
+  return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, segment_ids=segment_ids,
+            chunk_size=int(chunk_size))

@@ -1,0 +1,100 @@
+"""Turn a training ConfigDict (experiments/configs/*.py) into validated dataclass configs.
+
+The ConfigDict is what a person edits and overrides on the command line; the
+library takes frozen dataclasses. This module is the one place where the two
+meet, so every unknown or ill-typed field is reported here with the valid names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import ml_collections
+
+from lte_jax import configs as configs_lib
+from lte_jax import data as data_lib
+from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
+
+_MIXER_CONFIGS = ("gdn", "attn", "swa", "lte")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs, validated."""
+  model: configs_lib.ModelConfig
+  data: data_lib.DataConfig
+  optim: OptimizerConfig
+  steps: int
+  seed: int
+  grad_accum: int
+
+
+def _dataclass_from(cls: type, values: dict, prefix: str) -> Any:
+  valid = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - valid)
+  if unknown:
+    raise ValueError(f"unknown {prefix} field(s) {unknown}; valid fields: {sorted(valid)}")
+  return cls(**values)
+
+
+def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
+  """The ModelConfig of ``config.arch`` / ``config.size`` with ``config.model`` overrides."""
+  overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+  lte_dropout = overrides.pop("lte_dropout", None)
+  implementation = overrides.pop("implementation", None)
+  model = configs_lib.get_config(config.arch, config.size, **overrides)
+  if lte_dropout is not None:
+    model = configs_lib.replace(model, lte=configs_lib.replace(model.lte, dropout=lte_dropout))
+  if implementation is not None:
+    model = configs_lib.replace(model, **{
+        name: configs_lib.replace(getattr(model, name), implementation=implementation)
+        for name in _MIXER_CONFIGS})
+  return model
+
+
+def data_config(config: ml_collections.ConfigDict,
+                model: configs_lib.ModelConfig) -> data_lib.DataConfig:
+  values = config.data.to_dict()
+  values["mixture"] = {k: float(v) for k, v in values.get("mixture", {}).items() if v}
+  values["model_vocab_size"] = model.vocab_size
+  return _dataclass_from(data_lib.DataConfig, values, "config.data")
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
+  values = config.optim.to_dict()
+  values.pop("grad_accum", None)
+  return _dataclass_from(OptimizerConfig, values, "config.optim")
+
+
+def resolve(config: ml_collections.ConfigDict) -> Experiment:
+  """Validate ``config`` and build the dataclass configs of a run."""
+  for name in ("steps", "seed"):
+    value = config[name]
+    if not isinstance(value, int) or value < (1 if name == "steps" else 0):
+      raise ValueError(f"config.{name} must be an integer >= {1 if name == 'steps' else 0}, "
+                       f"got {value!r}")
+  grad_accum = config.optim.grad_accum
+  if not isinstance(grad_accum, int) or grad_accum < 1:
+    raise ValueError(f"config.optim.grad_accum must be a positive integer, got {grad_accum!r}")
+  model = model_config(config)
+  data = data_config(config, model)
+  if data.batch_size % grad_accum:
+    raise ValueError(f"config.data.batch_size={data.batch_size} must be divisible by "
+                     f"config.optim.grad_accum={grad_accum}")
+  optim = optimizer_config(config)
+  learning_rate_schedule(optim, config.steps)  # checks warmup_steps < steps
+  return Experiment(model=model, data=data, optim=optim, steps=config.steps,
+                    seed=config.seed, grad_accum=grad_accum)
+
+
+def to_json(config: ml_collections.ConfigDict, experiment: Experiment) -> str:
+  """The resolved run: the ConfigDict as given plus the dataclass configs it produced."""
+  def plain(x):
+    return json.loads(json.dumps(dataclasses.asdict(x), default=list))
+  return json.dumps({
+      "config": config.to_dict(),
+      "model": plain(experiment.model),
+      "data": plain(experiment.data),
+      "optim": plain(experiment.optim),
+  }, indent=2, sort_keys=True, default=str)

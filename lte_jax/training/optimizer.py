@@ -1,0 +1,93 @@
+"""AdamW with warm-up + cosine schedule, global-norm clipping and a weight-decay mask.
+
+The recipe of the reference trainer (PAPER.md section 5): lr 3e-4, betas
+0.9/0.95, eps 1e-15, weight decay 0.1, 512 linear warm-up steps, cosine decay
+to 0.1 x peak, clip 1.0. Gradient accumulation and the skipping of non-finite
+steps live in the train step (training/step.py), not here, so one call of the
+optimizer is one update.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+
+# Parameters never decayed, whatever their rank: the GDN decay parameters are
+# log-rates and offsets, shrinking them towards 0 would change the decay prior.
+NO_DECAY_NAMES = ("bias", "A_log", "dt_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-4
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-15
+  weight_decay: float = 0.1
+  warmup_steps: int = 512
+  final_lr_ratio: float = 0.1   # cosine ends at final_lr_ratio x learning_rate
+  clip_norm: float = 1.0        # <= 0 disables clipping
+
+  def __post_init__(self):
+    if not self.learning_rate > 0:
+      raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate!r}")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f"optim.b1 and optim.b2 must be in [0, 1), got {self.b1!r}, {self.b2!r}")
+    if not self.eps >= 0 or not self.weight_decay >= 0:
+      raise ValueError(f"optim.eps and optim.weight_decay must be >= 0, got {self.eps!r}, "
+                       f"{self.weight_decay!r}")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+    if not 0 <= self.final_lr_ratio <= 1:
+      raise ValueError(f"optim.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 over ``warmup_steps``, then cosine to final_lr_ratio x peak."""
+  if not isinstance(total_steps, int) or total_steps < 1:
+    raise ValueError(f"steps must be a positive integer, got {total_steps!r}")
+  if cfg.warmup_steps >= total_steps:
+    raise ValueError(f"optim.warmup_steps ({cfg.warmup_steps}) must be smaller than steps "
+                     f"({total_steps}); lower it with --config.optim.warmup_steps")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      decay_steps=total_steps, end_value=cfg.final_lr_ratio * cfg.learning_rate)
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def param_path(path: tuple) -> str:
+  """'blocks/1/mixer/A_log' for a jax tree path."""
+  return "/".join(_key_name(p) for p in path)
+
+
+def decays(path: str, ndim: int) -> bool:
+  """Whether the parameter at ``path`` gets weight decay: matrices only, never norms."""
+  names = path.split("/")
+  if ndim < 2 or any(n in NO_DECAY_NAMES for n in names):
+    return False
+  return not any("norm" in n.lower() for n in names)
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Pytree of bools like ``params``: True where weight decay applies."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: decays(param_path(path), x.ndim), params)
+
+
+def make_optimizer(cfg: OptimizerConfig,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax chain and its learning-rate schedule (for logging)."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+  if cfg.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw), schedule
+  return adamw, schedule

@@ -1,0 +1,104 @@
+"""The train state: a plain pytree of arrays that orbax saves as is.
+
+The model is split once into a static part (``ModelDef``: graph definition and
+logical axis names) and its parameters; only the parameters travel through the
+train step and the checkpoints. The model's non-parameter state is its dropout
+RNG streams, which the step reseeds from ``TrainState.rng`` on every call, so
+they are never saved and a resumed run draws the same dropout masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lte_jax import configs as configs_lib
+from lte_jax import lte_controller
+from lte_jax.models import HybridLM
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 [], train steps taken (skipped ones included)
+  params: Any            # nested dict of fp32 arrays (nnx.to_pure_dict of the Params)
+  opt_state: Any         # optax state of ``params``
+  controller: Any        # lte_controller.ControllerState (lambda [L, H], kept EMA, step);
+                         # None for models without LTE layers
+  rng: jax.Array         # uint32 [2] key data; split once per step for dropout
+  skipped: jax.Array     # int32 [], steps skipped for non-finite gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """Everything about the model that is not an array."""
+  config: configs_lib.ModelConfig
+  graphdef: Any
+  rest: Any                 # pure dict of placeholder RNG-stream state, reseeded before use
+  logical_names: Any        # pure dict like params: tuple of logical axis names per array
+  abstract_params: Any      # pure dict of ShapeDtypeStruct
+
+  @property
+  def lte_layers(self) -> tuple[int, ...]:
+    return tuple(i for i, m in enumerate(self.config.layers) if m == "lte")
+
+  def bind(self, params: Any, dropout_key: jax.Array) -> HybridLM:
+    """A model with ``params`` whose dropout draws from ``dropout_key``."""
+    model = nnx.merge(self.graphdef, params, self.rest)
+    nnx.reseed(model, dropout=dropout_key)
+    return model
+
+
+def _placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(jnp.zeros(x.shape + (2,), jnp.uint32))
+  return jnp.zeros(x.shape, x.dtype)
+
+
+def make_model_def(config: configs_lib.ModelConfig, train: bool = True) -> ModelDef:
+  """Trace the model abstractly (no allocation) and keep its static parts."""
+  def build():
+    with nnx.use_eager_sharding(False):
+      model = HybridLM(config, rngs=nnx.Rngs(params=0, dropout=1))
+    model.train() if train else model.eval()
+    return model
+  abstract = nnx.eval_shape(build)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  for path, var in nnx.to_flat_state(rest):
+    if not isinstance(var, (nnx.RngKey, nnx.RngCount)):
+      raise ValueError(f"the model holds non-parameter state at {'/'.join(map(str, path))} "
+                       f"({type(var).__name__}); the train state only carries parameters and "
+                       "RNG streams")
+  names = nnx.to_pure_dict(nnx.get_partition_spec(params))
+  names = jax.tree.map(tuple, names, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return ModelDef(config=config, graphdef=graphdef,
+                  rest=jax.tree.map(_placeholder, nnx.to_pure_dict(rest)),
+                  logical_names=names,
+                  abstract_params=nnx.to_pure_dict(params))
+
+
+def num_params(model_def: ModelDef) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(model_def.abstract_params))
+
+
+def init_train_state(model_def: ModelDef, tx: optax.GradientTransformation,
+                     seed: int) -> TrainState:
+  """A fresh train state (call under jax.jit with out_shardings to create it sharded)."""
+  # Logical names stay metadata here: the shardings come from jit's out_shardings.
+  with nnx.use_eager_sharding(False):
+    model = HybridLM(model_def.config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  num_lte = len(model_def.lte_layers)
+  controller = (lte_controller.init_controller(num_lte, model_def.config.lte.num_kv_heads)
+                if num_lte else None)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      controller=controller,
+      rng=jax.random.key_data(jax.random.key(seed + 2)),
+      skipped=jnp.zeros((), jnp.int32))
