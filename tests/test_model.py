@@ -120,9 +120,9 @@ def test_init_std_and_output_scaling():
   cfg = configs.get_config("GDN_Attn", "tiny", d_model=256, intermediate_size=1024)
   model = HybridLM(cfg, rngs=nnx.Rngs(0))
   block = model.blocks[1]
-  q = np.asarray(block.mixer.q_proj.kernel.value)
-  o = np.asarray(block.mixer.o_proj.kernel.value)
-  down = np.asarray(block.mlp.down_proj.kernel.value)
+  q = np.asarray(block.mixer.q_proj.kernel[...])
+  o = np.asarray(block.mixer.o_proj.kernel[...])
+  down = np.asarray(block.mlp.down_proj.kernel[...])
   assert abs(q.std() - 0.006) < 0.0005
   scaled = 0.006 / np.sqrt(2 * cfg.num_layers)
   assert abs(o.std() - scaled) < 0.1 * scaled

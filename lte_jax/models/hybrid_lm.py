@@ -21,7 +21,7 @@ from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax._checks import check_int_dtype, check_rank, check_segment_ids, check_shape
 from lte_jax.layers.attention import Attention
-from lte_jax.layers.common import dtype_of, linear
+from lte_jax.layers.common import dtype_of, linear, partitioned
 from lte_jax.layers.gated_deltanet import GatedDeltaNet
 from lte_jax.layers.lte import LTEAttention
 from lte_jax.layers.mlp import SwiGLU
@@ -91,8 +91,8 @@ class HybridLM(nnx.Module):
     dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
     self.embed = nnx.Embed(
         config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype,
-        embedding_init=nnx.with_partitioning(nnx.initializers.normal(config.init_std),
-                                             (sh.VOCAB, sh.EMBED)),
+        embedding_init=partitioned(nnx.initializers.normal(config.init_std),
+                                   (sh.VOCAB, sh.EMBED)),
         rngs=rngs)
     self.blocks = nnx.List([Block(config, mixer, rngs=rngs) for mixer in config.layers])
     self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,

@@ -1,0 +1,11 @@
+"""Pure-function ops, layout [batch, time, heads, dim]; each has a reference beside its fast paths."""
+from __future__ import annotations
+
+from lte_jax.ops.attention import attention, masked_attention
+from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from lte_jax.ops.lte_attention import lte_attention
+
+__all__ = [
+    "attention", "chunk_gated_delta_rule", "lte_attention", "masked_attention",
+    "recurrent_gated_delta_rule",
+]
