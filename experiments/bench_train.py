@@ -1,0 +1,199 @@
+"""Benchmark full training steps: lte_jax presets vs flash-linear-attention's GatedDeltaNet.
+
+  python -m experiments.bench_train --archs=GDN,laLTE,transformer --size=0.4B \
+      --batch=8 --seq_len=4096 --out=bench_train.json
+
+Each model runs in its own subprocess so peak memory is its own and JAX and
+PyTorch never share the GPU's allocator. The lte_jax step is exactly the one
+``experiments.train`` jits (same config files, bf16 compute, fp32 master
+parameters, AdamW with clipping, LTE regulariser and controller), fed random
+tokens. The anchor is FLA 0.6.0's ``GatedDeltaNetForCausalLM`` at the same shape
+(bf16 autocast, fp32 parameters, fused AdamW, FLA's fused cross-entropy).
+Reports step time (median), tokens/s, peak device memory and MFU
+(lte_jax.training.metrics.flops_per_token for both, so the MFU columns compare).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("archs", ["GDN", "laLTE", "transformer"], "lte_jax architectures to time.")
+flags.DEFINE_string("size", "0.4B", "Preset: tiny | 0.4B | 1.4B.")
+flags.DEFINE_integer("batch", 8, "Sequences per step (global).")
+flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
+flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
+flags.DEFINE_bool("remat", False, "Rematerialise each block in the lte_jax models.")
+flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
+flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
+
+
+def _median(xs):
+  xs = sorted(xs)
+  return xs[len(xs) // 2]
+
+
+def _run_lte_jax(arch: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import configs as config_files
+  from lte_jax.training import experiment, mesh as mesh_lib, metrics, optimizer, step as step_lib
+  from lte_jax.training import train_state
+
+  config = config_files.load(config_files.resolve(arch))
+  config.size = FLAGS.size
+  config.data.seq_len = FLAGS.seq_len
+  config.data.batch_size = FLAGS.batch
+  config.model.remat = FLAGS.remat
+  config.steps = 1000
+  exp = experiment.resolve(config)
+  mesh = mesh_lib.make_mesh(**config.mesh)
+  model_def = train_state.make_model_def(exp.model)
+  tx, schedule = optimizer.make_optimizer(exp.optim, exp.steps)
+  init = lambda: train_state.init_train_state(model_def, tx, exp.seed)
+  shardings = mesh_lib.state_shardings(model_def, tx, jax.eval_shape(init), mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  b, t = FLAGS.batch, FLAGS.seq_len
+  tokens = jax.random.randint(jax.random.key(0), (b, t + 1), 3, exp.model.vocab_size, jnp.int32)
+  batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+               segment_ids=jnp.ones((b, t), jnp.int32),
+               positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+               loss_mask=jnp.ones((b, t), jnp.float32))
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+    batch = jax.device_put(batch, batch_sharding)
+    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                      donate_argnums=0)
+    start = time.perf_counter()
+    state, m = step_fn(state, batch)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - start
+    for _ in range(FLAGS.warmup):
+      state, m = step_fn(state, batch)
+    jax.block_until_ready(m["loss"])
+    times = []
+    for _ in range(FLAGS.steps):
+      start = time.perf_counter()
+      state, m = step_fn(state, batch)
+      jax.block_until_ready(m["loss"])
+      times.append(time.perf_counter() - start)
+  n = train_state.num_params(model_def)
+  step_s = _median(times)
+  peak = metrics.peak_flops(jax.devices()[0])
+  flops = metrics.flops_per_token(exp.model, n, t) * b * t / step_s
+  mem = [d.memory_stats() or {} for d in jax.local_devices()]
+  return dict(model=f"lte_jax {arch}", params=n, devices=jax.device_count(),
+              step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
+              peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
+              mfu=flops / (peak * jax.device_count()) if peak else None,
+              final_loss=float(m["loss"]))
+
+
+def _run_fla() -> dict:
+  import torch
+  import fla.ops.common.chunk_o as chunk_o
+  from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+  import jax
+  from lte_jax import configs
+  from lte_jax.training import metrics
+
+  # FLA 0.6.0 refuses this backward on Hopper with triton < 3.7.1 (a correctness
+  # guard, see BENCHMARKS.md); lifted here only to time it.
+  chunk_o.TRITON_ABOVE_3_7_1 = True
+  ours = configs.get_config("GDN", FLAGS.size)
+  cfg = GatedDeltaNetConfig(
+      hidden_size=ours.d_model, num_hidden_layers=ours.num_layers, num_heads=ours.gdn.num_heads,
+      head_dim=ours.gdn.head_dim, expand_v=ours.gdn.expand_v, vocab_size=ours.vocab_size,
+      intermediate_size=ours.intermediate_size, hidden_ratio=None,
+      tie_word_embeddings=ours.tie_embeddings, fuse_cross_entropy=True)
+  model = GatedDeltaNetForCausalLM(cfg).cuda()
+  n = sum(p.numel() for p in model.parameters())
+  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                          eps=1e-15, fused=True)
+  b, t = FLAGS.batch, FLAGS.seq_len
+  ids = torch.randint(3, cfg.vocab_size, (b, t), device="cuda")
+
+  def step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+      loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  start = time.perf_counter()
+  step()
+  torch.cuda.synchronize()
+  compile_s = time.perf_counter() - start
+  for _ in range(FLAGS.warmup):
+    step()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    loss = step()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  step_s = _median(times)
+  peak = metrics.peak_flops(jax.devices("cpu")[0]) or 989e12  # H200 dense bf16
+  flops = metrics.flops_per_token(ours, n, t) * b * t / step_s
+  return dict(model="FLA 0.6.0 GatedDeltaNet", params=n, devices=1, step_s=step_s,
+              tokens_per_s=b * t / step_s, compile_s=compile_s,
+              peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30,
+              mfu=flops / peak if "H200" in torch.cuda.get_device_name() else None,
+              final_loss=float(loss))
+
+
+def _spawn(worker: str, argv: list[str]) -> dict | None:
+  cmd = [sys.executable, "-m", "experiments.bench_train", f"--worker={worker}"] + argv
+  env = dict(os.environ)
+  if worker == "fla":
+    env["JAX_PLATFORMS"] = "cpu"  # the anchor only borrows lte_jax's FLOP formula
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  print(f"{worker} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+  return dict(model=worker, error=proc.stderr[-500:])
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    result = _run_fla() if FLAGS.worker == "fla" else _run_lte_jax(FLAGS.worker)
+    print("RESULT " + json.dumps(result), flush=True)
+    return
+  from experiments import bench_common
+  passthrough = [a for a in sys.argv[1:] if not a.startswith(("--worker", "--out", "--archs"))]
+  workers = (["fla"] if FLAGS.fla else []) + list(FLAGS.archs)
+  rows = []
+  for worker in workers:
+    rows.append(_spawn(worker, passthrough))
+    print("RESULT " + json.dumps(rows[-1]), flush=True)
+    anchor = rows[0].get("tokens_per_s") if FLAGS.fla else None
+    for r in rows:
+      if anchor and r.get("tokens_per_s"):
+        r["vs_fla"] = r["tokens_per_s"] / anchor
+    # Written after every model so a run cut short keeps what it measured.
+    bench_common.write_json(FLAGS.out, dict(environment=bench_common.environment(),
+                                            flags=dict(size=FLAGS.size, batch=FLAGS.batch,
+                                                       seq_len=FLAGS.seq_len, steps=FLAGS.steps),
+                                            results=rows))
+  print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
+  bench_common.print_table(rows, ["model", "params", "devices", "step_s", "tokens_per_s",
+                                  "vs_fla", "peak_mem_gib", "mfu", "compile_s", "final_loss"])
+
+
+if __name__ == "__main__":
+  app.run(main)
