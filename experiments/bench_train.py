@@ -35,6 +35,9 @@ flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
 
+_USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+
+
 def _median(xs):
   xs = sorted(xs)
   return xs[len(xs) // 2]
@@ -158,6 +161,9 @@ def _run_fla() -> dict:
 def _spawn(worker: str, argv: list[str]) -> dict | None:
   cmd = [sys.executable, "-m", "experiments.bench_train", f"--worker={worker}"] + argv
   env = dict(os.environ)
+  env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+  if _USER_PREALLOCATE is not None:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = _USER_PREALLOCATE
   if worker == "fla":
     env["JAX_PLATFORMS"] = "cpu"  # the anchor only borrows lte_jax's FLOP formula
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -174,6 +180,9 @@ def main(argv):
     result = _run_fla() if FLAGS.worker == "fla" else _run_lte_jax(FLAGS.worker)
     print("RESULT " + json.dumps(result), flush=True)
     return
+  # This process only reports the environment: it must not take the GPU's memory
+  # from the workers.
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   from experiments import bench_common
   passthrough = [a for a in sys.argv[1:] if not a.startswith(("--worker", "--out", "--archs"))]
   workers = (["fla"] if FLAGS.fla else []) + list(FLAGS.archs)
