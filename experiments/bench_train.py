@@ -80,6 +80,7 @@ def _run_lte_jax(arch: str) -> dict:
     state, m = step_fn(state, batch)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - start
+    print(f"{arch}: first step (compile) {compile_s:.1f} s", file=sys.stderr, flush=True)
     for _ in range(FLAGS.warmup):
       state, m = step_fn(state, batch)
     jax.block_until_ready(m["loss"])
@@ -89,6 +90,7 @@ def _run_lte_jax(arch: str) -> dict:
       state, m = step_fn(state, batch)
       jax.block_until_ready(m["loss"])
       times.append(time.perf_counter() - start)
+      print(f"{arch}: step {times[-1]:.3f} s", file=sys.stderr, flush=True)
   n = train_state.num_params(model_def)
   step_s = _median(times)
   peak = metrics.peak_flops(jax.devices()[0])
@@ -166,12 +168,13 @@ def _spawn(worker: str, argv: list[str]) -> dict | None:
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = _USER_PREALLOCATE
   if worker == "fla":
     env["JAX_PLATFORMS"] = "cpu"  # the anchor only borrows lte_jax's FLOP formula
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  # stderr streams through (progress of a long compile); stdout carries the result.
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
-  print(f"{worker} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-  return dict(model=worker, error=proc.stderr[-500:])
+  print(f"{worker} failed (exit {proc.returncode}); its stderr is above", flush=True)
+  return dict(model=worker, error=f"exit {proc.returncode}")
 
 
 def main(argv):
