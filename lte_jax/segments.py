@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lte_jax import _checks
+
 
 def document_starts(segment_ids: jax.Array) -> jax.Array:
   """[B, T] bool: True where a new document begins (t == 0 or the id changes)."""
@@ -27,3 +29,14 @@ def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
 
 def default_positions(batch: int, time: int, offset: int | jax.Array = 0) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(time, dtype=jnp.int32)[None, :] + offset, (batch, time))
+
+
+def resolve_positions(positions: jax.Array | None, segment_ids: jax.Array | None,
+                      batch: int, time: int) -> jax.Array:
+  """[B, T] int RoPE positions: ``positions`` checked, else in-document ones, else 0..T-1."""
+  if positions is None:
+    return (default_positions(batch, time) if segment_ids is None
+            else positions_from_segment_ids(segment_ids))
+  _checks.check_shape("positions", positions, (batch, time), "[batch, time]")
+  _checks.check_int_dtype("positions", positions)
+  return positions

@@ -11,29 +11,12 @@ import pytest
 from lte_jax.ops.attention import attention, masked_attention
 from lte_jax.ops.attention import reference as attn_reference
 from lte_jax.ops.attention import xla as attn_xla
-
-
-def rel_rms(got, want, atol=1e-5):
-  """RMS error relative to the RMS of ``want``; ``atol`` covers references that are exactly 0."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  return float(np.sqrt(np.mean((got - want) ** 2)) / (np.sqrt(np.mean(want ** 2)) + atol))
+from tests import helpers
+from tests.helpers import rel_rms
 
 
 def packed_segment_ids(rng, batch, time):
-  """Documents of random lengths, with 1-token documents and a padding tail (id 0)."""
-  rows = []
-  for _ in range(batch):
-    ids, doc = [], 1
-    while len(ids) < time:
-      length = int(rng.choice([1, 1, 2, 5, 17, 40]))
-      ids += [doc] * length
-      doc += 1
-    ids = ids[:time]
-    if time > 8:
-      ids[-3:] = [0, 0, 0]
-    rows.append(ids)
-  return jnp.asarray(rows, jnp.int32)
+  return jnp.asarray(helpers.packed_segment_ids(rng, batch, time))
 
 
 def make_qkv(seed, batch, time, num_heads, num_kv_heads, head_dim, head_dim_v, dtype):

@@ -10,29 +10,16 @@ import pytest
 
 from lte_jax.ops.lte_attention import lte_attention
 from lte_jax.ops.lte_attention import xla as lte_xla
+from tests import helpers
+from tests.helpers import rel_rms
 
 STATIC = ("sink_size", "window_size", "budget", "scale", "implementation")
 
 
-def rel_rms(got, want, atol=1e-5):
-  """RMS error relative to the RMS of ``want``; ``atol`` covers references that are exactly 0."""
-  got = np.asarray(got, np.float64)
-  want = np.asarray(want, np.float64)
-  return float(np.sqrt(np.mean((got - want) ** 2)) / (np.sqrt(np.mean(want ** 2)) + atol))
-
-
 def packed_segment_ids(rng, batch, time):
   """Random documents, many of one token, and a padding tail (id 0)."""
-  rows = []
-  for _ in range(batch):
-    ids, doc = [], 1
-    while len(ids) < time:
-      ids += [doc] * int(rng.choice([1, 1, 2, 4, 9, 25]))
-      doc += 1
-    ids = ids[:time]
-    ids[-2:] = [0, 0]
-    rows.append(ids)
-  return np.asarray(rows, np.int32)
+  return helpers.packed_segment_ids(rng, batch, time, lengths=(1, 1, 2, 4, 9, 25), padding=2,
+                                    pad_if_longer_than=0)
 
 
 def doc_positions(seg_row):

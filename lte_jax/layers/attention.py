@@ -90,12 +90,7 @@ class Attention(nnx.Module):
     self._check_x(x)
     b, t, _ = x.shape
     _checks.check_segment_ids(segment_ids, b, t)
-    if positions is None:
-      positions = (segments.default_positions(b, t) if segment_ids is None
-                   else segments.positions_from_segment_ids(segment_ids))
-    else:
-      _checks.check_shape("positions", positions, (b, t), "[batch, time]")
-      _checks.check_int_dtype("positions", positions)
+    positions = segments.resolve_positions(positions, segment_ids, b, t)
     x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     q, k, v = self._project(x, positions)
     o = attention(q, k, v, window_size=self.max_distance, segment_ids=segment_ids,

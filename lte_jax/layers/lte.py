@@ -133,12 +133,7 @@ class LTEAttention(nnx.Module):
     self._check_x(x)
     b, t, _ = x.shape
     _checks.check_segment_ids(segment_ids, b, t)
-    if positions is None:
-      positions = (segments.default_positions(b, t) if segment_ids is None
-                   else segments.positions_from_segment_ids(segment_ids))
-    else:
-      _checks.check_shape("positions", positions, (b, t), "[batch, time]")
-      _checks.check_int_dtype("positions", positions)
+    positions = segments.resolve_positions(positions, segment_ids, b, t)
     x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     q, k_raw, v = self._project(x)
     r = self.scorer(k_raw, v, segment_ids=segment_ids)
