@@ -30,7 +30,8 @@ flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
-flags.DEFINE_bool("remat", False, "Rematerialise each block in the lte_jax models.")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
+                  "What each lte_jax block keeps for the backward pass (ModelConfig.remat).")
 flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 

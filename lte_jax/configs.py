@@ -15,6 +15,9 @@ MIXERS = ("gdn", "swa", "attn", "lte")
 ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "transformer")
 SIZES = ("tiny", "0.4B", "1.4B")
 DTYPES = ("float32", "bfloat16")
+# What a block keeps for the backward pass: everything ('none': no remat), only its input
+# ('full'), or its input and matmul outputs ('dots': elementwise work is recomputed).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def _require(cond: bool, field: str, allowed: str, value: Any) -> None:
@@ -146,7 +149,7 @@ class ModelConfig:
   max_position: int = 4096
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # master parameters
-  remat: bool = False           # rematerialise each block in the backward pass
+  remat: str = "none"           # REMAT_POLICIES; True / False mean 'full' / 'none'
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "intermediate_size", "max_position")
@@ -157,6 +160,10 @@ class ModelConfig:
     _require(self.dtype in DTYPES, "ModelConfig.dtype", f"one of {DTYPES}", self.dtype)
     _require(self.param_dtype in DTYPES, "ModelConfig.param_dtype", f"one of {DTYPES}",
              self.param_dtype)
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    _require(self.remat in REMAT_POLICIES, "ModelConfig.remat", f"one of {REMAT_POLICIES}",
+             self.remat)
     _require(self.swa.window_size is not None, "ModelConfig.swa.window_size",
              "a positive integer (the sliding window)", self.swa.window_size)
 

@@ -98,6 +98,36 @@ def test_forward_shapes_and_aux():
   assert aux["lte_retention"][0].shape == (2, 10, cfg.lte.num_kv_heads)
 
 
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_loss_and_gradients(policy):
+  """Rematerialisation changes what is stored, never what is computed (the train path)."""
+  from lte_jax.training import train_state
+  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 97)
+
+  def loss_and_grads(remat):
+    model_def = train_state.make_model_def(_tiny("laLTE", remat=remat), train=False)
+    params = nnx.to_pure_dict(nnx.state(HybridLM(model_def.config, rngs=nnx.Rngs(0)), nnx.Param))
+
+    def loss(params):
+      logits, aux = model_def.bind(params, jax.random.key(1))(tokens)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(aux["lte_retention"][0])
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want_loss, want_grads = loss_and_grads("none")
+  got_loss, got_grads = loss_and_grads(policy)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_accepts_booleans_and_rejects_unknown_policies():
+  assert _tiny("GDN", remat=True).remat == "full"
+  assert _tiny("GDN", remat=False).remat == "none"
+  with pytest.raises(ValueError, match="ModelConfig.remat"):
+    _tiny("GDN", remat="some")
+
+
 def test_segment_ids_isolate_documents():
   cfg = _tiny("GDN_Attn")
   model = HybridLM(cfg, rngs=nnx.Rngs(0))

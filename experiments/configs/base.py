@@ -32,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.vocab_size = config_dict.placeholder(int)
   config.model.dtype = "bfloat16"        # compute dtype (fp32 math in norms, softmax, loss)
   config.model.param_dtype = "float32"   # master parameters
-  config.model.remat = False
+  config.model.remat = "none"           # none | full | dots (lte_jax.configs.REMAT_POLICIES)
   config.model.lte_dropout = config_dict.placeholder(float)
   config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
 
