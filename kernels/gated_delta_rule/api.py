@@ -1,0 +1,160 @@
+"""chunk_gated_delta_rule on Pallas kernels: layout glue and the custom VJP.
+
+Pipeline (kernel modules in brackets), per (batch*head, chunk):
+  forward:  WY transform [prepare] -> state recurrence [state] -> outputs [output]
+  backward: recompute WY and the per-chunk states, dV_local [output], reverse
+            recurrence [state], per-chunk input gradients [backward].
+Only the inputs are saved for the backward; it recomputes per-chunk states
+rather than keeping any per-token intermediate.
+
+The glue here is plain jnp on [B, T, H] scalars (cheap next to the [B, T, H, D]
+tensors): padding, the heads-major chunk layout [B*H, N, C, D], in-chunk
+cumulative decay G, document indices, and the decays the kernels consume
+(qd, kd, hd below). Their gradients flow back to g through ordinary autodiff;
+the custom VJP covers the kernels only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lte_jax import segments
+from lte_jax.kernels.gated_delta_rule import backend, backward, output, prepare, state
+from lte_jax.kernels.gated_delta_rule.chunk_math import masked_exp
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  plan: backend.Plan
+  scale: float
+  state_dtype: str = "float32"    # per-chunk states and WY factors (fp32: accuracy first)
+
+
+def _col(x):   # [BH, N, C] -> [BH, N, C, 1]
+  return x[..., None]
+
+
+def _row(x):   # [BH, N, C] -> [BH, N, 1, C]
+  return x[..., None, :]
+
+
+def _recompute_states(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
+  del q
+  sd = jnp.dtype(cfg.state_dtype)
+  w, u = prepare.wy_transform(cfg.plan, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
+                              _row(seg), _col(qd), state_dtype=sd)
+  h, v_new, h_last = state.chunk_states(cfg.plan, w, u, k, _col(kd), hd, h0, state_dtype=sd)
+  return w, h, v_new, h_last
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
+  """Chunk-layout op. q, k [BH, N, C, Dk]; v [BH, N, C, Dv]; beta, g_cum, seg, qd, kd
+  [BH, N, C] fp32; hd [BH, N, 1, 1]; h0 [BH, Dk, Dv] -> (o [BH, N, C, Dv] in v.dtype,
+  final state [BH, Dk, Dv] fp32)."""
+  _, h, v_new, h_last = _recompute_states(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0)
+  o = output.chunk_outputs(cfg.plan, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg),
+                           _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+  return o, h_last
+
+
+def _core_fwd(cfg, *args):
+  return _core(cfg, *args), args
+
+
+def _core_bwd(cfg, residuals, cotangents):
+  q, k, v, beta, g_cum, seg, qd, kd, hd, h0 = residuals
+  d_o, dh_last = cotangents
+  plan = cfg.plan
+  w, h, v_new, _ = _recompute_states(cfg, *residuals)
+  dv_local = output.local_value_grads(plan, q, k, _col(g_cum), _row(g_cum), _col(seg),
+                                      _row(seg), d_o, scale=cfg.scale)
+  dh, dv_new, dh0 = state.chunk_state_grads(plan, q, _col(qd), k, _col(kd), hd, w, d_o,
+                                            dv_local, dh_last, scale=cfg.scale,
+                                            state_dtype=jnp.dtype(cfg.state_dtype))
+  dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = backward.chunk_input_grads(
+      plan, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
+      _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta[..., 0],
+          dg_col[..., 0] + dg_row[..., 0, :], jnp.zeros_like(seg), dqd[..., 0], dkd[..., 0],
+          dhd, dh0)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _dim_for_kernels(d: int) -> int:
+  """Head dims padded to a power of two >= 16 (Triton blocks; zero columns are inert)."""
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                                  beta: jax.Array, *, scale: float,
+                                  initial_state: jax.Array | None = None,
+                                  output_final_state: bool = False,
+                                  segment_ids: jax.Array | None = None, chunk_size: int = 64,
+                                  platform: str | None = None,
+                                  interpret: bool | None = None,
+                                  ) -> tuple[jax.Array, jax.Array | None]:
+  """Same contract as lte_jax.ops.chunk_gated_delta_rule (arguments validated there).
+
+  q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H]; initial_state
+  [B, H, Dk, Dv]; segment_ids [B, T]. platform: 'gpu' or 'tpu' kernels (None: this
+  backend's); interpret: Pallas interpreter (None: on CPU only).
+  Returns o [B, T, H, Dv] in v.dtype and the final state [B, H, Dk, Dv] fp32 or None.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  plan = backend.Plan(platform or backend.default_platform(), interpret=interpret,
+                      chunk=chunk_size)
+  batch, time, heads, dk = q.shape
+  dv = v.shape[-1]
+  c = plan.chunk
+  n = math.ceil(time / c)
+  pad = n * c - time
+  dk_p, dv_p = _dim_for_kernels(dk), _dim_for_kernels(dv)
+
+  def tensor(x, d_pad):   # [B, T, H, D] -> [BH, N, C, D']
+    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, d_pad - x.shape[-1])))
+    return jnp.swapaxes(x, 1, 2).reshape(batch * heads, n, c, d_pad)
+
+  def scalar(x):           # [B, T, H] -> [BH, N, C] fp32; padding tokens get 0
+    x = jnp.pad(x.astype(F32), ((0, 0), (0, pad), (0, 0)))
+    return jnp.swapaxes(x, 1, 2).reshape(batch * heads, n, c)
+
+  # Padding tokens: g = 0, beta = 0, k = 0 and no document start: the state
+  # passes through them unchanged.
+  g_c, beta_c = scalar(g), scalar(beta)
+  if segment_ids is None:
+    seg = jnp.zeros_like(g_c)
+  else:
+    # initial_state belongs to the row's first document: t = 0 is no restart.
+    starts = segments.document_starts(segment_ids).at[:, 0].set(False)
+    starts = jnp.pad(starts, ((0, 0), (0, pad))).reshape(batch, 1, n, c)
+    seg = jnp.cumsum(starts.astype(F32), axis=-1)                  # document index in chunk
+    seg = jnp.broadcast_to(seg, (batch, heads, n, c)).reshape(batch * heads, n, c)
+  g_cum = jnp.cumsum(g_c, axis=-1)
+  g_last, seg_last = g_cum[..., -1:], seg[..., -1:]
+  qd = masked_exp(g_cum, seg == 0)                        # token reads the incoming state
+  kd = masked_exp(g_last - g_cum, seg == seg_last)        # token writes the outgoing state
+  hd = masked_exp(g_last, seg_last == 0)[..., None]       # incoming state survives the chunk
+
+  if initial_state is None:
+    h0 = jnp.zeros((batch * heads, dk_p, dv_p), F32)
+  else:
+    h0 = jnp.pad(initial_state.astype(F32), ((0, 0), (0, 0), (0, dk_p - dk), (0, dv_p - dv)))
+    h0 = h0.reshape(batch * heads, dk_p, dv_p)
+
+  cfg = _Static(plan=plan, scale=float(scale))
+  o, h_last = _core(cfg, tensor(q, dk_p), tensor(k, dk_p), tensor(v, dv_p), beta_c, g_cum,
+                    seg, qd, kd, hd, h0)
+  o = jnp.swapaxes(o.reshape(batch, heads, n * c, dv_p), 1, 2)[:, :time, :, :dv]
+  if not output_final_state:
+    return o, None
+  return o, h_last.reshape(batch, heads, dk_p, dv_p)[..., :dk, :dv]

@@ -1,0 +1,86 @@
+"""The one place that knows which Pallas lowering a kernel goes through.
+
+GPU kernels use the Triton lowering (deprecated in JAX 0.11 in favour of Mosaic
+GPU, so everything lowering-specific lives here to make a move cheap); TPU
+kernels use Mosaic. The two differ in how a sequential recurrence is written:
+Triton programs run in no particular order, so the recurrence is a loop inside
+one program per (batch*head, value block); Mosaic runs the grid in order, so the
+chunk axis is the last ("arbitrary") grid axis and the state lives in fp32 VMEM
+scratch. `Plan.sequential_in_grid` says which form a kernel must take.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+PLATFORMS = ("gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static choices for one call: target lowering and tuning knobs (hashable).
+
+  platform: 'gpu' (Triton lowering) or 'tpu' (Mosaic).
+  interpret: run the kernels with the Pallas interpreter (CPU tests); the
+    platform still decides the kernels' form (loop or sequential grid).
+  chunk: tokens per chunk (power of two, >= 16: Triton dots need dims >= 16).
+  block_v: value columns per program of the GPU recurrences (power of two).
+  num_warps, num_stages: Triton launch parameters.
+  """
+  platform: str
+  interpret: bool = False
+  chunk: int = 64
+  block_v: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    for name in ("chunk", "block_v"):
+      value = getattr(self, name)
+      if value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+
+  @property
+  def sequential_in_grid(self) -> bool:
+    return self.platform == "tpu"
+
+
+def default_platform() -> str:
+  """'tpu' on TPU, else 'gpu' (the CPU only runs these kernels interpreted)."""
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
+         in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
+         out_shape: Sequence[jax.ShapeDtypeStruct], sequential_last: bool = False,
+         scratch_shapes: Sequence[Any] = (), name: str) -> Any:
+  """pallas_call with the lowering's parameters; `sequential_last` marks the
+  last grid axis as ordered (TPU "arbitrary"); scratch is a TPU-only notion."""
+  if plan.platform == "tpu":
+    semantics = ("parallel",) * (len(grid) - 1) + (
+        "arbitrary" if sequential_last else "parallel",)
+    params = pltpu.CompilerParams(dimension_semantics=semantics)
+  else:
+    assert not sequential_last and not scratch_shapes, "Triton grids are unordered"
+    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+  grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
+                          scratch_shapes=list(scratch_shapes))
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
+                        compiler_params=params, interpret=plan.interpret, name=name)
+
+
+def vmem(shape: tuple[int, ...]) -> Any:
+  """fp32 VMEM scratch for a carried state (TPU)."""
+  return pltpu.VMEM(shape, jax.numpy.float32)
+
+
+def per_chunk(*tail: int) -> pl.BlockSpec:
+  """Block of one chunk of a [BH, N, *tail] array on a (BH, N) grid."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, *tail), lambda b, n: (b, n) + (0,) * len(tail))

@@ -1,0 +1,71 @@
+"""In-kernel algebra of one chunk, shared by every kernel and both lowerings.
+
+Everything here takes and returns 2-D arrays (the Triton lowering has no
+batched dots), builds masks from iota (no captured constants) and keeps
+per-token scalars as columns [C, 1] or rows [1, C], so that no kernel needs a
+transpose of a vector, which Mosaic handles poorly.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def mm(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False,
+       dtype=F32) -> jax.Array:
+  """a @ b (a^T, b^T when asked) with operands cast to `dtype`, fp32 accumulation.
+
+  fp32 operands use full fp32 products: the recurrence compounds rounding, and
+  Triton would otherwise drop to TF32.
+  """
+  a, b = a.astype(dtype), b.astype(dtype)
+  dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
+  precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """exp(x) where mask, else 0; masked entries never reach exp (nor its gradient)."""
+  return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def _iota(chunk: int, axis: int) -> jax.Array:
+  return jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), axis)
+
+
+def decay_masks(g_col: jax.Array, g_row: jax.Array, seg_col: jax.Array,
+                seg_row: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """In-chunk decays [C, C]: causal[i, j] = e^{G_i - G_j} for j <= i in the same
+  document, strict the same for j < i; zero elsewhere.
+
+  g_*: cumulative log decay G; seg_*: document index inside the chunk.
+  """
+  chunk = g_col.shape[0]
+  i, j = _iota(chunk, 0), _iota(chunk, 1)
+  same_doc = seg_col == seg_row
+  diff = g_col - g_row
+  return masked_exp(diff, (i >= j) & same_doc), masked_exp(diff, (i > j) & same_doc)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + a)^-1 for strictly lower-triangular a [C, C], C a power of two.
+
+  Blockwise doubling: with the inverse T of the diagonal blocks of size s, the
+  inverse on blocks of size 2s is T - T L T, L being a's lower-left s x s block
+  inside each 2s block (exact since L T L = 0). This is the stable recursive
+  block inverse, written as full-size masked products so that it needs no
+  slicing; log2(C) levels of two fp32 dots.
+  """
+  chunk = a.shape[0]
+  i, j = _iota(chunk, 0), _iota(chunk, 1)
+  t = (i == j).astype(F32)
+  level = 0
+  while (1 << level) < chunk:
+    within_pair = (i >> (level + 1)) == (j >> (level + 1))
+    off_block = (i >> level) != (j >> level)
+    lower_left = jnp.where(within_pair & off_block, a, 0.0)
+    t = t - mm(t, mm(lower_left, t))
+    level += 1
+  return t

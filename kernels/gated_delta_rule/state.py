@@ -1,0 +1,172 @@
+"""Kernel 2: the sequential inter-chunk recurrences (forward states, backward dh).
+
+Forward, per chunk n with h the state entering it (PAPER.md section 2, step 5):
+  V_new = U - W h;   h <- hd h + (kd K)^T V_new
+Backward, in reverse, with dh the gradient of the state leaving chunk n:
+  dV = dV_local + (kd K) dh;   dh <- hd dh + scale (qd Q)^T dO - W^T dV
+kd_j = [j in the chunk's last document] e^{G_last - G_j}, hd = [one continuing
+document] e^{G_last}. Per-chunk states are stored (not per-token ones): the
+parallel kernels read them.
+
+Value columns never mix, so the GPU form splits Dv into blocks of
+`plan.block_v` programs (more parallel work); the TPU form keeps all of Dv.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
+
+
+def _forward_step(h, w, u, k, kd, hd):
+  v_new = u.astype(cm.F32) - cm.mm(w, h)
+  h_next = hd * h + cm.mm(kd * k.astype(cm.F32), v_new, ta=True)
+  return v_new, h_next
+
+
+def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale):
+  dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh)
+  dh_prev = (hd * dh + scale * cm.mm(qd * q.astype(cm.F32), d_o.astype(cm.F32), ta=True)
+             - cm.mm(w, dv, ta=True))
+  return dv, dh_prev
+
+
+# --- forward -----------------------------------------------------------------------------
+
+def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
+                         h_ref, v_new_ref, h_last_ref):
+  """GPU: one program walks all chunks of one (batch*head, value block)."""
+  def body(n, h):
+    h_ref[n] = h.astype(h_ref.dtype)
+    v_new, h = _forward_step(h, w_ref[n], u_ref[n], k_ref[n], kd_ref[n], hd_ref[n])
+    v_new_ref[n] = v_new.astype(v_new_ref.dtype)
+    return h
+
+  h_last_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], body, h0_ref[...].astype(cm.F32))
+
+
+def _forward_grid_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
+                         h_ref, v_new_ref, h_last_ref, h_scratch):
+  """TPU: one grid step per chunk, in order; the state stays in fp32 VMEM."""
+  n = pl.program_id(1)
+
+  @pl.when(n == 0)
+  def _():
+    h_scratch[...] = h0_ref[...].astype(cm.F32)
+
+  h = h_scratch[...]
+  h_ref[...] = h.astype(h_ref.dtype)
+  v_new, h = _forward_step(h, w_ref[...], u_ref[...], k_ref[...], kd_ref[...], hd_ref[...])
+  v_new_ref[...] = v_new.astype(v_new_ref.dtype)
+  h_scratch[...] = h
+
+  @pl.when(n == pl.num_programs(1) - 1)
+  def _():
+    h_last_ref[...] = h
+
+
+def chunk_states(plan: backend.Plan, w, u, k, kd_col, hd, h0, *, state_dtype=jnp.float32):
+  """w, k [BH, N, C, Dk]; u [BH, N, C, Dv]; kd_col [BH, N, C, 1]; hd [BH, N, 1, 1];
+  h0 [BH, Dk, Dv] -> (h entering each chunk [BH, N, Dk, Dv], V_new [BH, N, C, Dv],
+  final state [BH, Dk, Dv] fp32)."""
+  bh, n, c, dk = k.shape
+  dv = u.shape[-1]
+  out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
+               jax.ShapeDtypeStruct((bh, n, c, dv), state_dtype),
+               jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
+  args = (w, u, k, kd_col, hd, h0)
+  if plan.sequential_in_grid:
+    chunk = backend.per_chunk
+    whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
+    return backend.call(
+        _forward_grid_kernel, plan, grid=(bh, n),
+        in_specs=[chunk(c, dk), chunk(c, dv), chunk(c, dk), chunk(c, 1), chunk(1, 1), whole],
+        out_specs=[chunk(dk, dv), chunk(c, dv), whole], out_shape=out_shape,
+        sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
+        name="gdn_chunk_states")(*args)
+  bv = min(plan.block_v, dv)
+  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
+  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
+  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  return backend.call(
+      _forward_loop_kernel, plan, grid=(bh, dv // bv),
+      in_specs=[full(c, dk), v_blocked(c), full(c, dk), full(c, 1), full(1, 1), state],
+      out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
+      name="gdn_chunk_states")(*args)
+
+
+# --- backward ----------------------------------------------------------------------------
+
+def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref,
+                          dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale):
+  """GPU: one program walks the chunks of one (batch*head, value block) backwards."""
+  num_chunks = q_ref.shape[0]
+
+  def body(i, dh):
+    n = num_chunks - 1 - i
+    dh_ref[n] = dh.astype(dh_ref.dtype)
+    dv, dh = _backward_step(dh, q_ref[n], qd_ref[n], k_ref[n], kd_ref[n], hd_ref[n],
+                            w_ref[n], do_ref[n], dvl_ref[n], scale)
+    dv_ref[n] = dv.astype(dv_ref.dtype)
+    return dh
+
+  dh0_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dh_last_ref[...].astype(cm.F32))
+
+
+def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref,
+                          dh_last_ref, dh_ref, dv_ref, dh0_ref, dh_scratch, *, scale):
+  """TPU: grid step i handles chunk N-1-i (the index maps reverse the order)."""
+  i = pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _():
+    dh_scratch[...] = dh_last_ref[...].astype(cm.F32)
+
+  dh = dh_scratch[...]
+  dh_ref[...] = dh.astype(dh_ref.dtype)
+  dv, dh = _backward_step(dh, q_ref[...], qd_ref[...], k_ref[...], kd_ref[...], hd_ref[...],
+                          w_ref[...], do_ref[...], dvl_ref[...], scale)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dh_scratch[...] = dh
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _():
+    dh0_ref[...] = dh
+
+
+def chunk_state_grads(plan: backend.Plan, q, qd_col, k, kd_col, hd, w, d_o, dv_local,
+                      dh_last, *, scale: float, state_dtype=jnp.float32):
+  """Reverse recurrence. q, k, w [BH, N, C, Dk]; d_o, dv_local [BH, N, C, Dv];
+  dh_last [BH, Dk, Dv] (gradient of the final state) -> (dh of the state leaving
+  each chunk [BH, N, Dk, Dv], total dV_new [BH, N, C, Dv] fp32, dh0 [BH, Dk, Dv])."""
+  bh, n, c, dk = k.shape
+  dv = d_o.shape[-1]
+  out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
+               jax.ShapeDtypeStruct((bh, n, c, dv), jnp.float32),
+               jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
+  args = (q, qd_col, k, kd_col, hd, w, d_o, dv_local, dh_last)
+  if plan.sequential_in_grid:
+    rev = lambda *tail: pl.BlockSpec((pl.squeezed, pl.squeezed, *tail),
+                                     lambda b, i: (b, n - 1 - i) + (0,) * len(tail))
+    whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
+    return backend.call(
+        functools.partial(_backward_grid_kernel, scale=scale), plan, grid=(bh, n),
+        in_specs=[rev(c, dk), rev(c, 1), rev(c, dk), rev(c, 1), rev(1, 1), rev(c, dk),
+                  rev(c, dv), rev(c, dv), whole],
+        out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
+        sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
+        name="gdn_chunk_state_grads")(*args)
+  bv = min(plan.block_v, dv)
+  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
+  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
+  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  return backend.call(
+      functools.partial(_backward_loop_kernel, scale=scale), plan, grid=(bh, dv // bv),
+      in_specs=[full(c, dk), full(c, 1), full(c, dk), full(c, 1), full(1, 1), full(c, dk),
+                v_blocked(c), v_blocked(c), state],
+      out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
+      name="gdn_chunk_state_grads")(*args)
