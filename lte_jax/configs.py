@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-MIXERS = ("gdn", "swa", "attn", "lte")
-ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "transformer")
+MIXERS = ("gdn", "swa", "attn", "lte", "nsa")
+ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "laNSA", "transformer")
 SIZES = ("tiny", "0.4B", "1.4B")
 DTYPES = ("float32", "bfloat16")
 # What a block keeps for the backward pass: everything ('none': no remat), only its input
@@ -133,6 +133,35 @@ class LTEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class NSAConfig:
+  """Native Sparse Attention mixer of laNSA (PAPER.md section 4), RoPE, GQA.
+
+  Mean-pooled compression over ``block_size``-token blocks, ``block_count`` selected
+  blocks per query (blocks 0, current and previous always), and a sliding window of
+  ``window_size`` visible tokens including the current one (the reference convention;
+  None: no sliding branch). A sigmoid gate per branch per query head mixes the three.
+  """
+  num_heads: int = 32
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  block_size: int = 64
+  block_count: int = 16
+  window_size: int | None = 512
+  rope_theta: float = 10000.0
+  implementation: str | None = None
+
+  def __post_init__(self):
+    _positive(self, "num_heads", "num_kv_heads", "head_dim", "block_size", "block_count")
+    _require(self.num_heads % self.num_kv_heads == 0, "NSAConfig.num_kv_heads",
+             f"a divisor of num_heads={self.num_heads}", self.num_kv_heads)
+    _require(self.block_count >= 3, "NSAConfig.block_count",
+             ">= 3 (blocks 0, current and previous are always selected)", self.block_count)
+    _require(self.head_dim % 2 == 0, "NSAConfig.head_dim", "even (RoPE)", self.head_dim)
+    if self.window_size is not None:
+      _positive(self, "window_size")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A hybrid decoder LM. ``layers[i]`` is the mixer of layer i, one of MIXERS."""
   vocab_size: int
@@ -143,6 +172,7 @@ class ModelConfig:
   attn: AttentionConfig = AttentionConfig()
   swa: AttentionConfig = AttentionConfig(window_size=1024)
   lte: LTEConfig = LTEConfig()
+  nsa: NSAConfig = NSAConfig()
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   init_std: float = 0.006
@@ -182,6 +212,7 @@ _ARCH_LAYERS = {
     "GDN_SWA": lambda n: _alternate("swa", n),
     "GDN_Attn": lambda n: _alternate("attn", n),
     "laLTE": lambda n: _alternate("lte", n),
+    "laNSA": lambda n: _alternate("nsa", n),
     "transformer": lambda n: ("attn",) * n,
 }
 
@@ -197,6 +228,8 @@ def _preset(size: str, architecture: str) -> dict[str, Any]:
         swa=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32, window_size=64),
         lte=LTEConfig(num_heads=4, num_kv_heads=2, head_dim=32, window_size=48, budget=24,
                       target_kept=24, target_seq_len=256),
+        nsa=NSAConfig(num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, block_count=4,
+                      window_size=64),
     )
   if size == "0.4B":
     d = 1024
@@ -207,6 +240,8 @@ def _preset(size: str, architecture: str) -> dict[str, Any]:
         attn=AttentionConfig(num_heads=16, num_kv_heads=16, head_dim=64),
         swa=AttentionConfig(num_heads=16, num_kv_heads=16, head_dim=64, window_size=1024),
         lte=LTEConfig(num_heads=16, num_kv_heads=16, head_dim=64),
+        nsa=NSAConfig(num_heads=32, num_kv_heads=2, head_dim=64, block_size=64, block_count=16,
+                      window_size=512),
     )
   if size == "1.4B":
     d = 2048
@@ -217,6 +252,8 @@ def _preset(size: str, architecture: str) -> dict[str, Any]:
         attn=AttentionConfig(num_heads=32, num_kv_heads=8, head_dim=64),
         swa=AttentionConfig(num_heads=32, num_kv_heads=8, head_dim=64, window_size=1024),
         lte=LTEConfig(num_heads=32, num_kv_heads=8, head_dim=64),
+        nsa=NSAConfig(num_heads=32, num_kv_heads=2, head_dim=64, block_size=64, block_count=16,
+                      window_size=512),
     )
   raise ValueError(f"size must be one of {SIZES}, got {size!r}")
 

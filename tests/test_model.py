@@ -31,7 +31,11 @@ def reference_param_count(arch: str, size: str) -> int:
   scorer_per_head = sum(cin * cout * 3 + cout for cin, cout in zip(channels, channels[1:]))
   scorer_per_head += channels[-1] + 1
   lte = attn + hkv * scorer_per_head
-  mixer = {"gdn": gdn, "attn": attn, "swa": attn, "lte": lte}
+  # NSA (reference configs gated_delta_net_nsa_*.json, both sizes): 32 q / 2 kv heads of 64,
+  # no biases; g_proj d -> 3 x 32 gates. 4,554,752 per layer at 0.4B, 9,109,504 at 1.4B.
+  nsa_hq, nsa_hkv = 32, 2
+  nsa = d * nsa_hq * dh + 2 * d * nsa_hkv * dh + d * 3 * nsa_hq + nsa_hq * dh * d
+  mixer = {"gdn": gdn, "attn": attn, "swa": attn, "lte": lte, "nsa": nsa}
   layers = configs.get_config(arch, size).layers
   per_layer = 3 * d * inter + 2 * d
   total = sum(mixer[m] + per_layer for m in layers)
@@ -61,7 +65,10 @@ def _tiny(arch, **overrides):
               attn=configs.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8),
               swa=configs.AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, window_size=6),
               lte=configs.LTEConfig(num_heads=4, num_kv_heads=2, head_dim=8, sink_size=2,
-                                    window_size=13, budget=5, dropout=0.0))
+                                    window_size=13, budget=5, dropout=0.0),
+              # 12 blocks in 48 tokens, so decoding crosses block edges and picks a free block.
+              nsa=configs.NSAConfig(num_heads=4, num_kv_heads=2, head_dim=8, block_size=4,
+                                    block_count=4, window_size=6))
   base.update(overrides)
   return configs.get_config(arch, "tiny", **base)
 

@@ -8,10 +8,12 @@ from lte_jax.layers.lte import LTEAttention
 from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.layers.mlp import SwiGLU
 from lte_jax.layers.norm import GatedRMSNorm, RMSNorm
+from lte_jax.layers.nsa import NSAAttention
 from lte_jax.layers.rope import apply_rope
 from lte_jax.layers.short_conv import ShortConv
 
 __all__ = [
-    "Attention", "GatedDeltaNet", "GatedRMSNorm", "LTEAttention", "LTEScorer", "RMSNorm", "ShortConv", "SwiGLU",
+    "Attention", "GatedDeltaNet", "GatedRMSNorm", "LTEAttention", "LTEScorer", "NSAAttention",
+    "RMSNorm", "ShortConv", "SwiGLU",
     "apply_rope", "dtype_of", "linear", "output_std", "partitioned",
 ]

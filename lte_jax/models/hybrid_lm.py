@@ -26,6 +26,7 @@ from lte_jax.layers.gated_deltanet import GatedDeltaNet
 from lte_jax.layers.lte import LTEAttention
 from lte_jax.layers.mlp import SwiGLU
 from lte_jax.layers.norm import RMSNorm
+from lte_jax.layers.nsa import NSAAttention
 
 # Mixer name -> constructor(model_config, **common_kwargs). Adding a mixer means
 # writing a module with the mixer protocol (see WORKSPACE.md) and one line here.
@@ -34,6 +35,7 @@ MIXER_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "attn": lambda cfg, **kw: Attention(cfg.attn, cfg.d_model, **kw),
     "swa": lambda cfg, **kw: Attention(cfg.swa, cfg.d_model, **kw),
     "lte": lambda cfg, **kw: LTEAttention(cfg.lte, cfg.d_model, **kw),
+    "nsa": lambda cfg, **kw: NSAAttention(cfg.nsa, cfg.d_model, **kw),
 }
 
 
