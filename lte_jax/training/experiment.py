@@ -16,7 +16,7 @@ from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
 from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 
-_MIXER_CONFIGS = ("gdn", "attn", "swa", "lte")
+_MIXER_CONFIGS = ("gdn", "attn", "swa", "lte", "nsa")
 
 
 @dataclasses.dataclass(frozen=True)

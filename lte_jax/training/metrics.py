@@ -63,6 +63,16 @@ def _mixer_flops(mixer: str, cfg: configs_lib.ModelConfig, seq_len: int) -> floa
     if mixer == "swa":
       context = min(context, sub.window_size)
     return 4.0 * context * sub.num_heads * sub.head_dim  # QK^T and PV
+  if mixer == "nsa":
+    n = cfg.nsa
+    # Per query, the work of the algorithm (the XLA path does more, see ops/nsa_attention):
+    # ~T / (2 x block) complete compressed blocks, the tokens of block_count blocks (at
+    # most the causal context) and the window.
+    causal = (seq_len + 1) / 2
+    context = seq_len / (2 * n.block_size) + min(n.block_count * n.block_size, causal)
+    if n.window_size is not None:
+      context += min(causal, n.window_size)
+    return 4.0 * context * n.num_heads * n.head_dim
   if mixer == "gdn":
     g = cfg.gdn
     dk, dv, c = g.head_dim, g.head_v_dim, min(g.chunk_size, seq_len)
