@@ -205,7 +205,7 @@ def test_recurrent_decode_continues_chunked_prefill():
 
 
 def test_implementation_table():
-  assert set(IMPLEMENTATIONS) == {"reference", "xla"}
+  assert set(IMPLEMENTATIONS) == {"reference", "xla", "pallas"}
 
 
 def _good_args():
@@ -230,7 +230,8 @@ BAD_INPUTS = [
     ("chunk_size", lambda a, h0: dict(a, chunk_size=0)),
     ("chunk_size", lambda a, h0: dict(a, chunk_size=16.0)),
     ("implementation", lambda a, h0: dict(a, implementation="triton")),
-    ("not available yet", lambda a, h0: dict(a, implementation="pallas")),
+    ("chunk_size", lambda a, h0: dict(a, implementation="pallas", chunk_size=48)),
+    ("chunk_size", lambda a, h0: dict(a, implementation="pallas", chunk_size=8)),
 ]
 
 
@@ -249,10 +250,3 @@ def test_float64_rejected_and_reference_validates():
       chunk_gated_delta_rule(**dict(args, q=q64))
   with pytest.raises(ValueError, match="k"):
     recurrent_gated_delta_rule(**dict(args, k=args["k"][:, :3]))
-
-
-def test_pallas_error_lists_available():
-  args, _ = _good_args()
-  with pytest.raises(ValueError, match="not available yet") as info:
-    chunk_gated_delta_rule(**args, implementation="pallas")
-  assert "'reference'" in str(info.value) and "'xla'" in str(info.value)

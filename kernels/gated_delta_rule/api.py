@@ -141,8 +141,12 @@ def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: j
     seg = jnp.broadcast_to(seg, (batch, heads, n, c)).reshape(batch * heads, n, c)
   g_cum = jnp.cumsum(g_c, axis=-1)
   g_last, seg_last = g_cum[..., -1:], seg[..., -1:]
+  # G_last - G_j summed directly (g_{j+1} + ... + g_last): as a difference, its
+  # gradient at j = last would be two O(1) terms cancelling to rounding noise.
+  g_after = jnp.flip(jnp.cumsum(jnp.flip(g_c[..., 1:], -1), axis=-1), -1)
+  g_after = jnp.pad(g_after, ((0, 0), (0, 0), (0, 1)))
   qd = masked_exp(g_cum, seg == 0)                        # token reads the incoming state
-  kd = masked_exp(g_last - g_cum, seg == seg_last)        # token writes the outgoing state
+  kd = masked_exp(g_after, seg == seg_last)               # token writes the outgoing state
   hd = masked_exp(g_last, seg_last == 0)[..., None]       # incoming state survives the chunk
 
   if initial_state is None:

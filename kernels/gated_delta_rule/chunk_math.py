@@ -49,6 +49,12 @@ def decay_masks(g_col: jax.Array, g_row: jax.Array, seg_col: jax.Array,
   return masked_exp(diff, (i >= j) & same_doc), masked_exp(diff, (i > j) & same_doc)
 
 
+def strict_lower(x: jax.Array) -> jax.Array:
+  """x [C, C] with the diagonal and everything above it zeroed."""
+  chunk = x.shape[0]
+  return jnp.where(_iota(chunk, 0) > _iota(chunk, 1), x, 0.0)
+
+
 def unit_lower_inverse(a: jax.Array) -> jax.Array:
   """(I + a)^-1 for strictly lower-triangular a [C, C], C a power of two.
 

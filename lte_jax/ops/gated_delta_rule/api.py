@@ -6,6 +6,7 @@ from typing import Callable
 import jax
 
 from lte_jax._checks import check_positive_int
+from lte_jax.ops.gated_delta_rule.pallas import chunk_gated_delta_rule_pallas
 from lte_jax.ops.gated_delta_rule.reference import recurrent_gated_delta_rule
 from lte_jax.ops.gated_delta_rule.validation import validate_args
 from lte_jax.ops.gated_delta_rule.xla import chunk_gated_delta_rule_xla
@@ -25,16 +26,21 @@ def _reference(q, k, v, g, beta, *, scale, initial_state, output_final_state, se
 IMPLEMENTATIONS: dict[str, Callable[..., tuple[jax.Array, jax.Array | None]]] = {
     "reference": _reference,
     "xla": chunk_gated_delta_rule_xla,
+    "pallas": chunk_gated_delta_rule_pallas,
 }
-NOT_YET_AVAILABLE = ("pallas",)
-DEFAULT_IMPLEMENTATION = "xla"
+# implementation=None, per jax.default_backend(). GPU stays on 'xla' until the
+# Pallas kernels are timed against it on an H200 (issue 5: not yet done); the
+# CPU runs Pallas only interpreted, far slower than XLA.
+DEFAULT_IMPLEMENTATIONS = {"tpu": "pallas", "gpu": "xla", "cpu": "xla"}
+
+
+def default_implementation(backend: str | None = None) -> str:
+  return DEFAULT_IMPLEMENTATIONS.get(backend or jax.default_backend(), "xla")
 
 
 def _resolve(implementation: str | None) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
-  name = DEFAULT_IMPLEMENTATION if implementation is None else implementation
+  name = default_implementation() if implementation is None else implementation
   available = tuple(IMPLEMENTATIONS)
-  if name in NOT_YET_AVAILABLE:
-    raise ValueError(f"implementation {name!r} is not available yet; available: {available}")
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {available} (or None), got {name!r}")
   return IMPLEMENTATIONS[name]
@@ -57,9 +63,10 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
     initial_state: [B, H, Dk, Dv] state before t = 0, for the row's first document.
     output_final_state: also return the state after the last token.
     segment_ids: [B, T] int; the state restarts at each change of id.
-    chunk_size: tokens per chunk of the chunked form (any integer >= 1; T need
-      not be a multiple of it).
-    implementation: 'xla' (chunked, the default) or 'reference' (recurrent scan).
+    chunk_size: tokens per chunk of the chunked form (any integer >= 1 for 'xla', a
+      power of two >= 16 for 'pallas'; T need not be a multiple of it).
+    implementation: 'pallas' (Pallas kernels; interpreted on CPU), 'xla' (chunked
+      plain JAX) or 'reference' (recurrent scan); None: `default_implementation()`.
 
   Returns:
     o [B, T, H, Dv] in v.dtype; final state [B, H, Dk, Dv] float32 or None.
