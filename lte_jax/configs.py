@@ -294,3 +294,31 @@ def replace(config: Any, **changes: Any) -> Any:
 
 def to_dict(config: Any) -> Mapping[str, Any]:
   return dataclasses.asdict(config)
+
+
+_NESTED = {"gdn": GDNConfig, "attn": AttentionConfig, "swa": AttentionConfig, "lte": LTEConfig,
+           "nsa": NSAConfig}
+_TUPLE_FIELDS = ("layers", "kernel_sizes", "dilations")
+
+
+def _from_fields(cls: type, data: Mapping[str, Any], where: str) -> Any:
+  if not isinstance(data, Mapping):
+    raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got "
+                     f"{type(data).__name__}")
+  valid = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - valid)
+  if unknown:
+    raise ValueError(f"unknown {where} field(s) {unknown}; valid fields: {sorted(valid)}")
+  values = {}
+  for key, value in data.items():
+    if key in _TUPLE_FIELDS and isinstance(value, list):
+      value = tuple(value)  # JSON has no tuples
+    if cls is ModelConfig and key in _NESTED:
+      value = _from_fields(_NESTED[key], value, f"{where}.{key}")
+    values[key] = value
+  return cls(**values)
+
+
+def from_dict(data: Mapping[str, Any]) -> ModelConfig:
+  """The inverse of ``to_dict`` (also after a JSON round trip: lists become tuples)."""
+  return _from_fields(ModelConfig, data, "ModelConfig")

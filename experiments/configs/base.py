@@ -35,6 +35,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.remat = "none"           # none | full | dots (lte_jax.configs.REMAT_POLICIES)
   config.model.lte_dropout = config_dict.placeholder(float)
   config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
+  # A ModelConfig JSON (e.g. WORKDIR/converted_model.json from experiments.convert) used
+  # instead of arch/size and the shape fields above.
+  config.model.from_file = config_dict.placeholder(str)
 
   # lte_jax.data.DataConfig fields (batch_size is global, over all processes).
   config.data = ml_collections.ConfigDict()

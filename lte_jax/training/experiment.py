@@ -38,12 +38,40 @@ def _dataclass_from(cls: type, values: dict, prefix: str) -> Any:
   return cls(**values)
 
 
+# Fields of config.model that change parameter shapes: a model read from a file keeps its own.
+_SHAPE_FIELDS = ("num_layers", "d_model", "intermediate_size", "vocab_size")
+
+
+def _model_from_file(path: str, overrides: dict) -> configs_lib.ModelConfig:
+  """A ModelConfig JSON file (bare, or under a "model" key as in a workdir's config.json)."""
+  fixed = sorted(k for k in overrides if k in _SHAPE_FIELDS)
+  if fixed:
+    raise ValueError(f"config.model.{fixed[0]} cannot be set together with config.model.from_file "
+                     f"({path}): the file fixes the model's shapes")
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as err:
+    raise ValueError(f"config.model.from_file={path!r} is not a readable JSON file: {err}") from err
+  if isinstance(data, dict) and isinstance(data.get("model"), dict):
+    data = data["model"]
+  return configs_lib.replace(configs_lib.from_dict(data), **overrides)
+
+
 def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
-  """The ModelConfig of ``config.arch`` / ``config.size`` with ``config.model`` overrides."""
+  """The ModelConfig of ``config.arch`` / ``config.size`` with ``config.model`` overrides.
+
+  With ``config.model.from_file`` the model comes from that JSON file instead (e.g. one
+  written by experiments.convert); only dtype, remat and the fields below apply on top.
+  """
   overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
   lte_dropout = overrides.pop("lte_dropout", None)
   implementation = overrides.pop("implementation", None)
-  model = configs_lib.get_config(config.arch, config.size, **overrides)
+  from_file = overrides.pop("from_file", None)
+  if from_file is None:
+    model = configs_lib.get_config(config.arch, config.size, **overrides)
+  else:
+    model = _model_from_file(from_file, overrides)
   if lte_dropout is not None:
     model = configs_lib.replace(model, lte=configs_lib.replace(model.lte, dropout=lte_dropout))
   if implementation is not None:

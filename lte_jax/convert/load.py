@@ -1,0 +1,59 @@
+"""Load a Hugging Face (hybrid) Gated DeltaNet checkpoint as an lte_jax HybridLM."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from lte_jax import configs as configs_lib
+from lte_jax.convert import hf_config, hf_params
+from lte_jax.convert.safetensors import read_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+  """A converted checkpoint, before it becomes a model or a train state.
+
+  params: nnx.to_pure_dict layout of HybridLM's parameters, float32 numpy arrays.
+  controller: {'lam', 'kept_ema'} [LTE layers, KV heads] from the reference's LTE
+    lambda-controller buffers, or None.
+  """
+  config: configs_lib.ModelConfig
+  params: Any
+  controller: dict | None
+  layout: hf_config.HFLayout
+  source: str
+
+
+def convert_hf(path: str, *, dtype: str = "float32") -> Converted:
+  """Read config.json + safetensors (one file or an index of shards) from ``path``."""
+  if not os.path.isdir(path):
+    raise ValueError(f"path must be a Hugging Face model directory, got {path!r}")
+  config, layout = hf_config.model_config_from_hf(hf_config.read_config(path), dtype=dtype)
+  for note in layout.notes:
+    logging.warning("%s: %s", path, note)
+  params, controller = hf_params.map_tensors(read_checkpoint(path), config, layout)
+  return Converted(config=config, params=params, controller=controller, layout=layout,
+                   source=os.path.abspath(path))
+
+
+def load_hf(path: str, *, dtype: str = "float32") -> tuple[Any, configs_lib.ModelConfig]:
+  """(model, config) of the checkpoint in ``path``: an lte_jax HybridLM in eval mode.
+
+  The model is lte_jax's own HybridLM, returned as is: ``model(tokens [B, T])`` returns
+  ``(logits [B, T, vocab] float32, aux)``; take ``[0]`` for the logits. LTE layers run with
+  the inference budget enforced (``enforce_budget=True``), as the reference's eval
+  forward does, and dropout is off.
+  """
+  from lte_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  converted = convert_hf(path, dtype=dtype)
+  model_def = train_state.make_model_def(converted.config, train=False)
+  params = jax.tree.map(jnp.asarray, converted.params)
+  model = model_def.bind(params, jax.random.key(0))
+  model.eval()
+  model.set_attributes(enforce_budget=True, raise_if_not_found=False)
+  return model, converted.config
