@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_fn(impl, platform, chunk_size):
+def _grad_fn(impl, platform, chunk_size, block_v=64):
   """Jitted (o, final state) and gradients of <o, d_o> + <h, d_h> w.r.t. the six inputs."""
 
   def loss(q, k, v, g, beta, h0, d_o, d_h, segment_ids):
@@ -42,17 +42,18 @@ def _grad_fn(impl, platform, chunk_size):
     else:
       o, h = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=q.shape[-1] ** -0.5,
                                            chunk_size=chunk_size, platform=platform,
-                                           interpret=True, **kw)
+                                           block_v=block_v, interpret=True, **kw)
     return jnp.sum(o.astype(jnp.float32) * d_o) + jnp.sum(h * d_h), (o, h)
 
   return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
 
 
-def _compare(args, dtype, *, platform, chunk_size=64, segment_ids=None):
+def _compare(args, dtype, *, platform, chunk_size=64, block_v=64, segment_ids=None):
   rng = np.random.default_rng(1)
   d_o = jnp.asarray(rng.standard_normal(args[2].shape), jnp.float32)
   d_h = jnp.asarray(rng.standard_normal(args[5].shape), jnp.float32)
-  (_, (o, h)), grads = _grad_fn("pallas", platform, chunk_size)(*args, d_o, d_h, segment_ids)
+  (_, (o, h)), grads = _grad_fn("pallas", platform, chunk_size, block_v)(*args, d_o, d_h,
+                                                                        segment_ids)
   (_, (o_ref, h_ref)), grads_ref = _grad_fn("reference", None, None)(*args, d_o, d_h,
                                                                       segment_ids)
   tol_o, tol_qkv, tol_gb = TOLERANCES[dtype]
@@ -62,28 +63,31 @@ def _compare(args, dtype, *, platform, chunk_size=64, segment_ids=None):
     _assert_close(f"d{name}", got, want, tol_gb if name in ("g", "beta") else tol_qkv)
 
 
-# (batch, time, heads, dk, dv, dtype, g_dtype, platform, chunk, packed): each T of
-# 1, 75, 130 (one short chunk; not chunk multiples), D 64 and Dk != Dv both ways
-# (48 also checks the padding of a dim that is no power of two), both dtypes,
-# both kernel forms, packed documents in both forms.
+# (batch, time, heads, dk, dv, dtype, g_dtype, platform, chunk, block_v, packed): each T
+# of 1, 75, 130 (one short chunk; not chunk multiples), D 64 and Dk != Dv both ways
+# (48 also checks the padding of a dim that is no power of two), both dtypes, both
+# kernel forms, packed documents in both forms, GPU programs over 1, 2 and 4 value
+# blocks.
 CASES = [
-    (2, 1, 2, 64, 64, jnp.float32, None, "gpu", 64, False),
-    (1, 75, 2, 64, 32, jnp.bfloat16, jnp.float32, "tpu", 64, False),
-    (1, 75, 1, 32, 64, jnp.float32, None, "gpu", 32, True),
-    (2, 130, 1, 48, 64, jnp.bfloat16, None, "gpu", 64, True),
-    (1, 130, 2, 64, 48, jnp.float32, None, "tpu", 16, True),
+    (2, 1, 2, 64, 64, jnp.float32, None, "gpu", 64, 64, False),
+    (1, 75, 2, 64, 32, jnp.bfloat16, jnp.float32, "tpu", 64, 64, False),
+    (1, 75, 1, 32, 64, jnp.float32, None, "gpu", 32, 16, True),
+    (2, 130, 1, 48, 64, jnp.bfloat16, None, "gpu", 64, 32, True),
+    (1, 130, 2, 64, 48, jnp.float32, None, "tpu", 16, 64, True),
 ]
 
 
-@pytest.mark.parametrize("batch,time,heads,dk,dv,dtype,g_dtype,platform,chunk,packed", CASES)
+@pytest.mark.parametrize(
+    "batch,time,heads,dk,dv,dtype,g_dtype,platform,chunk,block_v,packed", CASES)
 def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dtype, g_dtype,
-                                                 platform, chunk, packed):
+                                                 platform, chunk, block_v, packed):
   args = _inputs(batch, time, heads, dk, dv, dtype, g_dtype=g_dtype, seed=time)
   segment_ids = None
   if packed:
     segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(time), batch,
                                                          time))
-  _compare(args, dtype, platform=platform, chunk_size=chunk, segment_ids=segment_ids)
+  _compare(args, dtype, platform=platform, chunk_size=chunk, block_v=block_v,
+           segment_ids=segment_ids)
 
 
 def test_strongly_negative_decay_keeps_gradients_finite_and_exact():

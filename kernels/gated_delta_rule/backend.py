@@ -51,6 +51,11 @@ class Plan:
   def sequential_in_grid(self) -> bool:
     return self.platform == "tpu"
 
+  def value_block(self, dv: int) -> int:
+    """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
+    Triton stages in shared memory; TPU: all of Dv, VMEM holds it)."""
+    return dv if self.platform == "tpu" else min(self.block_v, dv)
+
 
 def default_platform() -> str:
   """'tpu' on TPU, else 'gpu' (the CPU only runs these kernels interpreted)."""
@@ -82,5 +87,12 @@ def vmem(shape: tuple[int, ...]) -> Any:
 
 
 def per_chunk(*tail: int) -> pl.BlockSpec:
-  """Block of one chunk of a [BH, N, *tail] array on a (BH, N) grid."""
-  return pl.BlockSpec((pl.squeezed, pl.squeezed, *tail), lambda b, n: (b, n) + (0,) * len(tail))
+  """Block of one chunk of a [BH, N, *tail] array on a (BH, N, ...) grid."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, *tail),
+                      lambda b, n, *_: (b, n) + (0,) * len(tail))
+
+
+def per_chunk_value_block(rows: int, block: int) -> pl.BlockSpec:
+  """Block [rows, block] of one chunk of a [BH, N, rows, Dv] array on a (BH, N, Dv
+  blocks) grid."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, rows, block), lambda b, n, j: (b, n, 0, j))

@@ -88,7 +88,7 @@ def chunk_states(plan: backend.Plan, w, u, k, kd_col, hd, h0, *, state_dtype=jnp
         out_specs=[chunk(dk, dv), chunk(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_states")(*args)
-  bv = min(plan.block_v, dv)
+  bv = plan.value_block(dv)
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
@@ -160,7 +160,7 @@ def chunk_state_grads(plan: backend.Plan, q, qd_col, k, kd_col, hd, w, d_o, dv_l
         out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_state_grads")(*args)
-  bv = min(plan.block_v, dv)
+  bv = plan.value_block(dv)
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
