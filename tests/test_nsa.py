@@ -21,6 +21,7 @@ from lte_jax.ops import attention
 from lte_jax.ops.attention.reference import masked_attention_reference
 from lte_jax.ops.nsa_attention import nsa_attention, nsa_decode
 from lte_jax.ops.nsa_attention import xla as nsa_xla
+from lte_jax.training import metrics
 from tests import helpers
 from tests.helpers import rel_rms
 
@@ -272,3 +273,13 @@ def test_lansa_preset_shapes():
     n = cfg.nsa
     assert (n.num_heads, n.num_kv_heads, n.head_dim) == (32, 2, 64)
     assert (n.block_size, n.block_count, n.window_size) == (64, 16, 512)
+
+
+def test_nsa_flops_per_token():
+  cfg = configs.get_config("laNSA", "0.4B")
+  per_token = lambda t: metrics._mixer_flops("nsa", cfg, t)  # noqa: E731
+  heads_dim = 4.0 * 32 * 64  # QK^T and PV over 32 heads of 64
+  # Past 16 blocks and the window only the compressed keys grow: T / (2 x 64) of them.
+  assert per_token(8192) - per_token(4096) == pytest.approx(heads_dim * 4096 / 128)
+  # Short sequences: the selected blocks and the window are capped by the causal context.
+  assert per_token(63) == pytest.approx(heads_dim * (63 / 128 + 32 + 32))
