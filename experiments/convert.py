@@ -1,0 +1,148 @@
+r"""Convert a Hugging Face checkpoint into an lte_jax workdir that experiments.train resumes.
+
+    python -m experiments.convert --from=/path/to/hf_model --to=/tmp/converted \
+        [--config=GDN_Attn --config.data.source=jsonl ...]
+
+Reads flash-linear-attention ``gated_deltanet`` and the reference's ``hybrid_gated_deltanet``
+directories (config.json + safetensors). Writes, in WORKDIR:
+  converted_model.json  the lte_jax ModelConfig (+ source and conversion notes)
+  config.json           the resolved training config, as experiments.train writes it
+  checkpoints/0/        an orbax TrainState at step 0: the converted parameters, a fresh
+                        optimizer state, the LTE lambda controller (the reference's lambdas
+                        when the checkpoint has them) and the input iterator's start
+Then fine-tune with the command it prints: the same --config and overrides plus
+--config.model.from_file=WORKDIR/converted_model.json. Keep the config the same in both
+commands: the optimizer state's structure and the input iterator's position saved here
+follow it (a changed data source or clipping switched off would not restore).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import configs as config_files
+from lte_jax import configs as configs_lib
+from lte_jax import data as data_lib
+from lte_jax import lte_controller
+from lte_jax.convert import convert_hf
+from lte_jax.training import checkpoint, experiment, optimizer, train_state
+from lte_jax.training.train_state import TrainState
+
+MODEL_FILE = "converted_model.json"
+
+_FROM = flags.DEFINE_string("from", None, "Hugging Face model directory (config.json + "
+                            "model.safetensors or model.safetensors.index.json with its shards).")
+_TO = flags.DEFINE_string("to", None, "Workdir to create; must not hold checkpoints yet.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config the checkpoint is made for (a name from experiments/configs/ "
+    "or a file; default: the architecture's config, e.g. GDN_Attn). Its model fields are replaced by the "
+    "converted model; its optimizer and data settings shape the saved state.",
+    lock_config=True)
+
+
+def guess_arch(layers: tuple[str, ...]) -> str:
+  """The architecture name closest to a layer pattern (only a label: the model comes from file)."""
+  kinds = set(layers) - {"gdn"}
+  if not kinds:
+    return "GDN"
+  if kinds == {"attn"} and "gdn" not in layers:
+    return "transformer"
+  names = {"swa": "GDN_SWA", "attn": "GDN_Attn", "lte": "laLTE", "nsa": "laNSA"}
+  kind = sorted(kinds)[0]
+  name = names[kind]
+  return name if name in configs_lib.ARCHITECTURES else "GDN"
+
+
+def make_state(converted, exp: experiment.Experiment) -> TrainState:
+  """The TrainState init_train_state would build, with the converted parameters."""
+  model_def = train_state.make_model_def(exp.model)
+  dtype = jnp.dtype(exp.model.param_dtype)
+  params = jax.tree.map(lambda x: jnp.asarray(x, dtype), converted.params)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype), model_def.abstract_params)
+  got = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+  if want != got:
+    raise ValueError("the converted parameters do not match the training model's parameters "
+                     "(is config.model.from_file the converted model?)")
+  tx, _ = optimizer.make_optimizer(exp.optim, exp.steps)
+  num_lte = len(model_def.lte_layers)
+  controller = None
+  if num_lte:
+    controller = lte_controller.init_controller(num_lte, exp.model.lte.num_kv_heads)
+    if converted.controller is not None:
+      controller = controller.replace(lam=jnp.asarray(converted.controller["lam"], jnp.float32),
+                                      kept_ema=jnp.asarray(converted.controller["kept_ema"],
+                                                           jnp.float32))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    controller=controller,
+                    rng=jax.random.key_data(jax.random.key(exp.seed + 2)),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def convert_to_workdir(source: str, workdir: str,
+                       config: ml_collections.ConfigDict | None = None,
+                       config_args: list[str] = ()) -> list[str]:
+  """Write the workdir; returns the experiments.train command line (argv) that resumes it.
+
+  ``config_args``: the --config flags this config came from, repeated in that command.
+  """
+  converted = convert_hf(source)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ValueError(f"--to={workdir} already holds checkpoints; choose a new workdir")
+  os.makedirs(workdir, exist_ok=True)
+  model_file = os.path.join(os.path.abspath(workdir), MODEL_FILE)
+  with open(model_file, "w") as f:
+    json.dump({"source": converted.source, "model_type": converted.layout.model_type,
+               "notes": list(converted.layout.notes),
+               "model": json.loads(json.dumps(configs_lib.to_dict(converted.config),
+                                              default=list))}, f, indent=2)
+  if config is None:
+    config = config_files.load(config_files.resolve(guess_arch(converted.config.layers)))
+  config.model.from_file = model_file
+  exp = experiment.resolve(config)
+  state = make_state(converted, exp)
+  data_iter = data_lib.make_train_iterator(exp.data)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, **config.checkpoint)
+  ckpt.save(0, state, data_iter, force=True)
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(experiment.to_json(config, exp))
+  config_args = [a for a in config_args if not a.startswith("--config.model.from_file")]
+  if not any(a.startswith("--config=") for a in config_args):
+    config_args.insert(0, f"--config={config.arch}")
+  return ["python", "-m", "experiments.train", f"--workdir={workdir}", *config_args,
+          f"--config.model.from_file={model_file}"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  checkpoint.quiet_orbax_logs()
+  source, workdir = flags.FLAGS["from"].value, _TO.value
+  try:
+    config_args = [a for a in sys.argv[1:] if a.startswith(("--config", "--noconfig"))]
+    command = convert_to_workdir(source, workdir, _CONFIG.value, config_args)
+  except ValueError as err:
+    sys.exit(f"cannot convert {source}: {err}")
+  print(f"wrote {workdir}; fine-tune with:\n  " + " ".join(shlex.quote(a) for a in command))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    argv = config_files.resolve_command_line(argv)
+  except ValueError as err:
+    sys.exit(f"FATAL Flags parsing error: {err}")
+  return app.parse_flags_with_usage(argv)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["from", "to"])
+  app.run(main, flags_parser=parse_flags)
