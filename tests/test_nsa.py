@@ -283,3 +283,25 @@ def test_nsa_flops_per_token():
   assert per_token(8192) - per_token(4096) == pytest.approx(heads_dim * 4096 / 128)
   # Short sequences: the selected blocks and the window are capped by the causal context.
   assert per_token(63) == pytest.approx(heads_dim * (63 / 128 + 32 + 32))
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_xla_path_lowers_at_paper_shape(platform):
+  """Forward + gradients at the preset shape (T = 4096, bf16, packed) lower for TPU and CUDA
+  on this CPU-only machine: nothing is allocated or run."""
+  n = configs.get_config("laNSA", "1.4B").nsa
+  b, t = 1, 4096
+  sds = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+  args = (sds(b, t, n.num_heads, n.head_dim), sds(b, t, n.num_kv_heads, n.head_dim),
+          sds(b, t, n.num_kv_heads, n.head_dim), sds(b, t, n.num_heads, 3),
+          sds(b, t, dtype=jnp.int32))
+
+  def loss(q, k, v, gates, segment_ids):
+    o = nsa_attention(q, k, v, gates, block_size=n.block_size, block_count=n.block_count,
+                      window_size=n.window_size - 1, segment_ids=segment_ids,
+                      implementation="xla")
+    return o.astype(jnp.float32).sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  text = jax.jit(grad).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  assert "func.func public @main" in text
