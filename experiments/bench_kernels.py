@@ -3,6 +3,8 @@
   python -m experiments.bench_kernels --out=/tmp/bench_kernels.json
   python -m experiments.bench_kernels --implementations=xla --shapes=1x64x2x32 \\
       --check_shape=1x32x2x16 --reps=2        # a smoke run on CPU
+  python -m experiments.bench_kernels \\
+      --implementations='pallas,pallas:block_v=32;inverse_precision=tf32x3,xla'   # tuning
 
 Times forward and forward+backward (median ms, bf16 inputs, g in fp32) at the
 shapes of issue 5, with FLA 0.6.0's Triton `chunk_gated_delta_rule` timed in the
@@ -27,11 +29,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_common  # noqa: E402
+from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas  # noqa: E402
 from lte_jax.ops import chunk_gated_delta_rule, recurrent_gated_delta_rule  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "bench_kernels.json", "Where to write the JSON results.")
-flags.DEFINE_list("implementations", ["pallas", "xla"], "lte_jax implementations to time.")
+flags.DEFINE_list("implementations", ["pallas", "xla"],
+                  "lte_jax implementations to time; 'pallas:k=v;k=v' sets fields of the "
+                  "kernels' backend.Plan (block_v, num_warps, num_stages, inverse_precision).")
 flags.DEFINE_list("shapes", ["4x4096x16x128", "1x16384x16x128", "4x4096x8x256"],
                   "BxTxHxD shapes to time (Dk = Dv = D).")
 flags.DEFINE_string("check_shape", "1x1024x4x128",
@@ -80,8 +85,21 @@ def forward_cost(b, t, h, d) -> tuple[float, float]:
   return bytes_moved, flops
 
 
+def _plan_options(impl: str) -> dict:
+  """'pallas:block_v=32;num_warps=8' -> {'block_v': 32, 'num_warps': 8}."""
+  _, _, spec = impl.partition(":")
+  options = {}
+  for item in filter(None, spec.split(";")):
+    key, value = item.split("=")
+    options[key] = int(value) if value.isdigit() else value
+  return options
+
+
 def _lte_jax_fns(impl):
   def fwd(q, k, v, g, beta):
+    if impl.startswith("pallas:"):
+      return chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=q.shape[-1] ** -0.5,
+                                           **_plan_options(impl))[0]
     return chunk_gated_delta_rule(q, k, v, g, beta, implementation=impl)[0]
 
   def loss(q, k, v, g, beta, d_o):

@@ -115,10 +115,15 @@ def test_default_implementation_per_backend():
   assert default_implementation("gpu") == "xla"
 
 
-def test_kernel_plan_rejects_bad_platform():
+@pytest.mark.parametrize("options,needle", [
+    (dict(platform="cuda"), "platform"),
+    (dict(platform="tpu", inverse_precision="tf32x3"), "inverse_precision"),
+    (dict(platform="gpu", block_v=24), "block_v"),
+])
+def test_kernel_plan_rejects_bad_options(options, needle):
   args = _inputs(1, 8, 1, 16, 16, jnp.float32)[:5]
-  with pytest.raises(ValueError, match="platform"):
-    chunk_gated_delta_rule_pallas(*args, scale=0.25, platform="cuda")
+  with pytest.raises(ValueError, match=needle):
+    chunk_gated_delta_rule_pallas(*args, scale=0.25, **options)
 
 
 _SHARDED = textwrap.dedent("""
@@ -162,9 +167,11 @@ def _sds(*shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
+@pytest.mark.parametrize("platform,lowering,options", [
+    ("gpu", "cuda", {}), ("tpu", "tpu", {}),
+    ("gpu", "cuda", dict(inverse_precision="tf32x3", block_v=32, num_warps=8))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
-def test_lowers_at_preset_shapes(platform, lowering, size):
+def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
   b, t, h, dk = 1, 4096, g_cfg.num_heads, g_cfg.head_dim
   dv = int(dk * g_cfg.expand_v)
@@ -172,7 +179,7 @@ def test_lowers_at_preset_shapes(platform, lowering, size):
   def op(q, k, v, g, beta, h0, segment_ids):
     o, h_last = chunk_gated_delta_rule_pallas(
         q, k, v, g, beta, scale=dk ** -0.5, initial_state=h0, output_final_state=True,
-        segment_ids=segment_ids, platform=platform, interpret=False)
+        segment_ids=segment_ids, platform=platform, interpret=False, **options)
     return o.astype(jnp.float32).sum() + h_last.sum()
 
   args = (_sds(b, t, h, dk), _sds(b, t, h, dk), _sds(b, t, h, dv),

@@ -100,20 +100,20 @@ def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: j
                                   output_final_state: bool = False,
                                   segment_ids: jax.Array | None = None, chunk_size: int = 64,
                                   platform: str | None = None,
-                                  interpret: bool | None = None, block_v: int = 64,
+                                  interpret: bool | None = None, **plan_options,
                                   ) -> tuple[jax.Array, jax.Array | None]:
   """Same contract as lte_jax.ops.chunk_gated_delta_rule (arguments validated there).
 
   q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H]; initial_state
   [B, H, Dk, Dv]; segment_ids [B, T]. platform: 'gpu' or 'tpu' kernels (None: this
-  backend's); interpret: Pallas interpreter (None: on CPU only); block_v: value
-  columns per GPU program (see backend.Plan).
+  backend's); interpret: Pallas interpreter (None: on CPU only); plan_options:
+  tuning fields of backend.Plan (block_v, num_warps, num_stages, inverse_precision).
   Returns o [B, T, H, Dv] in v.dtype and the final state [B, H, Dk, Dv] fp32 or None.
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   plan = backend.Plan(platform or backend.default_platform(), interpret=interpret,
-                      chunk=chunk_size, block_v=block_v)
+                      chunk=chunk_size, **plan_options)
   batch, time, heads, dk = q.shape
   dv = v.shape[-1]
   c = plan.chunk

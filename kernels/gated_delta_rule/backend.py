@@ -31,6 +31,8 @@ class Plan:
   chunk: tokens per chunk (power of two, >= 16: Triton dots need dims >= 16).
   block_v: value columns per program of the GPU recurrences (power of two).
   num_warps, num_stages: Triton launch parameters.
+  inverse_precision: products of the (I + A)^-1 doubling: 'highest' (fp32) or,
+    GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32).
   """
   platform: str
   interpret: bool = False
@@ -38,10 +40,15 @@ class Plan:
   block_v: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  inverse_precision: str = "highest"
 
   def __post_init__(self):
     if self.platform not in PLATFORMS:
       raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    allowed = ("highest", "tf32x3") if self.platform == "gpu" else ("highest",)
+    if self.inverse_precision not in allowed:
+      raise ValueError(f"inverse_precision must be one of {allowed} on {self.platform}, "
+                       f"got {self.inverse_precision!r}")
     for name in ("chunk", "block_v"):
       value = getattr(self, name)
       if value < 16 or value & (value - 1):
@@ -50,6 +57,12 @@ class Plan:
   @property
   def sequential_in_grid(self) -> bool:
     return self.platform == "tpu"
+
+  @property
+  def inverse_dot_precision(self) -> Any:
+    if self.inverse_precision == "tf32x3":
+      return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return jax.lax.Precision.HIGHEST
 
   def value_block(self, dv: int) -> int:
     """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that

@@ -29,13 +29,13 @@ def _rowsum(x):
 def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
             kd_ref, h_ref, dh_ref, v_new_ref, dv_ref, do_ref,
             dq_ref, dk_ref, dvin_ref, dbeta_ref, dg_ref, dg_row_ref, dqd_ref, dkd_ref,
-            dhd_ref, *, scale, block_v):
+            dhd_ref, *, scale, block_v, precision):
   q, k = q_ref[...], k_ref[...]
   dtype = q.dtype
   qf, kf = q.astype(cm.F32), k.astype(cm.F32)
   beta, qd, kd = beta_ref[...], qd_ref[...], kd_ref[...]
   g_col, g_row, seg_col, seg_row = g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...]
-  t, strict = wy_inverse(k, beta, g_col, g_row, seg_col, seg_row, dtype)
+  t, strict = wy_inverse(k, beta, g_col, g_row, seg_col, seg_row, dtype, precision)
 
   # Every term over value columns is a sum over value blocks: walk them with
   # static slices so that only [Dk, block_v] tiles of the states are live
@@ -114,7 +114,8 @@ def chunk_input_grads(plan: backend.Plan, q, k, v, beta_col, g_col, g_row, seg_c
   col, row = chunk(c, 1), chunk(1, c)
   shapes = [(c, dk), (c, dk), (c, dvd), (c, 1), (c, 1), (1, c), (c, 1), (c, 1), (1, 1)]
   return backend.call(
-      functools.partial(_kernel, scale=scale, block_v=plan.value_block(dvd)), plan,
+      functools.partial(_kernel, scale=scale, block_v=plan.value_block(dvd),
+                        precision=plan.inverse_dot_precision), plan,
       grid=(bh, n),
       in_specs=[chunk(c, dk), chunk(c, dk), chunk(c, dvd), col, col, row, col, row, col, col,
                 chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd), chunk(c, dvd)],

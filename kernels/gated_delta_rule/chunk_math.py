@@ -14,15 +14,16 @@ F32 = jnp.float32
 
 
 def mm(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False,
-       dtype=F32) -> jax.Array:
+       dtype=F32, precision=None) -> jax.Array:
   """a @ b (a^T, b^T when asked) with operands cast to `dtype`, fp32 accumulation.
 
-  fp32 operands use full fp32 products: the recurrence compounds rounding, and
-  Triton would otherwise drop to TF32.
+  fp32 operands use full fp32 products unless `precision` says otherwise: the
+  recurrence compounds rounding, and Triton would otherwise drop to TF32.
   """
   a, b = a.astype(dtype), b.astype(dtype)
   dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
-  precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
+  if precision is None and dtype == F32:
+    precision = jax.lax.Precision.HIGHEST
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
@@ -55,14 +56,14 @@ def strict_lower(x: jax.Array) -> jax.Array:
   return jnp.where(_iota(chunk, 0) > _iota(chunk, 1), x, 0.0)
 
 
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
+def unit_lower_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """(I + a)^-1 for strictly lower-triangular a [C, C], C a power of two.
 
   Blockwise doubling: with the inverse T of the diagonal blocks of size s, the
   inverse on blocks of size 2s is T - T L T, L being a's lower-left s x s block
   inside each 2s block (exact since L T L = 0). This is the stable recursive
   block inverse, written as full-size masked products so that it needs no
-  slicing; log2(C) levels of two fp32 dots.
+  slicing; log2(C) levels of two fp32 dots at `precision`.
   """
   chunk = a.shape[0]
   i, j = _iota(chunk, 0), _iota(chunk, 1)
@@ -72,6 +73,6 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     within_pair = (i >> (level + 1)) == (j >> (level + 1))
     off_block = (i >> level) != (j >> level)
     lower_left = jnp.where(within_pair & off_block, a, 0.0)
-    t = t - mm(t, mm(lower_left, t))
+    t = t - mm(t, mm(lower_left, t, precision=precision), precision=precision)
     level += 1
   return t

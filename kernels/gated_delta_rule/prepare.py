@@ -15,18 +15,18 @@ import jax.numpy as jnp
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 
-def wy_inverse(k, beta_col, g_col, g_row, seg_col, seg_row, dtype):
+def wy_inverse(k, beta_col, g_col, g_row, seg_col, seg_row, dtype, precision):
   """T = (I + A)^-1 [C, C] fp32 and the masked strict decay used to build A."""
   _, strict = cm.decay_masks(g_col, g_row, seg_col, seg_row)
   a = beta_col * cm.mm(k, k, tb=True, dtype=dtype) * strict
-  return cm.unit_lower_inverse(a), strict
+  return cm.unit_lower_inverse(a, precision), strict
 
 
 def _kernel(k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
-            w_ref, u_ref, *, dtype):
+            w_ref, u_ref, *, dtype, precision):
   k, beta = k_ref[...], beta_ref[...]
   t, _ = wy_inverse(k, beta, g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...],
-                    dtype)
+                    dtype, precision)
   u_ref[...] = cm.mm(t, beta * v_ref[...].astype(cm.F32)).astype(u_ref.dtype)
   w_ref[...] = cm.mm(t, (beta * qd_ref[...]) * k.astype(cm.F32)).astype(w_ref.dtype)
 
@@ -39,7 +39,8 @@ def wy_transform(plan: backend.Plan, k, v, beta_col, g_col, g_row, seg_col, seg_
   dv = v.shape[-1]
   col, row = backend.per_chunk(c, 1), backend.per_chunk(1, c)
   return backend.call(
-      functools.partial(_kernel, dtype=k.dtype), plan, grid=(bh, n),
+      functools.partial(_kernel, dtype=k.dtype, precision=plan.inverse_dot_precision), plan,
+      grid=(bh, n),
       in_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv), col, col, row, col, row,
                 col],
       out_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv)],
