@@ -29,11 +29,23 @@ class Converted:
   source: str
 
 
-def convert_hf(path: str, *, dtype: str = "float32") -> Converted:
-  """Read config.json + safetensors (one file or an index of shards) from ``path``."""
+_MIXER_CONFIGS = ("gdn", "attn", "swa", "lte", "nsa")
+
+
+def convert_hf(path: str, *, dtype: str = "float32", implementation: str | None = None
+               ) -> Converted:
+  """Read config.json + safetensors (one file or an index of shards) from ``path``.
+
+  ``dtype``: compute dtype of the model; ``implementation``: op implementation for every
+  mixer (None: the backend's best).
+  """
   if not os.path.isdir(path):
     raise ValueError(f"path must be a Hugging Face model directory, got {path!r}")
   config, layout = hf_config.model_config_from_hf(hf_config.read_config(path), dtype=dtype)
+  if implementation is not None:
+    config = configs_lib.replace(config, **{
+        name: configs_lib.replace(getattr(config, name), implementation=implementation)
+        for name in _MIXER_CONFIGS if hasattr(config, name)})
   for note in layout.notes:
     logging.warning("%s: %s", path, note)
   params, controller = hf_params.map_tensors(read_checkpoint(path), config, layout)
@@ -41,7 +53,8 @@ def convert_hf(path: str, *, dtype: str = "float32") -> Converted:
                    source=os.path.abspath(path))
 
 
-def load_hf(path: str, *, dtype: str = "float32") -> tuple[Any, configs_lib.ModelConfig]:
+def load_hf(path: str, *, dtype: str = "float32", implementation: str | None = None
+            ) -> tuple[Any, configs_lib.ModelConfig]:
   """(model, config) of the checkpoint in ``path``: an lte_jax HybridLM in eval mode.
 
   The model is lte_jax's own HybridLM, returned as is: ``model(tokens [B, T])`` returns
@@ -50,7 +63,7 @@ def load_hf(path: str, *, dtype: str = "float32") -> tuple[Any, configs_lib.Mode
   forward does, and dropout is off.
   """
   from lte_jax.training import train_state  # pylint: disable=g-import-not-at-top
-  converted = convert_hf(path, dtype=dtype)
+  converted = convert_hf(path, dtype=dtype, implementation=implementation)
   model_def = train_state.make_model_def(converted.config, train=False)
   params = jax.tree.map(jnp.asarray, converted.params)
   model = model_def.bind(params, jax.random.key(0))
