@@ -64,7 +64,7 @@ def _compare(args, dtype, *, platform, chunk_size=64, block_v=64, segment_ids=No
 
 
 # (batch, time, heads, dk, dv, dtype, g_dtype, platform, chunk, block_v, packed): each T
-# of 1, 75, 130 (one short chunk; not chunk multiples), D 64 and Dk != Dv both ways
+# of 1, 75, 130 (one short chunk; not chunk multiples), D 64, 128, 256, Dk != Dv both ways
 # (48 also checks the padding of a dim that is no power of two), both dtypes, both
 # kernel forms, packed documents in both forms, GPU programs over 1, 2 and 4 value
 # blocks.
@@ -74,6 +74,9 @@ CASES = [
     (1, 75, 1, 32, 64, jnp.float32, None, "gpu", 32, 16, True),
     (2, 130, 1, 48, 64, jnp.bfloat16, None, "gpu", 64, 32, True),
     (1, 130, 2, 64, 48, jnp.float32, None, "tpu", 16, 64, True),
+    # The presets' head dims: 128 and 256, Dk != Dv.
+    (1, 70, 1, 128, 256, jnp.bfloat16, jnp.float32, "gpu", 64, 64, True),
+    (1, 70, 1, 256, 128, jnp.float32, None, "tpu", 64, 64, False),
 ]
 
 
