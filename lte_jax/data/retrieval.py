@@ -18,7 +18,9 @@ the question; the essay haystack is Python's own documentation prose.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import uuid
 from typing import Callable
 
@@ -173,24 +175,28 @@ def make_niah(rng: np.random.Generator, tokenizer: Tokenizer, max_tokens: int, *
   value = _value(rng, kind)
   needle = needle_sentence(key, value, kind)
   if haystack == "noise":
-    where = float(rng.random())  # needle line index = floor(where * (lines + 1))
+    where = float(rng.random())  # needle line index = floor(where * lines), in [0, lines)
     depth_pct = None
-    essay_start = 0
   else:
     depth_pct = float(ESSAY_DEPTHS[rng.integers(len(ESSAY_DEPTHS))])
-    essay_start = int(rng.integers(len(prose_sentences())))
+    first_word = int(_essay_sentence_starts()[rng.integers(len(prose_sentences()))])
 
   def build(n: int) -> tuple[str, float]:
     if haystack == "noise":
+      # As RULER: n copies of the noise line, the needle a line of its own before copy
+      # number floor(where * n) (never after the last one).
       lines = [NOISE_LINE] * n
-      at = min(int(where * (n + 1)), n)
+      at = int(where * n)
       lines.insert(at, needle)
       return "\n".join(lines), 100.0 * at / max(n, 1)
-    sents = prose_sentences()
-    units = [sents[(essay_start + i) % len(sents)] for i in range(n)]
-    at = int(n * depth_pct / 100)
-    units.insert(at, needle)
-    return " ".join(units), depth_pct
+    # As RULER: the haystack is the first n WORDS of the essay text (here from a random
+    # sentence on, cycling), split into sentences; the needle goes in before sentence
+    # int(sentences * depth / 100).
+    words = _essay_words()
+    text = " ".join(words[(first_word + i) % len(words)] for i in range(n))
+    sents = _SENTENCE_END.split(text) if text else []
+    at = int(len(sents) * depth_pct / 100)
+    return " ".join(sents[:at] + [needle] + sents[at:]), depth_pct
 
   def example(n: int) -> NIAHExample:
     context, depth = build(n)
@@ -211,6 +217,22 @@ def make_niah(rng: np.random.Generator, tokenizer: Tokenizer, max_tokens: int, *
     if n < n_max and count(n) <= max_tokens:
       return example(n)
   return example(n_max)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")  # as sources.prose_sentences splits
+
+
+@functools.lru_cache(maxsize=1)
+def _essay_words() -> tuple[str, ...]:
+  """The essay haystack as words: the prose sentences joined by single spaces."""
+  return tuple(" ".join(prose_sentences()).split(" "))
+
+
+@functools.lru_cache(maxsize=1)
+def _essay_sentence_starts() -> np.ndarray:
+  """Index in ``_essay_words()`` of each prose sentence's first word."""
+  counts = [len(sent.split(" ")) for sent in prose_sentences()]
+  return np.concatenate([[0], np.cumsum(counts)[:-1]])
 
 
 def _largest_fitting(count: Callable[[int], int], budget: int, limit: int) -> int:

@@ -1,0 +1,139 @@
+r"""Evaluate a trained checkpoint on retrieval tasks (shared/EVALS.md).
+
+    python -m experiments.eval_retrieval --workdir=/tmp/lalte \
+        --tasks=niah_single_1,niah_single_2,niah_single_3,mqar --lengths=1024,2048,4096
+
+Loads the newest checkpoint of a workdir written by experiments.train (or
+--checkpoint), builds --num_samples examples per task and length, scores them
+with each task's public metric and writes results.json, results.md and
+niah_heatmap.png (accuracy by context length and needle depth) to --out_dir,
+with the decode-cache bytes per sequence at each length.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from lte_jax.data.retrieval import NIAH_TASKS
+from lte_jax.data.tokenizers import get_tokenizer
+from lte_jax.evals import evaporate, loading, report, tasks as tasks_lib
+from lte_jax.evals.memory import cache_bytes_per_sequence
+from lte_jax.training import checkpoint
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Workdir of experiments.train: config.json and checkpoints/ (the newest "
+    "checkpoint is evaluated unless --checkpoint is given).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/<step>) or a "
+    "checkpoints/ folder (its newest step). Its config is read from --workdir, or from the "
+    "folder above checkpoints/.")
+_TASKS = flags.DEFINE_list(
+    "tasks", ["niah_single_1", "niah_single_2", "niah_single_3", "mqar"],
+    f"Comma-separated tasks, from {', '.join(tasks_lib.TASKS)}.")
+_LENGTHS = flags.DEFINE_list(
+    "lengths", ["1024", "2048", "4096"], "Context lengths in tokens (max_seq_length of RULER: "
+    "BOS + prompt + the 128 generated tokens fit it; MQAR sequences fill it).")
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", 500, "Examples per task and length (RULER: 500). EVAPORATE tasks use the "
+    "first num_samples records of their file.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per generation / forward batch.",
+                                   lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic examples.")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Where results.json, results.md and niah_heatmap.png go "
+    "(default: WORKDIR/eval_retrieval).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Folder with local copies of the EVAPORATE-style data: <task>.parquet or "
+    f"<task>.jsonl for {', '.join(evaporate.EVAPORATE_TASKS)}.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer spec ('byte' or a local tokenizer.json / .model); default: "
+    "the training run's.")
+_MQAR_NUM_PAIRS = flags.DEFINE_integer(
+    "mqar_num_pairs", 0, "MQAR key-value pairs N (0: L/16 as zoology's sweep, capped by the "
+    "MQAR vocab).", lower_bound=0)
+_MQAR_ALPHA = flags.DEFINE_float("mqar_alpha", 0.01, "MQAR query-slot power-law exponent a.")
+_DEPTH_BINS = flags.DEFINE_integer("depth_bins", 10, "Needle-depth bins of the heatmap.",
+                                   lower_bound=1)
+
+
+def _lengths() -> list[int]:
+  try:
+    lengths = [int(x) for x in _LENGTHS.value]
+  except ValueError:
+    raise ValueError(f"--lengths must be positive integers, got {_LENGTHS.value}") from None
+  if not lengths or min(lengths) < 1:
+    raise ValueError(f"--lengths must be positive integers, got {_LENGTHS.value}")
+  return lengths
+
+
+def evaluate() -> dict:
+  task_names = list(_TASKS.value)
+  for task in task_names:
+    if task not in tasks_lib.TASKS:
+      raise ValueError(f"--tasks must name tasks from {tasks_lib.TASKS}, got {task!r}")
+  lengths = _lengths()
+  for task in task_names:  # fail before loading anything when a data file is missing
+    if task in evaporate.EVAPORATE_TASKS:
+      evaporate.data_file(_DATA_DIR.value, task)
+  run = loading.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  model, cfg = run.model, run.model.config
+  tokenizer = get_tokenizer(_TOKENIZER.value or run.data.tokenizer)
+  logging.info("evaluating %s (%s) step %d", run.checkpoint, ",".join(cfg.layers), run.step)
+  results = {"run": {"checkpoint": run.checkpoint, "step": run.step, "layers": list(cfg.layers),
+                     "arch": _arch_name(cfg.layers), "tokenizer": repr(tokenizer)},
+             "lengths": lengths, "tasks": {},
+             "memory": {"cache_bytes_per_sequence": {
+                 str(n): cache_bytes_per_sequence(model, n) for n in lengths}}}
+  common = dict(num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value)
+  for task in task_names:
+    results["tasks"][task] = {}
+    for n in lengths:
+      start = time.time()
+      if task in NIAH_TASKS:
+        out = tasks_lib.run_niah(model, tokenizer, task, n, seed=_SEED.value, **common)
+      elif task == "mqar":
+        out = tasks_lib.run_mqar(model, length=n, vocab_size=run.data.mqar_vocab_size,
+                                 offset=run.data.mqar_vocab_offset, bos_id=tokenizer.bos_id,
+                                 seed=_SEED.value, num_pairs=_MQAR_NUM_PAIRS.value,
+                                 alpha=_MQAR_ALPHA.value, **common)
+      else:
+        out = tasks_lib.run_evaporate(model, tokenizer, task, n, data_dir=_DATA_DIR.value,
+                                      **common)
+      out["seconds"] = round(time.time() - start, 2)
+      results["tasks"][task][str(n)] = out
+      logging.info("%s @ %d: %.1f (%d samples, %.1fs)", task, n, out["score"],
+                   out["num_samples"], out["seconds"])
+  return results
+
+
+def _arch_name(layers) -> str:
+  from lte_jax import configs  # pylint: disable=g-import-not-at-top
+  for arch in configs.ARCHITECTURES:
+    if configs.get_config(arch, "tiny", num_layers=len(layers)).layers == tuple(layers):
+      return arch
+  return "custom"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _WORKDIR.value and not _CHECKPOINT.value:
+    raise app.UsageError("--workdir or --checkpoint is required")
+  checkpoint.quiet_orbax_logs()
+  try:
+    results = evaluate()
+  except ValueError as err:
+    sys.exit(f"eval_retrieval: {err}")
+  out_dir = _OUT_DIR.value or os.path.join(
+      _WORKDIR.value or os.path.dirname(os.path.dirname(results["run"]["checkpoint"])),
+      "eval_retrieval")
+  paths = report.write_all(results, out_dir)
+  print(report.markdown_table(results), flush=True)
+  print("wrote " + ", ".join(paths.values()), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
