@@ -119,6 +119,134 @@ def run_logits(model, t=12):
   return logits
 
 
+def ref_scores(f, prefix, k_raw, v):
+  """The reference LTE router in numpy: concat(k, v) per KV head, flattened head-major,
+  grouped Conv2d (1, k) 'same' with dilation 2 + SiLU x 3, grouped 1x1 proj, sigmoid - 0.5.
+  k_raw, v [T, G, hd] -> r [T, G]."""
+  t, g, _ = k_raw.shape
+  x = np.concatenate([k_raw, v], -1).reshape(t, -1)
+  stack = prefix + "router.conv_stack."
+  for j in range(3):
+    w, b = f[f"{stack}convs.{j}.weight"], f[f"{stack}convs.{j}.bias"]
+    cout, cin = w.shape[0] // g, w.shape[1]
+    xp = np.pad(x, ((2, 2), (0, 0)))
+    y = np.zeros((t, g * cout))
+    for grp in range(g):
+      for tap in range(3):
+        xs = xp[2 * tap: 2 * tap + t, grp * cin:(grp + 1) * cin]
+        y[:, grp * cout:(grp + 1) * cout] += xs @ w[grp * cout:(grp + 1) * cout, :, 0, tap].T
+    y += b
+    x = y / (1 + np.exp(-y))
+  pw, pb = f[stack + "proj.weight"], f[stack + "proj.bias"]
+  c = x.shape[1] // g
+  logit = np.stack([x[:, h * c:(h + 1) * c] @ pw[h, :, 0, 0] + pb[h] for h in range(g)], -1)
+  return 1 / (1 + np.exp(-logit)) - 0.5
+
+
+def fla_forward(t, cfg, tokens):
+  """FLA's GatedDeltaNetForCausalLM forward in float64 numpy, read off its modules.
+
+  GDN: causal depthwise conv then SiLU on q/k/v projections, L2 norm of q/k (eps 1e-6),
+  beta = sigmoid(b_proj x), g = -exp(A_log) softplus(a_proj x + dt_bias), the delta rule
+  as a plain recurrence with scale Dk^-1/2, RMSNorm(o) * silu(g_proj x), o_proj.
+  Attention: RoPE (rotate-half), GQA, causal, window W = W visible tokens.
+  """
+  f = {n: np.asarray(v, np.float64) for n, v in t.items() if not n.startswith("model.l")
+       or n.startswith("model.layers")}
+  eps = cfg["norm_eps"]
+  rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+  silu = lambda x: x / (1 + np.exp(-x))
+  specs = cfg["attn"] or []
+  specs = [specs] if isinstance(specs, dict) else specs
+  kind = {i: s for s in specs for i in s["layers"]}
+
+  def gdn(x, a):
+    tt = x.shape[0]
+    h, dk = cfg["num_heads"], cfg["head_dim"]
+    def conv(y, w):  # w [C, 1, K]
+      kk = w.shape[-1]
+      yp = np.concatenate([np.zeros((kk - 1, y.shape[1])), y])
+      return silu(sum(yp[j:j + tt] * w[:, 0, j] for j in range(kk)))
+    q, k, v = (conv(x @ f[a + p + "_proj.weight"].T, f[a + p + "_conv1d.weight"]) for p in "qkv")
+    q, k, v = q.reshape(tt, h, dk), k.reshape(tt, h, dk), v.reshape(tt, h, -1)
+    q = q / np.sqrt((q * q).sum(-1, keepdims=True) + 1e-6)
+    k = k / np.sqrt((k * k).sum(-1, keepdims=True) + 1e-6)
+    beta = 1 / (1 + np.exp(-(x @ f[a + "b_proj.weight"].T)))
+    g = -np.exp(f[a + "A_log"]) * np.log1p(np.exp(x @ f[a + "a_proj.weight"].T + f[a + "dt_bias"]))
+    o = np.zeros_like(v)
+    for head in range(h):
+      state = np.zeros((dk, v.shape[-1]))
+      for s in range(tt):
+        state = np.exp(g[s, head]) * state
+        v_new = beta[s, head] * (v[s, head] - state.T @ k[s, head])
+        state = state + np.outer(k[s, head], v_new)
+        o[s, head] = state.T @ (q[s, head] * dk ** -0.5)
+    gate = (x @ f[a + "g_proj.weight"].T).reshape(o.shape)
+    return (rms(o, f[a + "o_norm.weight"]) * silu(gate)).reshape(tt, -1) @ f[a + "o_proj.weight"].T
+
+  def attention(x, a, spec):
+    tt, hq, hkv = x.shape[0], spec["num_heads"], spec["num_kv_heads"]
+    hd = x.shape[1] // hq
+    q = (x @ f[a + "q_proj.weight"].T).reshape(tt, hq, hd)
+    k = (x @ f[a + "k_proj.weight"].T).reshape(tt, hkv, hd)
+    v = (x @ f[a + "v_proj.weight"].T).reshape(tt, hkv, hd)
+    ang = np.arange(tt)[:, None] / spec.get("rope_theta", 1e4) ** (np.arange(0, hd, 2) / hd)
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    rot = lambda y: np.concatenate([y[..., :hd // 2] * cos - y[..., hd // 2:] * sin,
+                                    y[..., hd // 2:] * cos + y[..., :hd // 2] * sin], -1)
+    i, j = np.arange(tt)[:, None], np.arange(tt)[None, :]
+    masks = [j <= i] * hkv
+    if spec.get("attn_type") == "lte":  # window w = largest distance; sinks; retained r > 0
+      r = ref_scores(f, a, k, v)
+      masks = [(j <= i) & ((j < spec["sink_size"]) | (i - j <= spec["window_size"]) |
+                           (r[:, h] > 0)[None, :]) for h in range(hkv)]
+    elif spec.get("window_size"):  # W visible tokens
+      masks = [m & (i - j <= spec["window_size"] - 1) for m in masks]
+    q, k = rot(q), rot(k)
+    o = np.zeros_like(q)
+    for head in range(hq):
+      logits = q[:, head] @ k[:, head // (hq // hkv)].T / np.sqrt(hd)
+      mask = masks[head // (hq // hkv)]
+      p = np.exp(np.where(mask, logits, -np.inf) - logits.max(-1, keepdims=True))
+      o[:, head] = (p / p.sum(-1, keepdims=True)) @ v[:, head // (hq // hkv)]
+    return o.reshape(tt, -1) @ f[a + "o_proj.weight"].T
+
+  out = []
+  for row in tokens:
+    x = f["model.embeddings.weight"][row]
+    for i in range(cfg["num_hidden_layers"]):
+      p = f"model.layers.{i}."
+      y = rms(x, f[p + "attn_norm.weight"])
+      x = x + (gdn(y, p + "attn.") if i not in kind else attention(y, p + "attn.", kind[i]))
+      y = rms(x, f[p + "mlp_norm.weight"])
+      x = x + (silu(y @ f[p + "mlp.gate_proj.weight"].T) * (y @ f[p + "mlp.up_proj.weight"].T)
+               ) @ f[p + "mlp.down_proj.weight"].T
+    head = f["model.embeddings.weight" if cfg["tie_word_embeddings"] else "lm_head.weight"]
+    out.append(rms(x, f["model.norm.weight"]) @ head.T)
+  return np.stack(out)
+
+
+@pytest.mark.parametrize("model_type, attn", [
+    ("gated_deltanet", None),
+    ("gated_deltanet", [
+        dict(layers=[1], num_heads=4, num_kv_heads=2, window_size=None, rope_theta=500.0),
+        dict(layers=[2], num_heads=4, num_kv_heads=4, window_size=5)]),
+    ("hybrid_gated_deltanet", lte_spec(layers=[1, 2], buffer_size=16)),
+])
+def test_logits_match_a_numpy_fla_forward(tmp_path, rng, model_type, attn):
+  """The whole model against fla_forward; T = 24 > w + 1 = 17, so LTE eviction matters
+  (the budget of 16 is not reached: the reference's eval forward prunes nothing either)."""
+  cfg = gdn_config(model_type=model_type, num_hidden_layers=3, attn=attn,
+                   tie_word_embeddings=attn is not None)
+  tensors = hf_tensors(cfg, rng)
+  tensors = {n: (1 + v if n.endswith("norm.weight") else v) for n, v in tensors.items()}
+  model, _ = convert.load_hf(save(tmp_path, cfg, tensors))
+  tokens = rng.integers(0, VOCAB, size=(2, 24))
+  got = np.asarray(nnx.jit(lambda m, x: m(x)[0])(model, jnp.asarray(tokens, jnp.int32)))
+  want = fla_forward(tensors, cfg, tokens)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_safetensors_round_trip_keeps_dtypes(tmp_path):
   tensors = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3),
              "bf16": np.array([1.5, -2.25, 3.0], ml_dtypes.bfloat16),
@@ -197,31 +325,14 @@ def test_reference_lte_scorer_matches_torch_grouped_conv(tmp_path, rng):
   np.testing.assert_array_equal(converted.controller["lam"], tensors["model.l1_lambda"])
   np.testing.assert_array_equal(converted.controller["kept_ema"], tensors["model.num_kept"])
 
-  # The reference scorer, written out in numpy from its module: concat(k, v) per head,
-  # flattened head-major, grouped Conv2d (1, k) 'same' with dilation, SiLU, 1x1 grouped proj.
   t, g, hd = 20, 2, 16
-  k_raw = rng.standard_normal((1, t, g, hd)).astype(np.float32)
-  v = rng.standard_normal((1, t, g, hd)).astype(np.float32)
-  x = np.concatenate([k_raw, v], -1).reshape(t, g * 2 * hd)
-  prefix = "model.layers.1.attn.router.conv_stack."
-  for j in range(3):
-    w, b = tensors[f"{prefix}convs.{j}.weight"], tensors[f"{prefix}convs.{j}.bias"]
-    cout, cin = w.shape[0] // g, w.shape[1]
-    xp = np.pad(x, ((2, 2), (0, 0)))
-    y = np.zeros((t, g * cout), np.float32)
-    for grp in range(g):
-      for tap in range(3):
-        xs = xp[2 * tap: 2 * tap + t, grp * cin:(grp + 1) * cin]
-        y[:, grp * cout:(grp + 1) * cout] += xs @ w[grp * cout:(grp + 1) * cout, :, 0, tap].T
-    y += b
-    x = y / (1 + np.exp(-y))
-  pw, pb = tensors[prefix + "proj.weight"], tensors[prefix + "proj.bias"]
-  c = x.shape[1] // g
-  logit = np.stack([x[:, h * c:(h + 1) * c] @ pw[h, :, 0, 0] + pb[h] for h in range(g)], -1)
-  want = 1 / (1 + np.exp(-logit)) - 0.5
+  k_raw = rng.standard_normal((t, g, hd))
+  v = rng.standard_normal((t, g, hd))
+  want = ref_scores(tensors, "model.layers.1.attn.", k_raw, v)
 
   model, _ = convert.load_hf(str(tmp_path / "hf"))
-  got = model.blocks[1].mixer.scorer(jnp.asarray(k_raw), jnp.asarray(v))
+  got = model.blocks[1].mixer.scorer(jnp.asarray(k_raw[None], jnp.float32),
+                                    jnp.asarray(v[None], jnp.float32))
   np.testing.assert_allclose(np.asarray(got)[0], want, rtol=1e-4, atol=1e-5)
   assert model.blocks[1].mixer.enforce_budget
   run_logits(model, t=24)
