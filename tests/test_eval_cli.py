@@ -1,0 +1,86 @@
+"""experiments/eval_retrieval.py end to end on a tiny checkpoint written by experiments.train."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from lte_jax.evals import loading
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Fast compiles: these runs check plumbing, not speed.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "
+           "--xla_llvm_disable_expensive_passes=true")
+
+
+def run(module, *args, timeout=240):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("run"))
+  done = run("experiments.train", "--config=laLTE", f"--workdir={path}", "--config.steps=2",
+             "--config.model.num_layers=2", "--config.model.d_model=64",
+             "--config.model.intermediate_size=128", "--config.data.seq_len=32",
+             "--config.data.batch_size=2", "--config.optim.warmup_steps=1",
+             "--config.log.progress=False", "--config.log.tensorboard=False")
+  assert done.returncode == 0, done.stderr[-3000:]
+  return path
+
+
+def test_eval_cli_writes_scores_memory_and_heatmap(workdir, tmp_path):
+  (tmp_path / "swde.jsonl").write_text(json.dumps(
+      {"text": "Name: Ann Lee. Born: 1990. Job: pilot.", "key": "Job", "value": "pilot"}) + "\n")
+  out = tmp_path / "out"
+  done = run("experiments.eval_retrieval", f"--workdir={workdir}", "--num_samples=2",
+             "--lengths=512", "--tasks=niah_single_1,niah_single_3,mqar,swde",
+             f"--data_dir={tmp_path}", f"--out_dir={out}", "--batch_size=2")
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((out / "results.json").read_text())
+  assert results["run"]["step"] == 2 and results["run"]["arch"] == "laLTE"
+  assert results["lengths"] == [512]
+  for task in ("niah_single_1", "niah_single_3", "mqar"):
+    entry = results["tasks"][task]["512"]
+    assert entry["num_samples"] == 2 and 0.0 <= entry["score"] <= 100.0
+  niah = results["tasks"]["niah_single_3"]["512"]
+  assert len(niah["samples"]) == 2 and niah["prompt_tokens"][1] + 128 <= 511
+  assert results["tasks"]["swde"]["512"]["num_samples"] == 1
+  assert results["tasks"]["mqar"]["512"]["seq_len"] == 510
+  assert results["memory"]["cache_bytes_per_sequence"]["512"] > 0
+  table = (out / "results.md").read_text()
+  assert "| niah_single_1 |" in table and "decode cache per sequence (MiB)" in table
+  assert (out / "niah_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+  assert "| task | 512 |" in done.stdout
+
+
+def test_checkpoint_flag_loads_a_step_directory(workdir):
+  by_workdir = loading.load_run(workdir)
+  by_step = loading.load_run(None, os.path.join(workdir, "checkpoints", "2"))
+  assert by_step.step == by_workdir.step == 2
+  a = jax.tree.leaves(nnx.state(by_workdir.model, nnx.Param))
+  b = jax.tree.leaves(nnx.state(by_step.model, nnx.Param))
+  assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+  with pytest.raises(ValueError, match="checkpoint step 9 is not in"):
+    loading.load_run(None, os.path.join(workdir, "checkpoints", "9"))
+
+
+def test_missing_data_and_bad_flags_fail_with_clear_messages(tmp_path):
+  done = run("experiments.eval_retrieval", f"--workdir={tmp_path}", "--tasks=fda",
+             f"--data_dir={tmp_path}")
+  assert done.returncode != 0 and "fda.parquet" in done.stderr and "fda.jsonl" in done.stderr
+  done = run("experiments.eval_retrieval", f"--workdir={tmp_path}", "--tasks=niah_multi")
+  assert done.returncode != 0 and "--tasks must name tasks from" in done.stderr
+  done = run("experiments.eval_retrieval", f"--workdir={tmp_path}", "--tasks=mqar")
+  assert done.returncode != 0 and "config.json" in done.stderr
+  done = run("experiments.eval_retrieval", "--help")
+  for flag in ("--workdir", "--checkpoint", "--tasks", "--lengths", "--num_samples",
+               "--data_dir", "--out_dir"):
+    assert flag in done.stdout
