@@ -224,3 +224,27 @@ def test_report_table_and_heatmap(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text()) == results
   with open(paths["heatmap"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+class NextByteLM(nnx.Module):
+  """A stand-in LM with the decode protocol: after byte token t it predicts t + 1."""
+
+  def __init__(self, vocab_size: int):
+    self.vocab_size = vocab_size
+
+  def init_cache(self, batch_size, max_len, dtype=None):
+    return jnp.zeros((batch_size,), jnp.int32)
+
+  def prefill(self, tokens, cache):
+    return jax_one_hot(tokens + 1, self.vocab_size), cache
+
+  def decode(self, tokens, cache):
+    return jax_one_hot(tokens + 1, self.vocab_size), cache + 1
+
+
+def test_generate_texts_keeps_prompt_order_and_cuts_at_the_stop_string():
+  prompts = ["xyz abc", "k", "hello\t", "0123456"]   # "\t" + 1 is "\n": a stop right away
+  ids = [[BYTE.bos_id, *BYTE.encode(p)] for p in prompts]
+  texts = tasks.generate_texts(NextByteLM(BYTE.vocab_size), BYTE, ids, max_new_tokens=4,
+                               stop_strings=["\n"], batch_size=3, prefill_bucket=2)
+  assert texts == ["defg", "lmno", "", "789:"]

@@ -27,15 +27,18 @@ def generate_texts(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]]
                    batch_size: int = 8, prefill_bucket: int = 64) -> list[str]:
   """Greedy continuations of ``prompts`` (token ids, BOS included), cut at a stop string.
 
-  Batches share one width (the longest prompt) and a batch's prefill length is
-  rounded down to a multiple of ``prefill_bucket``, so few programs are compiled;
-  the last batch is filled up with copies of its first prompt.
+  Prompts are batched in order of length; batches share one width (the longest
+  prompt) and a batch's prefill length is rounded down to a multiple of
+  ``prefill_bucket``, so few programs are compiled; the last batch is filled up
+  with copies of its first prompt. Texts come back in the order of ``prompts``.
   """
   width = max(len(p) for p in prompts)
   stop_ids = stop_token_ids(tokenizer, stop_strings)
+  # Batches of similar lengths: less of each prompt runs through the step loop.
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   texts = []
   for start in range(0, len(prompts), batch_size):
-    chunk = list(prompts[start:start + batch_size])
+    chunk = [prompts[i] for i in order[start:start + batch_size]]
     real = len(chunk)
     chunk += [chunk[0]] * (batch_size - real)
     tokens, lengths = pad_prompts(chunk, width=width, pad_id=tokenizer.pad_id)
@@ -44,7 +47,10 @@ def generate_texts(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]]
     out = generate(model, tokens, lengths, max_new_tokens=max_new_tokens,
                    eos_ids=[tokenizer.eos_id], stop_ids=stop_ids, prefill_len=prefill_len)
     texts += [cut_at_stop(tokenizer.decode(row), stop_strings) for row in out.rows()[:real]]
-  return texts
+  by_prompt = [""] * len(prompts)
+  for i, text in zip(order, texts):
+    by_prompt[i] = text
+  return by_prompt
 
 
 def run_niah(model, tokenizer: Tokenizer, task: str, length: int, *, num_samples: int,
