@@ -89,7 +89,8 @@ def flash_attn_stand_in(q, k, v, causal=True, window_size=(-1, -1), **unused):
 def build_fla_model(name: str, seed: int, directory: str):
   """A random FLA model saved to ``directory``; returns the torch model (eval, fp32, cuda)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM  # pylint: disable=g-import-not-at-top
+  from fla.models import (  # pylint: disable=g-import-not-at-top
+      GatedDeltaNetConfig, GatedDeltaNetForCausalLM)
   torch.manual_seed(seed)
   model = GatedDeltaNetForCausalLM(GatedDeltaNetConfig(**fla_config_kwargs(name)))
   with torch.no_grad():

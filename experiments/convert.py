@@ -42,9 +42,10 @@ _FROM = flags.DEFINE_string("from", None, "Hugging Face model directory (config.
                             "model.safetensors or model.safetensors.index.json with its shards).")
 _TO = flags.DEFINE_string("to", None, "Workdir to create; must not hold checkpoints yet.")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config the checkpoint is made for (a name from experiments/configs/ "
-    "or a file; default: the architecture's config, e.g. GDN_Attn). Its model fields are replaced by the "
-    "converted model; its optimizer and data settings shape the saved state.",
+    "config", None, "Training config the checkpoint is made for (a name from "
+    "experiments/configs/ or a file; default: the architecture's config, e.g. GDN_Attn). Its "
+    "model fields are replaced by the converted model; its optimizer and data settings shape "
+    "the saved state.",
     lock_config=True)
 
 

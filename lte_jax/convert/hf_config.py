@@ -207,7 +207,10 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32"
   elif isinstance(attn, list) and model_type == "gated_deltanet":
     specs = attn
   else:
-    raise ValueError(f"config.json field attn must be null or a dict{' or a list of dicts' if model_type == 'gated_deltanet' else ''}, got {type(attn).__name__}")
+    allowed = "null, a dict or a list of dicts" if model_type == "gated_deltanet" else \
+        "null or a dict"
+    raise ValueError(f"config.json field attn must be {allowed} for model_type {model_type}, "
+                     f"got {type(attn).__name__}")
 
   layers = ["gdn"] * num_layers
   mixers: dict[str, Any] = {}
@@ -244,7 +247,8 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32"
     mixers[mixer] = cfg
     layer_ids = spec.get("layers")
     if not isinstance(layer_ids, (list, tuple)):
-      raise ValueError(f"config.json attn.layers must be a list of layer indices, got {layer_ids!r}")
+      raise ValueError(f"config.json attn.layers must be a list of layer indices, "
+                       f"got {layer_ids!r}")
     for i in layer_ids:
       _need(isinstance(i, int) and 0 <= i < num_layers, "attn.layers",
             f"indices in [0, {num_layers})", i)

@@ -88,8 +88,10 @@ def _mixer_rules(mixer: str, prefix: str, path: tuple, num_scorer_convs: int,
     scorer = path + ("scorer",)
     rules = lin("q_proj", "k_proj", "v_proj", "o_proj")
     for j in range(num_scorer_convs):
-      rules += [Rule(f"{stack}convs.{j}.weight", scorer + ("conv_kernels", j), "scorer_conv" + suffix),
-                Rule(f"{stack}convs.{j}.bias", scorer + ("conv_biases", j), "scorer_bias" + suffix)]
+      rules += [Rule(f"{stack}convs.{j}.weight", scorer + ("conv_kernels", j),
+                     "scorer_conv" + suffix),
+                Rule(f"{stack}convs.{j}.bias", scorer + ("conv_biases", j),
+                     "scorer_bias" + suffix)]
     rules += [Rule(f"{stack}proj.weight", scorer + ("proj_kernel",), "scorer_proj" + suffix),
               Rule(f"{stack}proj.bias", scorer + ("proj_bias",),
                    "proj_bias_shared" if suffix else "copy")]
@@ -155,11 +157,11 @@ def map_tensors(tensors: Mapping[str, np.ndarray], config: configs_lib.ModelConf
   """
   rules = rules_for(config, layout)
   shapes = expected_shapes(config)
-  covered = [r.path for r in rules]
-  if sorted(map(str, covered)) != sorted(map(str, shapes)):
-    raise ValueError(f"the mapping does not cover this model's parameters exactly (an lte_jax "
-                     f"layer changed?): unmapped {sorted(set(map(str, shapes)) - set(map(str, covered)))}, "
-                     f"unknown {sorted(set(map(str, covered)) - set(map(str, shapes)))}")
+  covered, wanted = {r.path for r in rules}, set(shapes)
+  if covered != wanted or len(covered) != len(rules):
+    raise ValueError(f"the mapping does not cover this model's parameters exactly once (an "
+                     f"lte_jax layer changed?): unmapped {sorted(map(str, wanted - covered))}, "
+                     f"unknown {sorted(map(str, covered - wanted))}")
   num_lte = sum(m == "lte" for m in config.layers)
   names = set(tensors)
   known = {r.hf_name for r in rules}
