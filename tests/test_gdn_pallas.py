@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from lte_jax import configs
-from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas
+from lte_jax.kernels.gated_delta_rule import Plan, chunk_gated_delta_rule_pallas, inverse
 from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from lte_jax.ops.gated_delta_rule.api import default_implementation
 from tests import helpers
@@ -91,6 +91,29 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                                          time))
   _compare(args, dtype, platform=platform, chunk_size=chunk, block_v=block_v,
            segment_ids=segment_ids)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_wy_inverse_kernel_inverts(platform):
+  """Both inverse algorithms (16-row blocks on GPU, masked doubling on TPU) give
+  (I + A)^-1 for a chunk with a document start inside it."""
+  c, dk = 64, 32
+  rng = np.random.default_rng(11)
+  k = rng.standard_normal((1, 1, c, dk)).astype(np.float32)
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  beta = rng.uniform(0.2, 1.0, (1, 1, c)).astype(np.float32)
+  g_cum = np.cumsum(-rng.uniform(0.0, 0.3, (1, 1, c)), axis=-1).astype(np.float32)
+  seg = (np.arange(c) >= 37).astype(np.float32)[None, None]
+  i, j = np.arange(c)[:, None], np.arange(c)[None, :]
+  mask = (i > j) & (seg[0, 0][:, None] == seg[0, 0][None, :])
+  decay = np.where(mask, np.exp(np.where(mask, g_cum[0, 0][:, None] - g_cum[0, 0][None, :],
+                                         0.0)), 0.0)
+  a = beta[0, 0][:, None] * (k[0, 0] @ k[0, 0].T) * decay
+  want = np.linalg.inv(np.eye(c) + a.astype(np.float64))
+  col, row = (lambda x: jnp.asarray(x)[..., None]), (lambda x: jnp.asarray(x)[..., None, :])
+  got = inverse.wy_inverse(Plan(platform, interpret=True), jnp.asarray(k), col(beta),
+                           col(g_cum), row(g_cum), col(seg), row(seg))
+  assert helpers.rel_rms(got[0, 0], want) < 1e-6
 
 
 def test_strongly_negative_decay_keeps_gradients_finite_and_exact():
@@ -189,8 +212,8 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
           _sds(b, t, h, dtype=jnp.float32), _sds(b, t, h), _sds(b, h, dk, dv, dtype=jnp.float32),
           _sds(b, t, dtype=jnp.int32))
   target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
-  # Forward: WY, states, outputs. With gradients: those, then WY and states again
-  # (recomputed), local dV, reverse states, input gradients.
-  for fn, kernels in ((op, 3), (jax.value_and_grad(op, argnums=tuple(range(6))), 8)):
+  # Forward: inverse, WY, states, outputs. With gradients: those, then WY and states
+  # again (recomputed from the saved inverse), local dV, reverse states, input gradients.
+  for fn, kernels in ((op, 4), (jax.value_and_grad(op, argnums=tuple(range(6))), 9)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
     assert text.count(f"@{target}(") == kernels, (target, text.count(f"@{target}("))

@@ -1,11 +1,12 @@
 """chunk_gated_delta_rule on Pallas kernels: layout glue and the custom VJP.
 
 Pipeline (kernel modules in brackets), per (batch*head, chunk):
-  forward:  WY transform [prepare] -> state recurrence [state] -> outputs [output]
-  backward: recompute WY and the per-chunk states, dV_local [output], reverse
+  forward:  T = (I + A)^-1 [inverse] -> WY transform [prepare] -> state
+            recurrence [state] -> outputs [output]
+  backward: recompute W, U and the per-chunk states, dV_local [output], reverse
             recurrence [state], per-chunk input gradients [backward].
-Only the inputs are saved for the backward; it recomputes per-chunk states
-rather than keeping any per-token intermediate.
+The backward keeps the inputs and T (C values per token); it recomputes the
+per-chunk states rather than keeping them or any per-token intermediate.
 
 The glue here is plain jnp on [B, T, H] scalars (cheap next to the [B, T, H, D]
 tensors): padding, the heads-major chunk layout [B*H, N, C, D], in-chunk
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from lte_jax import segments
-from lte_jax.kernels.gated_delta_rule import backend, backward, output, prepare, state
+from lte_jax.kernels.gated_delta_rule import (backend, backward, inverse, output, prepare,
+                                              state)
 from lte_jax.kernels.gated_delta_rule.chunk_math import masked_exp
 
 F32 = jnp.float32
@@ -44,11 +46,14 @@ def _row(x):   # [BH, N, C] -> [BH, N, 1, C]
   return x[..., None, :]
 
 
-def _recompute_states(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
-  del q
+def _inverse(cfg, k, beta, g_cum, seg):
+  return inverse.wy_inverse(cfg.plan, k, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
+                            _row(seg))
+
+
+def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
   sd = jnp.dtype(cfg.state_dtype)
-  w, u = prepare.wy_transform(cfg.plan, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
-                              _row(seg), _col(qd), state_dtype=sd)
+  w, u = prepare.wy_transform(cfg.plan, t, k, v, _col(beta), _col(qd), state_dtype=sd)
   h, v_new, h_last = state.chunk_states(cfg.plan, w, u, k, _col(kd), hd, h0, state_dtype=sd)
   return w, h, v_new, h_last
 
@@ -58,28 +63,36 @@ def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   """Chunk-layout op. q, k [BH, N, C, Dk]; v [BH, N, C, Dv]; beta, g_cum, seg, qd, kd
   [BH, N, C] fp32; hd [BH, N, 1, 1]; h0 [BH, Dk, Dv] -> (o [BH, N, C, Dv] in v.dtype,
   final state [BH, Dk, Dv] fp32)."""
-  _, h, v_new, h_last = _recompute_states(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0)
-  o = output.chunk_outputs(cfg.plan, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg),
-                           _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+  o, h_last, _ = _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0)
   return o, h_last
 
 
+def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
+  t = _inverse(cfg, k, beta, g_cum, seg)
+  _, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  o = output.chunk_outputs(cfg.plan, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg),
+                           _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+  return o, h_last, t
+
+
 def _core_fwd(cfg, *args):
-  return _core(cfg, *args), args
+  o, h_last, t = _forward(cfg, *args)
+  return (o, h_last), (t, args)
 
 
 def _core_bwd(cfg, residuals, cotangents):
-  q, k, v, beta, g_cum, seg, qd, kd, hd, h0 = residuals
+  t, inputs = residuals
+  q, k, v, beta, g_cum, seg, qd, kd, hd, h0 = inputs
   d_o, dh_last = cotangents
   plan = cfg.plan
-  w, h, v_new, _ = _recompute_states(cfg, *residuals)
+  w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
   dv_local = output.local_value_grads(plan, q, k, _col(g_cum), _row(g_cum), _col(seg),
                                       _row(seg), d_o, scale=cfg.scale)
   dh, dv_new, dh0 = state.chunk_state_grads(plan, q, _col(qd), k, _col(kd), hd, w, d_o,
                                             dv_local, dh_last, scale=cfg.scale,
                                             state_dtype=jnp.dtype(cfg.state_dtype))
   dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = backward.chunk_input_grads(
-      plan, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
+      plan, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
       _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta[..., 0],
           dg_col[..., 0] + dg_row[..., 0, :], jnp.zeros_like(seg), dqd[..., 0], dkd[..., 0],

@@ -1,8 +1,8 @@
 """Kernel 4: gradients of one chunk's inputs, parallel over chunks.
 
-Given the state h entering the chunk, the gradient dh of the state leaving it,
-V_new and its total gradient dV (both from the recurrences), this recomputes the
-WY inverse T and differentiates, for one chunk (P = Q K^T * causal decay Dc,
+Given the WY inverse T, the state h entering the chunk, the gradient dh of the
+state leaving it, V_new and its total gradient dV (both from the recurrences),
+this differentiates, for one chunk (P = Q K^T * causal decay Dc,
 A = beta (K K^T * strict decay Ds), T = (I + A)^-1):
   O = scale [qd Q h + P V_new]              h_next = hd h + (kd K)^T V_new
   V_new = U - W h,  U = T (beta V),  W = T (beta qd K).
@@ -19,14 +19,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
-from lte_jax.kernels.gated_delta_rule.prepare import wy_inverse
 
 
 def _rowsum(x):
   return jnp.sum(x, axis=1, keepdims=True)
 
 
-def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
+def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
             kd_ref, h_ref, dh_ref, v_new_ref, dv_ref, do_ref,
             dq_ref, dk_ref, dvin_ref, dbeta_ref, dg_ref, dg_row_ref, dqd_ref, dkd_ref,
             dhd_ref, *, scale, block_v, precision):
@@ -35,7 +34,9 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   qf, kf = q.astype(cm.F32), k.astype(cm.F32)
   beta, qd, kd = beta_ref[...], qd_ref[...], kd_ref[...]
   g_col, g_row, seg_col, seg_row = g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...]
-  t, strict = wy_inverse(k, beta, g_col, g_row, seg_col, seg_row, dtype, precision)
+  t = t_ref[...]
+  causal, strict = cm.decay_masks(g_col, g_row, seg_col, seg_row)
+  mm_t = functools.partial(cm.mm, precision=precision)           # products with T
 
   # Every term over value columns is a sum over value blocks: walk them with
   # static slices so that only [Dk, block_v] tiles of the states are live
@@ -58,13 +59,12 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
     dhd = dhd + jnp.sum(_rowsum(h * dh), axis=0, keepdims=True)
     # V_new = U - W h, U = T (beta V)
     d_w = d_w - cm.mm(dv, h, tb=True)
-    t_du = cm.mm(t, dv, ta=True)
+    t_du = mm_t(t, dv, ta=True)
     dvin_ref[:, cols] = beta * t_du
     dbeta = dbeta + _rowsum(vf * t_du)
     d_t = d_t + cm.mm(dv, beta * vf, tb=True)
 
   # Output part, S = Q K^T masked by the causal decay Dc.
-  causal, _ = cm.decay_masks(g_col, g_row, seg_col, seg_row)
   s = cm.mm(q, k, tb=True, dtype=dtype)
   d_s = scale * d_p * causal
   dq = scale * qd * do_h + cm.mm(d_s, k, dtype=dtype)
@@ -74,7 +74,7 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   z = d_s * s                                                      # dDc * Dc
 
   # W = T (beta qd K).
-  t_dw = cm.mm(t, d_w, ta=True)                                    # [C, Dk]
+  t_dw = mm_t(t, d_w, ta=True)                                     # [C, Dk]
   k_t_dw = _rowsum(kf * t_dw)
   dbeta = dbeta + qd * k_t_dw
   dqd = dqd + beta * k_t_dw
@@ -82,7 +82,7 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
 
   # T = (I + A)^-1:  dA = -T^T dT T^T (only its strict same-doc part is used).
   d_t = d_t + cm.mm(d_w, (beta * qd) * kf, tb=True)
-  d_a = -cm.mm(cm.mm(t, d_t, ta=True), t, tb=True)
+  d_a = -mm_t(mm_t(t, d_t, ta=True), t, tb=True)
   # A = beta (B * Ds) with B = K K^T.
   b = cm.mm(k, k, tb=True, dtype=dtype)
   e = beta * d_a * strict                                          # dL/dB
@@ -103,8 +103,8 @@ def _kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   dhd_ref[...] = dhd
 
 
-def chunk_input_grads(plan: backend.Plan, q, k, v, beta_col, g_col, g_row, seg_col, seg_row,
-                      qd_col, kd_col, h, dh, v_new, dv, d_o, *, scale: float):
+def chunk_input_grads(plan: backend.Plan, t, q, k, v, beta_col, g_col, g_row, seg_col,
+                      seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o, *, scale: float):
   """Per-chunk gradients, all fp32: dq, dk [BH, N, C, Dk]; dv [BH, N, C, Dv]; dbeta,
   dG (row-sum part), dqd, dkd [BH, N, C, 1]; dG (column-sum part) [BH, N, 1, C];
   dhd [BH, N, 1, 1]."""
@@ -117,9 +117,11 @@ def chunk_input_grads(plan: backend.Plan, q, k, v, beta_col, g_col, g_row, seg_c
       functools.partial(_kernel, scale=scale, block_v=plan.value_block(dvd),
                         precision=plan.inverse_dot_precision), plan,
       grid=(bh, n),
-      in_specs=[chunk(c, dk), chunk(c, dk), chunk(c, dvd), col, col, row, col, row, col, col,
+      in_specs=[chunk(c, c), chunk(c, dk), chunk(c, dk), chunk(c, dvd), col, col, row, col, row,
+                col, col,
                 chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd), chunk(c, dvd)],
       out_specs=[chunk(*s) for s in shapes],
       out_shape=[jax.ShapeDtypeStruct((bh, n, *s), cm.F32) for s in shapes],
       name="gdn_chunk_input_grads",
-  )(q, k, v, beta_col, g_col, g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o)
+  )(t, q, k, v, beta_col, g_col, g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv,
+    d_o)
