@@ -68,3 +68,19 @@ def test_from_file_keeps_the_files_shapes(tmp_path):
   config.model.num_layers = 2
   with pytest.raises(ValueError, match="num_layers cannot be set together with config.model.from_file"):
     experiment.model_config(config)
+
+
+def test_eval_loader_reads_a_converted_workdir(tmp_path, monkeypatch):
+  from lte_jax.evals.loading import load_run  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(synthetic, "VOCAB", 300)
+  cfg = synthetic.gdn_config(vocab_size=300, attn=dict(layers=[1], num_heads=4, num_kv_heads=2))
+  tensors = synthetic.hf_tensors(cfg, np.random.default_rng(2))
+  source = synthetic.save(tmp_path, cfg, tensors)
+  workdir = str(tmp_path / "wd")
+  config = config_files.load(config_files.resolve("GDN_Attn"))
+  config.data.seq_len, config.data.batch_size = 16, 2
+  convert_cli.convert_to_workdir(source, workdir, config)
+  run = load_run(workdir)
+  assert run.step == 0 and run.model.config.layers == ("gdn", "attn")
+  np.testing.assert_array_equal(np.asarray(run.model.lm_head.kernel[...]),
+                                tensors["lm_head.weight"].T)
