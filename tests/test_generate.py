@@ -60,7 +60,9 @@ def test_greedy_generation_equals_full_forward_argmax(arch):
 
 
 def test_batch_rows_equal_each_prompt_alone_and_prefill_len_is_free():
-  model = tiny_model("laLTE")
+  # The cheapest model to compile; the test above already runs rows of different
+  # lengths through every mixer.
+  model = tiny_model("transformer")
   tokens, lengths = pad_prompts(PROMPTS)
   together = generate(model, tokens, lengths, max_new_tokens=5, cache_dtype=jnp.float32)
   bucketed = generate(model, tokens, lengths, max_new_tokens=5, prefill_len=2,
