@@ -36,7 +36,9 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
   g_col, g_row, seg_col, seg_row = g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...]
   t = t_ref[...]
   causal, strict = cm.decay_masks(g_col, g_row, seg_col, seg_row)
-  mm_t = functools.partial(cm.mm, precision=precision)           # products with T
+  # Products with T run at the plan's inverse precision; the others take the
+  # inputs' dtype (bf16 operands, fp32 accumulation, as FLA).
+  mm_t = functools.partial(cm.mm, precision=precision)
 
   # Every term over value columns is a sum over value blocks: walk them with
   # static slices so that only [Dk, block_v] tiles of the states are live
@@ -58,11 +60,11 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
     v_dh = v_dh + cm.mm(v_new, dh, tb=True, dtype=dtype)
     dhd = dhd + jnp.sum(_rowsum(h * dh), axis=0, keepdims=True)
     # V_new = U - W h, U = T (beta V)
-    d_w = d_w - cm.mm(dv, h, tb=True)
+    d_w = d_w - cm.mm(dv, h, tb=True, dtype=dtype)
     t_du = mm_t(t, dv, ta=True)
     dvin_ref[:, cols] = beta * t_du
     dbeta = dbeta + _rowsum(vf * t_du)
-    d_t = d_t + cm.mm(dv, beta * vf, tb=True)
+    d_t = d_t + cm.mm(dv, beta * vf, tb=True, dtype=dtype)
 
   # Output part, S = Q K^T masked by the causal decay Dc.
   s = cm.mm(q, k, tb=True, dtype=dtype)
@@ -81,12 +83,12 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
   dk = dk + (beta * qd) * t_dw
 
   # T = (I + A)^-1:  dA = -T^T dT T^T (only its strict same-doc part is used).
-  d_t = d_t + cm.mm(d_w, (beta * qd) * kf, tb=True)
+  d_t = d_t + cm.mm(d_w, (beta * qd) * kf, tb=True, dtype=dtype)
   d_a = -mm_t(mm_t(t, d_t, ta=True), t, tb=True)
   # A = beta (B * Ds) with B = K K^T.
   b = cm.mm(k, k, tb=True, dtype=dtype)
   e = beta * d_a * strict                                          # dL/dB
-  dk = dk + cm.mm(e, kf) + cm.mm(e, kf, ta=True)
+  dk = dk + cm.mm(e, k, dtype=dtype) + cm.mm(e, k, ta=True, dtype=dtype)
   dbeta = dbeta + _rowsum(d_a * strict * b)
   z = z + e * b                                                    # dDs * Ds
   # The diagonal decay is a constant e^0: its O(1) terms would enter dG_i twice with

@@ -22,16 +22,22 @@ from jax.experimental import pallas as pl
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 
+# Products take the inputs' dtype (bf16 operands into fp32 accumulators, as FLA):
+# they sit on the sequential path, where fp32 dots would leave the tensor cores.
+# The carried state itself stays fp32.
+
 def _forward_step(h, w, u, k, kd, hd):
-  v_new = u.astype(cm.F32) - cm.mm(w, h)
-  h_next = hd * h + cm.mm(kd * k.astype(cm.F32), v_new, ta=True)
+  dtype = k.dtype
+  v_new = u.astype(cm.F32) - cm.mm(w, h, dtype=dtype)
+  h_next = hd * h + cm.mm(kd * k.astype(cm.F32), v_new, ta=True, dtype=dtype)
   return v_new, h_next
 
 
 def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale):
-  dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh)
-  dh_prev = (hd * dh + scale * cm.mm(qd * q.astype(cm.F32), d_o.astype(cm.F32), ta=True)
-             - cm.mm(w, dv, ta=True))
+  dtype = k.dtype
+  dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
+  dh_prev = (hd * dh + scale * cm.mm(qd * q.astype(cm.F32), d_o, ta=True, dtype=dtype)
+             - cm.mm(w, dv, ta=True, dtype=dtype))
   return dv, dh_prev
 
 
