@@ -13,7 +13,10 @@ shifted by ``offset`` into the model vocab; filler goes to ``filler_id``
 
 NIAH (RULER's single needle tasks): a noise or essay haystack, an
 "adjective-noun" key, a 7-digit number or uuid4 value, the needle sentence, and
-the question; the essay haystack is Python's own documentation prose.
+the question; the essay haystack is Python's own documentation prose. As in
+RULER, a haystack grows by units (noise: lines; essay: words, the needle then
+placed at a sentence boundary at one of 40 depths) and holds the most units
+whose tokenized prompt + the reserved tokens fit the budget.
 """
 from __future__ import annotations
 
@@ -125,7 +128,8 @@ class NIAHExample:
 
   ``prompt`` ends with "... mentioned in the provided text is"; the expected
   continuation is " " + ``answer``. ``document`` is both, the training text.
-  ``depth`` is the needle's depth in percent of the haystack units.
+  ``depth`` is the needle's depth in percent: the drawn depth (essay) or the
+  needle's line index / noise lines (noise).
   """
   prompt: str
   answer: str
@@ -162,9 +166,10 @@ def make_niah(rng: np.random.Generator, tokenizer: Tokenizer, max_tokens: int, *
   """A needle sample whose tokenized text + ``reserve_tokens`` fits ``max_tokens``.
 
   The text measured is the prompt, or the prompt + answer when
-  ``include_answer``. ``fill='max'`` takes the largest haystack that fits
-  (RULER); ``fill='random'`` a uniform number of haystack units up to it (for
-  training on mixed lengths). ValueError when even an empty haystack does not fit.
+  ``include_answer``. ``fill='max'`` takes the largest haystack (in noise
+  lines or essay words) that fits (RULER); ``fill='random'`` a uniform number
+  of haystack units up to it (for training on mixed lengths). ValueError when
+  even an empty haystack does not fit.
   """
   if task not in NIAH_TASKS:
     raise ValueError(f"task must be one of {tuple(NIAH_TASKS)}, got {task!r}")
