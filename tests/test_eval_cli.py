@@ -41,22 +41,23 @@ def test_eval_cli_writes_scores_memory_and_heatmap(workdir, tmp_path):
       {"text": "Name: Ann Lee. Born: 1990. Job: pilot.", "key": "Job", "value": "pilot"}) + "\n")
   out = tmp_path / "out"
   done = run("experiments.eval_retrieval", f"--workdir={workdir}", "--num_samples=2",
-             "--lengths=512", "--tasks=niah_single_1,niah_single_3,mqar,swde",
+             "--lengths=512", "--tasks=niah_single_2,mqar,swde",
              f"--data_dir={tmp_path}", f"--out_dir={out}", "--batch_size=2")
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads((out / "results.json").read_text())
   assert results["run"]["step"] == 2 and results["run"]["arch"] == "laLTE"
   assert results["lengths"] == [512]
-  for task in ("niah_single_1", "niah_single_3", "mqar"):
+  for task in ("niah_single_2", "mqar"):
     entry = results["tasks"][task]["512"]
     assert entry["num_samples"] == 2 and 0.0 <= entry["score"] <= 100.0
-  niah = results["tasks"]["niah_single_3"]["512"]
-  assert len(niah["samples"]) == 2 and niah["prompt_tokens"][1] + 128 <= 511
+  niah = results["tasks"]["niah_single_2"]["512"]
+  # prompt_tokens count the BOS: BOS + prompt + 128 generated fit the length.
+  assert len(niah["samples"]) == 2 and niah["prompt_tokens"][1] + 128 <= 512
   assert results["tasks"]["swde"]["512"]["num_samples"] == 1
   assert results["tasks"]["mqar"]["512"]["seq_len"] == 510
   assert results["memory"]["cache_bytes_per_sequence"]["512"] > 0
   table = (out / "results.md").read_text()
-  assert "| niah_single_1 |" in table and "decode cache per sequence (MiB)" in table
+  assert "| niah_single_2 |" in table and "decode cache per sequence (MiB)" in table
   assert (out / "niah_heatmap.png").read_bytes()[:4] == b"\x89PNG"
   assert "| task | 512 |" in done.stdout
 
