@@ -23,6 +23,7 @@ import pytest
 
 from lte_jax import configs
 from lte_jax.kernels.gated_delta_rule import Plan, chunk_gated_delta_rule_pallas, inverse
+from lte_jax.kernels.gated_delta_rule.backend import Layout
 from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from lte_jax.ops.gated_delta_rule.api import default_implementation
 from tests import helpers
@@ -111,7 +112,10 @@ def test_wy_inverse_kernel_inverts(platform):
   a = beta[0, 0][:, None] * (k[0, 0] @ k[0, 0].T) * decay
   want = np.linalg.inv(np.eye(c) + a.astype(np.float64))
   col, row = (lambda x: jnp.asarray(x)[..., None]), (lambda x: jnp.asarray(x)[..., None, :])
-  got = inverse.wy_inverse(Plan(platform, interpret=True), jnp.asarray(k), col(beta),
+  # One chunk of one head: k as [B*H, N, C, D] is also k as [B, T, H, D] here.
+  layout = Layout(batch=1, heads=1, chunks=1, chunk=c, native=platform == "gpu")
+  k_tokens = jnp.asarray(k if platform == "tpu" else np.swapaxes(k, 1, 2))
+  got = inverse.wy_inverse(Plan(platform, interpret=True), layout, k_tokens, col(beta),
                            col(g_cum), row(g_cum), col(seg), row(seg))
   assert helpers.rel_rms(got[0, 0], want) < 1e-6
 

@@ -8,11 +8,13 @@ Pipeline (kernel modules in brackets), per (batch*head, chunk):
 The backward keeps the inputs and T (C values per token); it recomputes the
 per-chunk states rather than keeping them or any per-token intermediate.
 
-The glue here is plain jnp on [B, T, H] scalars (cheap next to the [B, T, H, D]
-tensors): padding, the heads-major chunk layout [B*H, N, C, D], in-chunk
-cumulative decay G, document indices, and the decays the kernels consume
-(qd, kd, hd below). Their gradients flow back to g through ordinary autodiff;
-the custom VJP covers the kernels only.
+The glue here is plain jnp, almost all on [B, T, H] scalars (cheap next to the
+[B, T, H, D] tensors): padding, the chunk layout [B*H, N, C] of the scalars,
+in-chunk cumulative decay G, document indices, and the decays the kernels
+consume (qd, kd, hd below). Token tensors keep [B, T, H, D] on GPU and are
+transposed to [B*H, N, C, D] for TPU only (backend.Layout). The gradients of
+the scalars flow back to g through ordinary autodiff; the custom VJP covers the
+kernels only.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class _Static:
   plan: backend.Plan
+  layout: backend.Layout
   scale: float
   state_dtype: str = "float32"    # stored per-chunk states, WY factors and V_new
 
@@ -47,14 +50,16 @@ def _row(x):   # [BH, N, C] -> [BH, N, 1, C]
 
 
 def _inverse(cfg, k, beta, g_cum, seg):
-  return inverse.wy_inverse(cfg.plan, k, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
-                            _row(seg))
+  return inverse.wy_inverse(cfg.plan, cfg.layout, k, _col(beta), _col(g_cum), _row(g_cum),
+                            _col(seg), _row(seg))
 
 
 def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
   sd = jnp.dtype(cfg.state_dtype)
-  w, u = prepare.wy_transform(cfg.plan, t, k, v, _col(beta), _col(qd), state_dtype=sd)
-  h, v_new, h_last = state.chunk_states(cfg.plan, w, u, k, _col(kd), hd, h0, state_dtype=sd)
+  w, u = prepare.wy_transform(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(qd),
+                              state_dtype=sd)
+  h, v_new, h_last = state.chunk_states(cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0,
+                                        state_dtype=sd)
   return w, h, v_new, h_last
 
 
@@ -70,8 +75,8 @@ def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
 def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   t = _inverse(cfg, k, beta, g_cum, seg)
   _, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
-  o = output.chunk_outputs(cfg.plan, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg),
-                           _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+  o = output.chunk_outputs(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
+                           _row(seg), _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
   return o, h_last, t
 
 
@@ -86,14 +91,14 @@ def _core_bwd(cfg, residuals, cotangents):
   d_o, dh_last = cotangents
   plan = cfg.plan
   w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
-  dv_local = output.local_value_grads(plan, q, k, _col(g_cum), _row(g_cum), _col(seg),
+  dv_local = output.local_value_grads(plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
                                       _row(seg), d_o, scale=cfg.scale)
-  dh, dv_new, dh0 = state.chunk_state_grads(plan, q, _col(qd), k, _col(kd), hd, w, d_o,
+  dh, dv_new, dh0 = state.chunk_state_grads(plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o,
                                             dv_local, dh_last, scale=cfg.scale,
                                             state_dtype=jnp.dtype(cfg.state_dtype))
   dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = backward.chunk_input_grads(
-      plan, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
-      _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
+      plan, cfg.layout, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
+      _row(seg), _col(qd), _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta[..., 0],
           dg_col[..., 0] + dg_row[..., 0, :], jnp.zeros_like(seg), dqd[..., 0], dkd[..., 0],
           dhd, dh0)
@@ -134,9 +139,13 @@ def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: j
   pad = n * c - time
   dk_p, dv_p = _dim_for_kernels(dk), _dim_for_kernels(dv)
 
-  def tensor(x, d_pad):   # [B, T, H, D] -> [BH, N, C, D']
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, d_pad - x.shape[-1])))
-    return jnp.swapaxes(x, 1, 2).reshape(batch * heads, n, c, d_pad)
+  layout = backend.Layout(batch=batch, heads=heads, chunks=n, chunk=c,
+                          native=plan.platform == "gpu")
+
+  def tensor(x, d_pad):   # [B, T, H, D] -> layout.shape(D'); no copy when nothing pads
+    if pad or d_pad != x.shape[-1]:
+      x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, d_pad - x.shape[-1])))
+    return x if layout.native else jnp.swapaxes(x, 1, 2).reshape(layout.shape(d_pad))
 
   def scalar(x):           # [B, T, H] -> [BH, N, C] fp32; padding tokens get 0
     x = jnp.pad(x.astype(F32), ((0, 0), (0, pad), (0, 0)))
@@ -173,10 +182,14 @@ def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: j
   # traffic, and on CPU (T = 512, D = 128) the errors against the reference stay
   # those of fp32 storage except the final state's (1.6e-3, bound 5e-3).
   low = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
-  cfg = _Static(plan=plan, scale=float(scale), state_dtype="bfloat16" if low else "float32")
+  cfg = _Static(plan=plan, layout=layout, scale=float(scale),
+                state_dtype="bfloat16" if low else "float32")
   o, h_last = _core(cfg, tensor(q, dk_p), tensor(k, dk_p), tensor(v, dv_p), beta_c, g_cum,
                     seg, qd, kd, hd, h0)
-  o = jnp.swapaxes(o.reshape(batch, heads, n * c, dv_p), 1, 2)[:, :time, :, :dv]
+  if not layout.native:
+    o = jnp.swapaxes(o.reshape(batch, heads, n * c, dv_p), 1, 2)
+  if pad or dv_p != dv:
+    o = o[:, :time, :, :dv]
   if not output_final_state:
     return o, None
   return o, h_last.reshape(batch, heads, dk_p, dv_p)[..., :dk, :dv]

@@ -109,3 +109,55 @@ def per_chunk_value_block(rows: int, block: int) -> pl.BlockSpec:
   """Block [rows, block] of one chunk of a [BH, N, rows, Dv] array on a (BH, N, Dv
   blocks) grid."""
   return pl.BlockSpec((pl.squeezed, pl.squeezed, rows, block), lambda b, n, j: (b, n, 0, j))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where one chunk's rows of a token tensor (q, k, v, o and their gradients) live.
+
+  GPU: [B, T, H, D] as the caller has them, so no transposes: a Triton block
+  reads C rows with a stride of H * D. TPU: [B*H, N, C, D], because Mosaic wants
+  a block's last two dims to be (C, D) and would otherwise get (1, D).
+  Per-token scalars and per-chunk intermediates are [B*H, N, ...] on both.
+  """
+  batch: int
+  heads: int
+  chunks: int
+  chunk: int
+  native: bool
+
+  @property
+  def bh(self) -> int:
+    return self.batch * self.heads
+
+  def shape(self, d: int) -> tuple[int, ...]:
+    if self.native:
+      return (self.batch, self.chunks * self.chunk, self.heads, d)
+    return (self.bh, self.chunks, self.chunk, d)
+
+  def block(self, d: int) -> pl.BlockSpec:
+    """A chunk's [C, d] rows on a (B*H, N, ...) grid."""
+    if not self.native:
+      return per_chunk(self.chunk, d)
+    h = self.heads
+    return pl.BlockSpec((pl.squeezed, self.chunk, pl.squeezed, d),
+                        lambda b, n, *_: (b // h, n, b % h, 0))
+
+  def value_block(self, block: int) -> pl.BlockSpec:
+    """A chunk's [C, block] rows on a (B*H, N, Dv blocks) grid."""
+    if not self.native:
+      return per_chunk_value_block(self.chunk, block)
+    h = self.heads
+    return pl.BlockSpec((pl.squeezed, self.chunk, pl.squeezed, block),
+                        lambda b, n, j: (b // h, n, b % h, j))
+
+  def sequence(self, d: int, block: int | None = None) -> pl.BlockSpec:
+    """All rows [T, d] (or [T, block] of value block j) on a (B*H, Dv blocks) grid,
+    for the GPU recurrences (native layout only)."""
+    assert self.native
+    h = self.heads
+    if block is None:
+      return pl.BlockSpec((pl.squeezed, self.chunks * self.chunk, pl.squeezed, d),
+                          lambda b, j: (b // h, 0, b % h, 0))
+    return pl.BlockSpec((pl.squeezed, self.chunks * self.chunk, pl.squeezed, block),
+                        lambda b, j: (b // h, 0, b % h, j))

@@ -105,25 +105,27 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
   dhd_ref[...] = dhd
 
 
-def chunk_input_grads(plan: backend.Plan, t, q, k, v, beta_col, g_col, g_row, seg_col,
-                      seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o, *, scale: float):
-  """Per-chunk gradients, all fp32: dq, dk [BH, N, C, Dk]; dv [BH, N, C, Dv]; dbeta,
+def chunk_input_grads(plan: backend.Plan, layout: backend.Layout, t, q, k, v, beta_col, g_col,
+                      g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o, *,
+                      scale: float):
+  """Per-chunk gradients, all fp32: dq, dk, dv token tensors (layout); dbeta,
   dG (row-sum part), dqd, dkd [BH, N, C, 1]; dG (column-sum part) [BH, N, 1, C];
   dhd [BH, N, 1, 1]."""
-  bh, n, c, dk = q.shape
+  bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dvd = v.shape[-1]
-  chunk = backend.per_chunk
+  chunk, tokens = backend.per_chunk, layout.block
   col, row = chunk(c, 1), chunk(1, c)
-  shapes = [(c, dk), (c, dk), (c, dvd), (c, 1), (c, 1), (1, c), (c, 1), (c, 1), (1, 1)]
+  scalar_shapes = [(c, 1), (c, 1), (1, c), (c, 1), (c, 1), (1, 1)]
   return backend.call(
       functools.partial(_kernel, scale=scale, block_v=plan.value_block(dvd),
                         precision=plan.inverse_dot_precision), plan,
       grid=(bh, n),
-      in_specs=[chunk(c, c), chunk(c, dk), chunk(c, dk), chunk(c, dvd), col, col, row, col, row,
-                col, col,
-                chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd), chunk(c, dvd)],
-      out_specs=[chunk(*s) for s in shapes],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, *s), cm.F32) for s in shapes],
+      in_specs=[chunk(c, c), tokens(dk), tokens(dk), tokens(dvd), col, col, row, col, row,
+                col, col, chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd),
+                tokens(dvd)],
+      out_specs=[tokens(dk), tokens(dk), tokens(dvd)] + [chunk(*s) for s in scalar_shapes],
+      out_shape=[jax.ShapeDtypeStruct(layout.shape(d), cm.F32) for d in (dk, dk, dvd)]
+      + [jax.ShapeDtypeStruct((bh, n, *s), cm.F32) for s in scalar_shapes],
       name="gdn_chunk_input_grads",
   )(t, q, k, v, beta_col, g_col, g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv,
     d_o)

@@ -65,15 +65,17 @@ def _blocked_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_r
       t_ref[rows(i), rows(j)] = t[i, j] if j <= i else zeros
 
 
-def wy_inverse(plan: backend.Plan, k, beta_col, g_col, g_row, seg_col, seg_row):
-  """k [BH, N, C, Dk]; columns [BH, N, C, 1]; rows [BH, N, 1, C] -> T [BH, N, C, C] fp32."""
-  bh, n, c, dk = k.shape
+def wy_inverse(plan: backend.Plan, layout: backend.Layout, k, beta_col, g_col, g_row,
+               seg_col, seg_row):
+  """k: token tensor (layout) of width Dk; columns [BH, N, C, 1]; rows [BH, N, 1, C]
+  -> T [BH, N, C, C] fp32."""
+  bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, k.shape[-1]
   kernel = _blocked_kernel if plan.platform == "gpu" else _full_kernel
   col, row = backend.per_chunk(c, 1), backend.per_chunk(1, c)
   return backend.call(
       functools.partial(kernel, dtype=k.dtype, precision=plan.inverse_dot_precision), plan,
       grid=(bh, n),
-      in_specs=[backend.per_chunk(c, dk), col, col, row, col, row],
+      in_specs=[layout.block(dk), col, col, row, col, row],
       out_specs=[backend.per_chunk(c, c)],
       out_shape=[jax.ShapeDtypeStruct((bh, n, c, c), cm.F32)],
       name="gdn_wy_inverse",

@@ -37,42 +37,43 @@ def _dv_local_kernel(q_ref, k_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, do_re
   dv_ref[...] = scale * cm.mm(p, do_ref[...], ta=True, dtype=q.dtype)
 
 
-def _common_specs(c, dk):
+def _common_specs(layout, dk):
+  c = layout.chunk
   col, row = backend.per_chunk(c, 1), backend.per_chunk(1, c)
-  return [backend.per_chunk(c, dk), backend.per_chunk(c, dk), col, row, col, row]
+  return [layout.block(dk), layout.block(dk), col, row, col, row]
 
 
 # Both kernels run on a (BH, N, Dv blocks) grid: value columns are independent,
 # and the scores are cheap to recompute per block next to a [Dk, Dv] state tile.
 
-def chunk_outputs(plan: backend.Plan, q, k, g_col, g_row, seg_col, seg_row, qd_col, h, v_new,
-                  *, scale: float, out_dtype):
-  """q, k [BH, N, C, Dk]; h [BH, N, Dk, Dv]; v_new [BH, N, C, Dv] -> o [BH, N, C, Dv]."""
-  bh, n, c, dk = q.shape
+def chunk_outputs(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_row, seg_col,
+                  seg_row, qd_col, h, v_new, *, scale: float, out_dtype):
+  """q, k token tensors (layout) of width Dk; h [BH, N, Dk, Dv]; v_new [BH, N, C, Dv]
+  -> o, a token tensor of width Dv."""
+  bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dv = v_new.shape[-1]
   bv = plan.value_block(dv)
   by_value = backend.per_chunk_value_block
   return backend.call(
       functools.partial(_output_kernel, scale=scale), plan, grid=(bh, n, dv // bv),
-      in_specs=_common_specs(c, dk) + [backend.per_chunk(c, 1), by_value(dk, bv),
-                                       by_value(c, bv)],
-      out_specs=[by_value(c, bv)],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, c, dv), out_dtype)],
+      in_specs=_common_specs(layout, dk) + [backend.per_chunk(c, 1), by_value(dk, bv),
+                                            by_value(c, bv)],
+      out_specs=[layout.value_block(bv)],
+      out_shape=[jax.ShapeDtypeStruct(layout.shape(dv), out_dtype)],
       name="gdn_chunk_outputs",
   )(q, k, g_col, g_row, seg_col, seg_row, qd_col, h, v_new)[0]
 
 
-def local_value_grads(plan: backend.Plan, q, k, g_col, g_row, seg_col, seg_row, d_o, *,
-                      scale: float):
-  """dO [BH, N, C, Dv] -> dV_local [BH, N, C, Dv] fp32."""
-  bh, n, c, dk = q.shape
+def local_value_grads(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_row, seg_col,
+                      seg_row, d_o, *, scale: float):
+  """dO, a token tensor (layout) of width Dv -> dV_local [BH, N, C, Dv] fp32."""
+  bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dv = d_o.shape[-1]
   bv = plan.value_block(dv)
-  by_value = backend.per_chunk_value_block
   return backend.call(
       functools.partial(_dv_local_kernel, scale=scale), plan, grid=(bh, n, dv // bv),
-      in_specs=_common_specs(c, dk) + [by_value(c, bv)],
-      out_specs=[by_value(c, bv)],
+      in_specs=_common_specs(layout, dk) + [layout.value_block(bv)],
+      out_specs=[backend.per_chunk_value_block(c, bv)],
       out_shape=[jax.ShapeDtypeStruct((bh, n, c, dv), cm.F32)],
       name="gdn_local_value_grads",
   )(q, k, g_col, g_row, seg_col, seg_row, d_o)[0]

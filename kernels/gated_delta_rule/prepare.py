@@ -23,16 +23,16 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, qd_ref, w_ref, u_ref, *, precision):
   w_ref[...] = w.astype(w_ref.dtype)
 
 
-def wy_transform(plan: backend.Plan, t, k, v, beta_col, qd_col, *, state_dtype=jnp.float32):
-  """t [BH, N, C, C]; k [BH, N, C, Dk]; v [BH, N, C, Dv]; columns [BH, N, C, 1]
-  -> w [BH, N, C, Dk], u [BH, N, C, Dv] in state_dtype."""
-  bh, n, c, dk = k.shape
+def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, qd_col, *,
+                 state_dtype=jnp.float32):
+  """t [BH, N, C, C]; k, v token tensors (layout) of widths Dk, Dv; columns
+  [BH, N, C, 1] -> w [BH, N, C, Dk], u [BH, N, C, Dv] in state_dtype."""
+  bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, k.shape[-1]
   dv = v.shape[-1]
   col = backend.per_chunk(c, 1)
   return backend.call(
       functools.partial(_kernel, precision=plan.inverse_dot_precision), plan, grid=(bh, n),
-      in_specs=[backend.per_chunk(c, c), backend.per_chunk(c, dk), backend.per_chunk(c, dv),
-                col, col],
+      in_specs=[backend.per_chunk(c, c), layout.block(dk), layout.block(dv), col, col],
       out_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv)],
       out_shape=[jax.ShapeDtypeStruct((bh, n, c, dk), state_dtype),
                  jax.ShapeDtypeStruct((bh, n, c, dv), state_dtype)],

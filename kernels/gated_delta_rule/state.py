@@ -43,12 +43,20 @@ def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale):
 
 # --- forward -----------------------------------------------------------------------------
 
+def _rows(n, chunk):
+  """Chunk n's rows of a whole-sequence token block [T, D] (GPU layout)."""
+  return pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+
+
 def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
                          h_ref, v_new_ref, h_last_ref):
   """GPU: one program walks all chunks of one (batch*head, value block)."""
+  chunk = w_ref.shape[1]
+
   def body(n, h):
     h_ref[n] = h.astype(h_ref.dtype)
-    v_new, h = _forward_step(h, w_ref[n], u_ref[n], k_ref[n], kd_ref[n], hd_ref[n])
+    v_new, h = _forward_step(h, w_ref[n], u_ref[n], k_ref[_rows(n, chunk), :], kd_ref[n],
+                             hd_ref[n])
     v_new_ref[n] = v_new.astype(v_new_ref.dtype)
     return h
 
@@ -75,11 +83,12 @@ def _forward_grid_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
     h_last_ref[...] = h
 
 
-def chunk_states(plan: backend.Plan, w, u, k, kd_col, hd, h0, *, state_dtype=jnp.float32):
-  """w, k [BH, N, C, Dk]; u [BH, N, C, Dv]; kd_col [BH, N, C, 1]; hd [BH, N, 1, 1];
-  h0 [BH, Dk, Dv] -> (h entering each chunk [BH, N, Dk, Dv], V_new [BH, N, C, Dv],
-  final state [BH, Dk, Dv] fp32)."""
-  bh, n, c, dk = k.shape
+def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd, h0, *,
+                 state_dtype=jnp.float32):
+  """w [BH, N, C, Dk]; u [BH, N, C, Dv]; k a token tensor (layout); kd_col
+  [BH, N, C, 1]; hd [BH, N, 1, 1]; h0 [BH, Dk, Dv] -> (h entering each chunk
+  [BH, N, Dk, Dv], V_new [BH, N, C, Dv], final state [BH, Dk, Dv] fp32)."""
+  bh, n, c, dk = w.shape
   dv = u.shape[-1]
   out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
                jax.ShapeDtypeStruct((bh, n, c, dv), state_dtype),
@@ -90,7 +99,8 @@ def chunk_states(plan: backend.Plan, w, u, k, kd_col, hd, h0, *, state_dtype=jnp
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
         _forward_grid_kernel, plan, grid=(bh, n),
-        in_specs=[chunk(c, dk), chunk(c, dv), chunk(c, dk), chunk(c, 1), chunk(1, 1), whole],
+        in_specs=[chunk(c, dk), chunk(c, dv), layout.block(dk), chunk(c, 1), chunk(1, 1),
+                  whole],
         out_specs=[chunk(dk, dv), chunk(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_states")(*args)
@@ -100,7 +110,7 @@ def chunk_states(plan: backend.Plan, w, u, k, kd_col, hd, h0, *, state_dtype=jnp
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   return backend.call(
       _forward_loop_kernel, plan, grid=(bh, dv // bv),
-      in_specs=[full(c, dk), v_blocked(c), full(c, dk), full(c, 1), full(1, 1), state],
+      in_specs=[full(c, dk), v_blocked(c), layout.sequence(dk), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
       name="gdn_chunk_states")(*args)
 
@@ -110,13 +120,14 @@ def chunk_states(plan: backend.Plan, w, u, k, kd_col, hd, h0, *, state_dtype=jnp
 def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref,
                           dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale):
   """GPU: one program walks the chunks of one (batch*head, value block) backwards."""
-  num_chunks = q_ref.shape[0]
+  num_chunks, chunk = w_ref.shape[:2]
 
   def body(i, dh):
     n = num_chunks - 1 - i
+    rows = _rows(n, chunk)
     dh_ref[n] = dh.astype(dh_ref.dtype)
-    dv, dh = _backward_step(dh, q_ref[n], qd_ref[n], k_ref[n], kd_ref[n], hd_ref[n],
-                            w_ref[n], do_ref[n], dvl_ref[n], scale)
+    dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k_ref[rows, :], kd_ref[n],
+                            hd_ref[n], w_ref[n], do_ref[rows, :], dvl_ref[n], scale)
     dv_ref[n] = dv.astype(dv_ref.dtype)
     return dh
 
@@ -144,18 +155,20 @@ def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
     dh0_ref[...] = dh
 
 
-def chunk_state_grads(plan: backend.Plan, q, qd_col, k, kd_col, hd, w, d_o, dv_local,
-                      dh_last, *, scale: float, state_dtype=jnp.float32):
-  """Reverse recurrence. q, k, w [BH, N, C, Dk]; d_o, dv_local [BH, N, C, Dv];
-  dh_last [BH, Dk, Dv] (gradient of the final state) -> (dh of the state leaving
-  each chunk [BH, N, Dk, Dv], total dV_new [BH, N, C, Dv] fp32, dh0 [BH, Dk, Dv])."""
-  bh, n, c, dk = k.shape
+def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, kd_col, hd, w,
+                      d_o, dv_local, dh_last, *, scale: float, state_dtype=jnp.float32):
+  """Reverse recurrence. q, k, d_o token tensors (layout); w [BH, N, C, Dk];
+  dv_local [BH, N, C, Dv]; dh_last [BH, Dk, Dv] (gradient of the final state)
+  -> (dh of the state leaving each chunk [BH, N, Dk, Dv], total dV_new
+  [BH, N, C, Dv] fp32, dh0 [BH, Dk, Dv])."""
+  bh, n, c, dk = w.shape
   dv = d_o.shape[-1]
   out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
                jax.ShapeDtypeStruct((bh, n, c, dv), jnp.float32),
                jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
   args = (q, qd_col, k, kd_col, hd, w, d_o, dv_local, dh_last)
   if plan.sequential_in_grid:
+    assert not layout.native, "the reversed index maps assume [BH, N, C, D] token tensors"
     rev = lambda *tail: pl.BlockSpec((pl.squeezed, pl.squeezed, *tail),
                                      lambda b, i: (b, n - 1 - i) + (0,) * len(tail))
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
@@ -172,7 +185,7 @@ def chunk_state_grads(plan: backend.Plan, q, qd_col, k, kd_col, hd, w, d_o, dv_l
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   return backend.call(
       functools.partial(_backward_loop_kernel, scale=scale), plan, grid=(bh, dv // bv),
-      in_specs=[full(c, dk), full(c, 1), full(c, dk), full(c, 1), full(1, 1), full(c, dk),
-                v_blocked(c), v_blocked(c), state],
+      in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
+                full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
       name="gdn_chunk_state_grads")(*args)
