@@ -148,6 +148,7 @@ def test_default_implementation_per_backend():
 @pytest.mark.parametrize("options,needle", [
     (dict(platform="cuda"), "platform"),
     (dict(platform="tpu", inverse_precision="tf32x3"), "inverse_precision"),
+    (dict(platform="gpu", interpret=True, inverse_precision="tf32x3"), "inverse_precision"),
     (dict(platform="gpu", block_v=24), "block_v"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):

@@ -45,9 +45,12 @@ class Plan:
   def __post_init__(self):
     if self.platform not in PLATFORMS:
       raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
-    allowed = ("highest", "tf32x3") if self.platform == "gpu" else ("highest",)
+    # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
+    gpu = self.platform == "gpu" and not self.interpret
+    allowed = ("highest", "tf32x3") if gpu else ("highest",)
     if self.inverse_precision not in allowed:
-      raise ValueError(f"inverse_precision must be one of {allowed} on {self.platform}, "
+      where = "a GPU" if gpu else f"{self.platform}{' interpreted' * self.interpret}"
+      raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
     for name in ("chunk", "block_v"):
       value = getattr(self, name)
