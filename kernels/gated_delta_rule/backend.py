@@ -94,7 +94,15 @@ def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
   grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
                           scratch_shapes=list(scratch_shapes))
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
-                        compiler_params=params, interpret=plan.interpret, name=name)
+                        compiler_params=params, interpret=_interpret(plan), name=name)
+
+
+def _interpret(plan: Plan) -> Any:
+  """The TPU form runs in the TPU interpreter (it models VMEM scratch and the grid's
+  order, and poisons uninitialised memory); the GPU form in the generic one."""
+  if not plan.interpret:
+    return False
+  return pltpu.InterpretParams() if plan.platform == "tpu" else True
 
 
 def vmem(shape: tuple[int, ...]) -> Any:
