@@ -1,8 +1,10 @@
 """Pallas gated delta rule: interpreted kernels vs the recurrent reference, and lowering.
 
-The kernels run with the Pallas interpreter on CPU, in both of their forms: the
-GPU form (recurrences as loops inside one program per batch*head) and the TPU
-form (recurrences over an ordered grid axis with VMEM scratch). Every case
+The kernels run interpreted on CPU, in both of their forms: the GPU form
+(token tensors as [B, T, H, D], recurrences as loops inside one program per
+batch*head and value block; generic interpreter) and the TPU form ([B*H, N, C, D],
+recurrences over an ordered grid axis with VMEM scratch; the TPU interpreter,
+which poisons uninitialised memory with NaN). Every case
 compares the output, the final state and all six gradients with the reference,
 at the tolerances of tests/test_gated_delta_rule.py. Lowering for 'cuda'
 (Triton) and 'tpu' (Mosaic) runs at the 0.4B and 1.4B GDN shapes with T = 4096
