@@ -9,10 +9,12 @@ import sys
 import pytest
 
 from experiments import configs as config_files
+from lte_jax import configs as configs_lib
 from lte_jax.training import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH_CONFIGS = ("GDN", "GDN_Attn", "GDN_SWA", "laLTE", "transformer")
+# One training config file per architecture the model knows.
+ARCH_CONFIGS = tuple(configs_lib.ARCHITECTURES)
 TINY = ["--config.model.num_layers=2", "--config.data.seq_len=32", "--config.data.batch_size=4",
         "--config.optim.warmup_steps=1", "--config.log.progress=False"]
 
