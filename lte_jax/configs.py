@@ -53,6 +53,10 @@ class GDNConfig:
     _positive(self, "num_heads", "head_dim", "conv_size", "chunk_size")
     _require(self.expand_v > 0 and float(self.head_dim * self.expand_v).is_integer(),
              "GDNConfig.expand_v", "> 0 with head_dim * expand_v an integer", self.expand_v)
+    # The layer always builds the output gate (every paper preset uses it); refuse the
+    # flag rather than silently ignore it.
+    _require(self.use_gate is True, "GDNConfig.use_gate", "True (the ungated output norm is "
+             "not implemented)", self.use_gate)
 
   @property
   def head_v_dim(self) -> int:

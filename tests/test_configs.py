@@ -51,3 +51,8 @@ def test_paper_shapes():
 def test_bad_config_raises_value_error(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_gdn_use_gate_false_is_refused_not_ignored():
+  with pytest.raises(ValueError, match="GDNConfig.use_gate"):
+    configs.GDNConfig(use_gate=False)
