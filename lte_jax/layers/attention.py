@@ -25,14 +25,13 @@ from lte_jax.layers.rope import apply_rope
 from lte_jax.ops.attention import attention, masked_attention
 
 
-class Attention(nnx.Module):
-  """Causal softmax attention (full or sliding window); implements the mixer protocol."""
+class QKVAttention(nnx.Module):
+  """What the RoPE softmax mixers share (Attention, NSAAttention): q/k/v/o projections
+  with GQA, the window convention, input checks and the output projection."""
 
-  def __init__(self, cfg: AttentionConfig, d_model: int, *, num_layers: int, init_std: float,
-               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    if not isinstance(cfg, AttentionConfig):
-      raise ValueError(f"cfg must be a lte_jax.configs.AttentionConfig, got "
-                       f"{type(cfg).__name__}")
+  def _init_projections(self, cfg: Any, d_model: int, *, num_layers: int, init_std: float,
+                        dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> dict:
+    """Creates q_proj, k_proj, v_proj, o_proj; returns the linear() keywords for more."""
     _checks.check_positive_int("d_model", d_model)
     _checks.check_positive_int("num_layers", num_layers)
     self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
@@ -46,24 +45,18 @@ class Attention(nnx.Module):
     self.v_proj = linear(d_model, hkv * d, names=(sh.EMBED, sh.KV_HEADS), std=init_std, **kw)
     self.o_proj = linear(hq * d, d_model, names=(sh.HEADS, sh.EMBED),
                          std=output_std(init_std, num_layers), **kw)
-
-  @property
-  def window_size(self) -> int | None:
-    """Visible tokens per query including itself (None: full causal)."""
-    return self.cfg.window_size
+    return kw
 
   @property
   def max_distance(self) -> int | None:
-    """The op's window: the largest i - j a query may attend to."""
+    """The op's window: the largest i - j a query may attend to (None: no window)."""
     return None if self.cfg.window_size is None else self.cfg.window_size - 1
-
-  # ---- shared pieces ----
 
   def _check_x(self, x: jax.Array, name: str = "x") -> None:
     _checks.check_shape(name, x, (None, None, self.d_model), "[batch, time, d_model]")
     _checks.check_float_dtype(name, x)
 
-  def _project(self, x: jax.Array, positions: jax.Array):
+  def _project_qkv(self, x: jax.Array, positions: jax.Array):
     """q [B, T, Hq, D], k, v [B, T, Hkv, D]; RoPE applied to q and k."""
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -77,6 +70,26 @@ class Attention(nnx.Module):
   def _output(self, o: jax.Array) -> jax.Array:
     y = self.o_proj(o.reshape(*o.shape[:2], -1).astype(self.dtype or o.dtype))
     return sh.constrain(y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+
+
+class Attention(QKVAttention):
+  """Causal softmax attention (full or sliding window); implements the mixer protocol."""
+
+  def __init__(self, cfg: AttentionConfig, d_model: int, *, num_layers: int, init_std: float,
+               dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(cfg, AttentionConfig):
+      raise ValueError(f"cfg must be a lte_jax.configs.AttentionConfig, got "
+                       f"{type(cfg).__name__}")
+    self._init_projections(cfg, d_model, num_layers=num_layers, init_std=init_std, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+
+  @property
+  def window_size(self) -> int | None:
+    """Visible tokens per query including itself (None: full causal)."""
+    return self.cfg.window_size
+
+  def _project(self, x: jax.Array, positions: jax.Array):
+    return self._project_qkv(x, positions)
 
   # ---- mixer protocol ----
 

@@ -25,8 +25,8 @@ from lte_jax import _checks
 from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax.configs import NSAConfig
-from lte_jax.layers.common import linear, output_std
-from lte_jax.layers.rope import apply_rope
+from lte_jax.layers.attention import QKVAttention
+from lte_jax.layers.common import linear
 from lte_jax.ops.nsa_attention import nsa_attention, nsa_decode
 
 _CACHE_KEYS = ("k", "v", "k_cmp", "v_cmp", "pos")
@@ -40,57 +40,27 @@ def block_means(x: jax.Array, block_size: int) -> jax.Array:
   return jnp.mean(blocks, axis=2).astype(x.dtype)
 
 
-class NSAAttention(nnx.Module):
+class NSAAttention(QKVAttention):
   """Native Sparse Attention; implements the mixer protocol (see WORKSPACE.md)."""
 
   def __init__(self, cfg: NSAConfig, d_model: int, *, num_layers: int, init_std: float,
                dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if not isinstance(cfg, NSAConfig):
       raise ValueError(f"cfg must be a lte_jax.configs.NSAConfig, got {type(cfg).__name__}")
-    _checks.check_positive_int("d_model", d_model)
-    _checks.check_positive_int("num_layers", num_layers)
-    self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
-    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = linear(d_model, hq * d, names=(sh.EMBED, sh.HEADS), std=init_std, **kw)
-    self.k_proj = linear(d_model, hkv * d, names=(sh.EMBED, sh.KV_HEADS), std=init_std, **kw)
-    self.v_proj = linear(d_model, hkv * d, names=(sh.EMBED, sh.KV_HEADS), std=init_std, **kw)
-    self.g_proj = linear(d_model, hq * 3, names=(sh.EMBED, sh.HEADS), std=init_std, **kw)
-    self.o_proj = linear(hq * d, d_model, names=(sh.HEADS, sh.EMBED),
-                         std=output_std(init_std, num_layers), **kw)
-
-  @property
-  def max_distance(self) -> int | None:
-    """The op's window: the largest i - j the sliding branch reads (None: no branch)."""
-    return None if self.cfg.window_size is None else self.cfg.window_size - 1
+    kw = self._init_projections(cfg, d_model, num_layers=num_layers, init_std=init_std,
+                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.g_proj = linear(d_model, cfg.num_heads * 3, names=(sh.EMBED, sh.HEADS), std=init_std,
+                         **kw)
 
   def _op_kwargs(self) -> dict:
     return dict(block_size=self.cfg.block_size, block_count=self.cfg.block_count,
                 window_size=self.max_distance)
 
-  # ---- shared pieces ----
-
-  def _check_x(self, x: jax.Array, name: str = "x") -> None:
-    _checks.check_shape(name, x, (None, None, self.d_model), "[batch, time, d_model]")
-    _checks.check_float_dtype(name, x)
-
   def _project(self, x: jax.Array, positions: jax.Array):
     """q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE on q, k), gates [B, T, Hq, 3] float32."""
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     gates = jax.nn.sigmoid(self.g_proj(x).astype(jnp.float32)).reshape(b, t, self.num_heads, 3)
-    q = apply_rope(q, positions, self.cfg.rope_theta)
-    k = apply_rope(k, positions, self.cfg.rope_theta)
-    names = (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, None)
-    q, k, v = (sh.constrain(a, names) for a in (q, k, v))
-    return q, k, v, gates
-
-  def _output(self, o: jax.Array) -> jax.Array:
-    y = self.o_proj(o.reshape(*o.shape[:2], -1).astype(self.dtype or o.dtype))
-    return sh.constrain(y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+    return (*self._project_qkv(x, positions), gates)
 
   # ---- mixer protocol ----
 
