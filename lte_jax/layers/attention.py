@@ -26,8 +26,8 @@ from lte_jax.ops.attention import attention, masked_attention
 
 
 class QKVAttention(nnx.Module):
-  """What the RoPE softmax mixers share (Attention, NSAAttention): q/k/v/o projections
-  with GQA, the window convention, input checks and the output projection."""
+  """What the RoPE softmax mixers share (Attention, NSAAttention, LTEAttention): q/k/v/o
+  projections with GQA, the window convention, input checks and the output projection."""
 
   def _init_projections(self, cfg: Any, d_model: int, *, num_layers: int, init_std: float,
                         dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> dict:

@@ -45,7 +45,7 @@ from lte_jax import _checks
 from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax.configs import LTEConfig
-from lte_jax.layers.common import linear, output_std
+from lte_jax.layers.attention import QKVAttention
 from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.layers.rope import apply_rope
 from lte_jax.ops.attention import masked_attention
@@ -64,7 +64,7 @@ def ring_positions(pos: jax.Array, ring: int) -> jax.Array:
   return jnp.where(t >= 0, t, -1).astype(jnp.int32)
 
 
-class LTEAttention(nnx.Module):
+class LTEAttention(QKVAttention):
   """LTE sparse attention; implements the mixer protocol (see WORKSPACE.md).
 
   Set ``enforce_budget = True`` (model.set_attributes) so the full-sequence
@@ -75,28 +75,18 @@ class LTEAttention(nnx.Module):
                dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if not isinstance(cfg, LTEConfig):
       raise ValueError(f"cfg must be a lte_jax.configs.LTEConfig, got {type(cfg).__name__}")
-    _checks.check_positive_int("d_model", d_model)
-    _checks.check_positive_int("num_layers", num_layers)
-    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if d % 2:
-      raise ValueError(f"cfg.head_dim must be even for RoPE, got {d}")
-    self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
-    self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
+    self._init_projections(cfg, d_model, num_layers=num_layers, init_std=init_std, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
     self.ring_size = cfg.window_size + 1
     self.enforce_budget = False
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.q_proj = linear(d_model, hq * d, names=(sh.EMBED, sh.HEADS), std=init_std, **kw)
-    self.k_proj = linear(d_model, hkv * d, names=(sh.EMBED, sh.KV_HEADS), std=init_std, **kw)
-    self.v_proj = linear(d_model, hkv * d, names=(sh.EMBED, sh.KV_HEADS), std=init_std, **kw)
-    self.o_proj = linear(hq * d, d_model, names=(sh.HEADS, sh.EMBED),
-                         std=output_std(init_std, num_layers), **kw)
     self.scorer = LTEScorer(cfg, rngs=rngs, param_dtype=param_dtype)
 
-  # ---- shared pieces ----
+  @property
+  def max_distance(self) -> int:
+    """LTEConfig.window_size is already w, the largest i - j of the window."""
+    return self.cfg.window_size
 
-  def _check_x(self, x: jax.Array, name: str = "x") -> None:
-    _checks.check_shape(name, x, (None, None, self.d_model), "[batch, time, d_model]")
-    _checks.check_float_dtype(name, x)
+  # ---- shared pieces ----
 
   def _project(self, x: jax.Array):
     """q [B, T, Hq, D], k_raw, v [B, T, Hkv, D]; no RoPE yet (the scorer reads raw keys)."""
@@ -109,10 +99,6 @@ class LTEAttention(nnx.Module):
 
   def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     return apply_rope(x, positions, self.cfg.rope_theta)
-
-  def _output(self, o: jax.Array) -> jax.Array:
-    y = self.o_proj(o.reshape(*o.shape[:2], -1).astype(self.dtype or o.dtype))
-    return sh.constrain(y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
   def _attend(self, q, k, v, r, *, budget, segment_ids=None):
     cfg = self.cfg
