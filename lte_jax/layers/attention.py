@@ -71,6 +71,14 @@ class QKVAttention(nnx.Module):
     y = self.o_proj(o.reshape(*o.shape[:2], -1).astype(self.dtype or o.dtype))
     return sh.constrain(y, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
+  def _decode_positions(self, x: jax.Array, cache: dict) -> jax.Array:
+    """Checks one decode token x [B, 1, D] and the cache (the subclass's _check_cache);
+    returns the token's positions [B, 1] int32 (all rows at cache['pos'])."""
+    _checks.check_shape("x", x, (None, 1, self.d_model), "[batch, 1, d_model]")
+    _checks.check_float_dtype("x", x)
+    self._check_cache(cache, x.shape[0])
+    return jnp.broadcast_to(cache["pos"], (x.shape[0], 1)).astype(jnp.int32)
+
 
 class Attention(QKVAttention):
   """Causal softmax attention (full or sliding window); implements the mixer protocol."""
@@ -172,12 +180,9 @@ class Attention(QKVAttention):
 
   def decode(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token x [B, 1, D] at position cache['pos'] -> (y [B, 1, D], cache)."""
-    _checks.check_shape("x", x, (None, 1, self.d_model), "[batch, 1, d_model]")
-    _checks.check_float_dtype("x", x)
-    b = x.shape[0]
-    self._check_cache(cache, b)
-    pos = cache["pos"]
-    q, k, v = self._project(x, jnp.broadcast_to(pos, (b, 1)).astype(jnp.int32))
+    positions = self._decode_positions(x, cache)
+    b, pos = x.shape[0], cache["pos"]
+    q, k, v = self._project(x, positions)
     kc, vc = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
     num_slots = cache["k"].shape[1]
     new_cache = dict(cache, pos=pos + 1)

@@ -246,13 +246,10 @@ class LTEAttention(QKVAttention):
 
   def decode(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token x [B, 1, D] at position cache['pos'] -> (y [B, 1, D], cache). Jit-able."""
-    _checks.check_shape("x", x, (None, 1, self.d_model), "[batch, 1, d_model]")
-    _checks.check_float_dtype("x", x)
+    positions = self._decode_positions(x, cache)
     bsz = x.shape[0]
-    self._check_cache(cache, bsz)
     cfg, w1, nb = self.cfg, self.ring_size, self.cfg.budget
     pos = cache["pos"]
-    positions = jnp.broadcast_to(pos, (bsz, 1)).astype(jnp.int32)
     q, k_raw, v = self._project(x)
     q, k = self._rope(q, positions), self._rope(k_raw, positions)
 

@@ -140,12 +140,9 @@ class NSAAttention(QKVAttention):
 
   def decode(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
     """One token x [B, 1, D] at position cache['pos'] -> (y [B, 1, D], cache)."""
-    _checks.check_shape("x", x, (None, 1, self.d_model), "[batch, 1, d_model]")
-    _checks.check_float_dtype("x", x)
-    b = x.shape[0]
-    self._check_cache(cache, b)
+    positions = self._decode_positions(x, cache)
     pos, bs = cache["pos"], self.cfg.block_size
-    q, k, v, gates = self._project(x, jnp.broadcast_to(pos, (b, 1)).astype(jnp.int32))
+    q, k, v, gates = self._project(x, positions)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)
     # The token that completes its block writes the block's mean into the compressed cache.
