@@ -28,3 +28,15 @@ def test_no_top_level_kernels_package():
 def test_kernels_importable_under_lte_jax():
   import lte_jax.kernels  # noqa: F401  (resolved through setup.cfg package_dir)
   assert pathlib.Path(lte_jax.kernels.__file__).resolve().parent == ROOT / "kernels"
+
+
+def test_kernels_importable_from_an_uninstalled_checkout():
+  # As on a GPU machine that only has the source tree on PYTHONPATH: drop the
+  # editable-install finder and import from the repository root.
+  import subprocess
+  import sys
+  code = ("import sys; sys.meta_path = [m for m in sys.meta_path if 'ditable' not in repr(m)]; "
+          "import lte_jax.kernels.gated_delta_rule as g; print(g.__file__)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True).stdout
+  assert pathlib.Path(out.strip()).resolve().parent == ROOT / "kernels" / "gated_delta_rule"
