@@ -23,6 +23,7 @@ def _bind_source_tree_kernels() -> None:
   module = importlib.util.module_from_spec(spec)
   sys.modules["lte_jax.kernels"] = module
   spec.loader.exec_module(module)
+  globals()["kernels"] = module   # what the import system sets for installed subpackages
 
 
 _bind_source_tree_kernels()
