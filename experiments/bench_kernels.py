@@ -127,7 +127,13 @@ def check(shape: str) -> list[dict]:
   rows = []
   for impl in FLAGS.implementations:
     fwd, fwdbwd = _lte_jax_fns(impl)
-    _, grads = fwdbwd(*args, d_o)
+    try:
+      _, grads = fwdbwd(*args, d_o)
+    except Exception as e:  # noqa: BLE001  (reported, and the other implementations go on)
+      print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+      rows.append(dict(shape=shape, impl=f"lte_jax/{impl}", ok=False, worst="error",
+                       error=f"{type(e).__name__}: {str(e)[:500]}"))
+      continue
     errors = {"o": _rel_rms(fwd(*args), o_ref)}
     errors.update({f"d{n}": _rel_rms(a, b) for n, a, b in zip("qkvg", grads, grads_ref)})
     errors["dbeta"] = _rel_rms(grads[4], grads_ref[4])
@@ -186,7 +192,7 @@ def main(argv):
   checks = check(FLAGS.check_shape) if FLAGS.check_shape else []
   if checks:
     errors = ["o", "dq", "dk", "dv", "dg", "dbeta"]
-    shown = [{**r, **{n: f"{r[n]:.1e}" for n in errors}} for r in checks]
+    shown = [{**r, **{n: f"{r[n]:.1e}" for n in errors if n in r}} for r in checks]
     bench_common.print_table(shown, ["shape", "impl", "ok", "worst"] + errors)
   fla = _load_fla() if FLAGS.fla else None
   rows = []
@@ -194,7 +200,12 @@ def main(argv):
     dims = _parse(shape)
     args = _inputs(*dims)
     bytes_moved, flops = forward_cost(*dims)
-    timed = [(f"lte_jax/{impl}",) + _time_lte_jax(impl, args) for impl in FLAGS.implementations]
+    timed = []
+    for impl in FLAGS.implementations:
+      try:
+        timed.append((f"lte_jax/{impl}",) + _time_lte_jax(impl, args))
+      except Exception as e:  # noqa: BLE001
+        print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if fla is not None:
       timed.append(("fla/triton",) + _time_fla(fla, args))
     anchor = {name: (f, fb) for name, f, fb in timed}.get("fla/triton")
@@ -205,12 +216,19 @@ def main(argv):
           fwdbwd_vs_fla=anchor[1] / fb if anchor else None,
           fwd_bw_frac=bytes_moved / (f * 1e-3) / H200_BYTES_PER_S,
           fwd_flop_frac=flops / (f * 1e-3) / H200_BF16_FLOPS))
+      print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    _write(env, checks, rows, fla)
   bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_vs_fla",
                                   "fwdbwd_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
   if fla is not None:
     print("fla: fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True to time its backward")
   if any(not r["ok"] for r in checks):
     print("WARNING: an implementation failed the correctness check (see the first table)")
+  _write(env, checks, rows, fla)
+
+
+def _write(env, checks, rows, fla):
+  """Written after every shape too, so a run cut short keeps what it measured."""
   bench_common.write_json(FLAGS.out, dict(
       env=env, checks=checks, rows=rows,
       notes=dict(fla_triton_guard_lifted=fla is not None, roofline=dict(

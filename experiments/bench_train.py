@@ -14,6 +14,7 @@ Reports step time (median), tokens/s, peak device memory and MFU
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,6 +33,12 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
                   "What each lte_jax block keeps for the backward pass (ModelConfig.remat).")
+flags.DEFINE_string("implementation", None,
+                    "Op implementation for the lte_jax mixers that have it (config.model."
+                    "implementation); None: each op's default for the backend.")
+flags.DEFINE_string("gdn_implementation", None,
+                    "Gated delta rule implementation only ('xla' | 'pallas'); overrides "
+                    "--implementation for the GDN layers.")
 flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
@@ -58,7 +65,12 @@ def _run_lte_jax(arch: str) -> dict:
   config.data.batch_size = FLAGS.batch
   config.model.remat = FLAGS.remat
   config.steps = 1000
+  if FLAGS.implementation:
+    config.model.implementation = FLAGS.implementation
   exp = experiment.resolve(config)
+  if FLAGS.gdn_implementation:
+    gdn = dataclasses.replace(exp.model.gdn, implementation=FLAGS.gdn_implementation)
+    exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, gdn=gdn))
   mesh = mesh_lib.make_mesh(**config.mesh)
   model_def = train_state.make_model_def(exp.model)
   tx, schedule = optimizer.make_optimizer(exp.optim, exp.steps)
@@ -102,7 +114,8 @@ def _run_lte_jax(arch: str) -> dict:
   peak = metrics.peak_flops(jax.devices()[0])
   flops = metrics.flops_per_token(exp.model, n, t) * b * t / step_s
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
-  return dict(model=f"lte_jax {arch}", params=n, devices=jax.device_count(),
+  impl = exp.model.gdn.implementation or "default"
+  return dict(model=f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat})", params=n, devices=jax.device_count(),
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
               mfu=flops / (peak * jax.device_count()) if peak else None,
@@ -206,7 +219,10 @@ def main(argv):
     # Written after every model so a run cut short keeps what it measured.
     bench_common.write_json(FLAGS.out, dict(environment=bench_common.environment(),
                                             flags=dict(size=FLAGS.size, batch=FLAGS.batch,
-                                                       seq_len=FLAGS.seq_len, steps=FLAGS.steps),
+                                                       seq_len=FLAGS.seq_len, steps=FLAGS.steps,
+                                                       remat=FLAGS.remat,
+                                                       implementation=FLAGS.implementation,
+                                                       gdn_implementation=FLAGS.gdn_implementation),
                                             results=rows))
   print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
   bench_common.print_table(rows, ["model", "params", "devices", "step_s", "tokens_per_s",
