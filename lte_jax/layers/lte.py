@@ -48,8 +48,8 @@ from lte_jax.configs import LTEConfig
 from lte_jax.layers.attention import QKVAttention
 from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.layers.rope import apply_rope
-from lte_jax.ops.attention import masked_attention
 from lte_jax.ops.lte_attention import lte_attention
+from lte_jax.ops.lte_decode import lte_decode_attention
 
 _CACHE_KEYS = ("k", "v", "k_raw", "score", "ret_pos", "fill", "pos", "scored")
 
@@ -300,10 +300,8 @@ class LTEAttention(QKVAttention):
         "scored": cache["scored"],
     }
 
-    # 4. Attend over the ring (the window incl. this token) and the filled retained slots.
-    ring_visible = jnp.broadcast_to((ring_positions(pos + 1, w1) >= 0)[None, None, :],
-                                    (bsz, self.num_kv_heads, w1))
-    ret_visible = (jnp.arange(nb)[None, None, :] < fill[:, :, None])  # [B, H, b]
-    mask = jnp.concatenate([ring_visible, ret_visible], axis=2)[:, :, None, :]
-    o = masked_attention(q, new_cache["k"], new_cache["v"], mask)
+    # 4. Attend over the ring (the window incl. this token) and the filled retained slots
+    #    (cfg.implementation 'pallas': the split-K decode kernel).
+    o = lte_decode_attention(q, new_cache["k"], new_cache["v"], fill, pos + 1, ring_size=w1,
+                             implementation=cfg.implementation)
     return self._output(o), new_cache

@@ -1,0 +1,119 @@
+"""The one place that knows which Pallas lowering the LTE decode kernel goes through.
+
+GPU: the Triton lowering (deprecated in JAX 0.11 in favour of Mosaic GPU; kept
+here so a move touches one file). The cache stays [B, S, Hkv, D] as the layer
+holds it: a program reads one (batch, KV head) strip with a stride of Hkv * D,
+and masked loads skip empty slots and the ragged end. TPU: Mosaic wants a
+block's last two dims to be (slots, D), so the cache is transposed (and padded
+to whole blocks) to [B, Hkv, S, D] first, an extra pass over it; scalars live
+in SMEM.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+PLATFORMS = ("gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static choices for one call: target lowering and tuning knobs (hashable).
+
+  platform: 'gpu' (Triton lowering) or 'tpu' (Mosaic).
+  interpret: run the kernel with the Pallas interpreter (CPU tests); the
+    platform still decides its form (masked strided loads or a padded layout).
+  block_k: cache slots per tile of the inner loop (power of two >= 16).
+  split: cache slots per program (a multiple of block_k), or None: as few slots
+    per program as keep `min_programs` programs in flight (flash-decoding's
+    split-K; each split's partial softmax is combined afterwards).
+  min_programs: target number of programs for split=None (GPU: a few per SM).
+  num_warps, num_stages: Triton launch parameters.
+  """
+  platform: str
+  interpret: bool = False
+  block_k: int = 128
+  split: int | None = None
+  min_programs: int = 1024
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    if not isinstance(self.block_k, int) or self.block_k < 16 or self.block_k & (self.block_k - 1):
+      raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k!r}")
+    if self.split is not None and (not isinstance(self.split, int) or self.split < 1
+                                   or self.split % self.block_k):
+      raise ValueError(f"split must be None or a positive multiple of block_k={self.block_k}, "
+                       f"got {self.split!r}")
+    for name in ("min_programs", "num_warps", "num_stages"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+  @property
+  def native_layout(self) -> bool:
+    """The cache is read in place ([B, S, Hkv, D]) with masked loads (GPU only)."""
+    return self.platform == "gpu"
+
+  @property
+  def min_rows(self) -> int:
+    """Query rows per program are padded to this: Triton dots need >= 16; Mosaic 8."""
+    return 16 if self.platform == "gpu" else 8
+
+  def slots_per_program(self, slots: int, strips: int) -> int:
+    """Slots each program reads, given `slots` per strip and `strips` = B * Hkv."""
+    if self.split is not None:
+      return self.split
+    tiles = -(-slots // self.block_k)
+    splits = max(1, min(tiles, -(-self.min_programs // strips)))
+    return -(-tiles // splits) * self.block_k
+
+
+def default_platform() -> str:
+  """'tpu' on TPU, else 'gpu' (the CPU only runs the kernel interpreted)."""
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def scalar_spec(plan: Plan) -> pl.BlockSpec:
+  """A small int32 array every program reads whole, indexed by scalars (SMEM on TPU)."""
+  if plan.platform == "tpu":
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
+  return pl.BlockSpec(memory_space=None)
+
+
+def load_tile(plan: Plan, ref: Any, start: jax.Array, size: int, valid_col: jax.Array) -> jax.Array:
+  """Rows [start, start + size) of a [slots, D] ref, zero where valid_col [size, 1] is False.
+
+  GPU: a masked load (invalid rows are never read: empty slots and the ragged end
+  of the cache cost no bandwidth). TPU: the block is padded and in VMEM; a select.
+  """
+  window = ref.at[pl.ds(pl.multiple_of(start, size), size), :]
+  if plan.platform == "gpu":
+    mask = jnp.broadcast_to(valid_col, (size, ref.shape[-1]))
+    return pltriton.load(window, mask=mask, other=0)
+  tile = window[...]
+  return jnp.where(valid_col, tile, jnp.zeros((), tile.dtype))
+
+
+def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
+         in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
+         out_shape: Sequence[jax.ShapeDtypeStruct], name: str) -> Any:
+  """pallas_call with the lowering's parameters; every grid axis is parallel."""
+  if plan.platform == "tpu":
+    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
+  else:
+    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+  interpret: Any = False
+  if plan.interpret:
+    interpret = pltpu.InterpretParams() if plan.platform == "tpu" else True
+  return pl.pallas_call(kernel, grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
+                        out_shape=list(out_shape), compiler_params=params, interpret=interpret,
+                        name=name)
