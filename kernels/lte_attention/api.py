@@ -1,0 +1,177 @@
+"""LTE and sliding-window attention on Pallas kernels: glue and the custom VJP.
+
+Pipeline (modules in brackets):
+  plain JAX [sets]: document bounds, band starts lo_i, far keys compacted per
+    (batch, KV head) with their last readers, loop bounds of every kernel;
+  forward [forward]: one program per (batch, query head, query tile), band tiles
+    then reachable compact tiles, one online softmax -> o, lse;
+  backward: dq [forward], dk/dv of band tiles and of compact tiles [backward], the
+    compact ones scatter-added back to the sequence here.
+The custom VJP covers q, k and v (after padding and, on TPU, the [B, H, T, D]
+transpose, which JAX differentiates); LTE's straight-through estimator is applied
+to v before the kernels, so autodiff gives the scores their gradient.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lte_jax.kernels.lte_attention import backend, backward, forward, sets
+from lte_jax.ops.lte_attention.reference import straight_through_values, token_positions
+from lte_jax.ops.lte_attention.xla import evict_index
+
+F32 = jnp.float32
+
+
+class _Sets(NamedTuple):
+  """Integer inputs of the kernels (no gradient). far_* are None without far keys."""
+  lo: jax.Array                  # [B, Tp] first band key of each query
+  query_bounds: jax.Array        # sets.query_bounds
+  band_bounds: jax.Array         # sets.band_key_bounds
+  far_idx: jax.Array | None      # [B, Hkv, Tp] compact slot -> index
+  far_last: jax.Array | None     # [B, Hkv, Tp] compact slot -> last reader
+  far_bounds: jax.Array | None   # sets.far_key_bounds
+
+
+def _compact(cfg: forward.Static, x, idx):
+  """Rows idx [B, Hkv, Tp] of a KV tensor in the kernel layout -> [B, Hkv, Tp, d]."""
+  b = jnp.arange(x.shape[0])[:, None, None]
+  h = jnp.arange(cfg.heads_kv)[None, :, None]
+  t = jnp.minimum(idx, cfg.padded - 1)     # empty slots: any row, the kernels mask them
+  return x[b, t, h] if cfg.plan.native_layout else x[b, h, t]
+
+
+def _scatter_add(cfg: forward.Static, x, idx, rows):
+  """x (kernel layout) += rows [B, Hkv, Tp, d] at idx; empty slots (idx = Tp) drop."""
+  b = jnp.arange(x.shape[0])[:, None, None]
+  h = jnp.arange(cfg.heads_kv)[None, :, None]
+  at = x.at[b, idx, h] if cfg.plan.native_layout else x.at[b, h, idx]
+  return at.add(rows, mode="drop")
+
+
+def _rows(x, block):   # [B, H, Tp] -> [B, H, Tp / block, block]
+  return x.reshape(*x.shape[:2], x.shape[2] // block, block)
+
+
+def _far_inputs(cfg, k, v, s: _Sets):
+  if not cfg.far:
+    return None
+  kc, vc = _compact(cfg, k, s.far_idx), _compact(cfg, v, s.far_idx)
+  block = cfg.plan.block_k
+  return kc, vc, _rows(s.far_idx, block), _rows(s.far_last, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg: forward.Static, q, k, v, s: _Sets):
+  """q [layout, Hq, D], k [.., Hkv, D], v [.., Hkv, Dv] with Tp rows -> o [.., Hq, Dv]."""
+  return _core_fwd(cfg, q, k, v, s)[0]
+
+
+def _core_fwd(cfg, q, k, v, s):
+  o, lse = forward.attention_forward(cfg, q, k, v, s.lo, s.query_bounds,
+                                     _far_inputs(cfg, k, v, s))
+  return o, (q, k, v, s, o, lse)
+
+
+def _core_bwd(cfg, residuals, d_o):
+  q, k, v, s, o, lse = residuals
+  d_o = d_o.astype(o.dtype)
+  # delta_i = rowsum(dO_i * O_i) in fp32, as a column [B, Hq, Tp, 1] like lse.
+  delta = jnp.sum(d_o.astype(F32) * o.astype(F32), axis=-1)
+  delta = (delta.transpose(0, 2, 1) if cfg.plan.native_layout else delta)[..., None]
+  far = _far_inputs(cfg, k, v, s)
+  dq = forward.attention_dq(cfg, q, k, v, d_o, lse, delta, s.lo, s.query_bounds, far)
+  dk, dv = backward.band_key_grads(cfg, q, k, v, d_o, lse, delta, s.lo, s.band_bounds)
+  if cfg.far:
+    dkc, dvc = backward.far_key_grads(cfg, q, d_o, lse, delta, far[0], far[1], s.far_idx,
+                                      s.far_last, s.far_bounds)
+    dk = _scatter_add(cfg, dk, s.far_idx, dkc)
+    dv = _scatter_add(cfg, dv, s.far_idx, dvc)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _dim_for_kernels(d: int) -> int:
+  """Head dims padded to a power of two >= 16 (Triton blocks; zero columns are inert)."""
+  return max(16, 1 << (d - 1).bit_length())
+
+
+def _attend(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, scale):
+  """Band (i - w <= j <= i) plus far keys (keep [B, T, Hkv] bool, last [B, T, Hkv] int32
+  or None; keep None: none). Shapes as the public functions."""
+  batch, time, num_heads, d = q.shape
+  num_kv_heads, dv = k.shape[2], v.shape[-1]
+  # A window of T or more is the whole causal range (and keeps int32 sums small).
+  window = time if window_size is None else min(int(window_size), time)
+  padded = -(-time // plan.time_multiple) * plan.time_multiple
+  docs = sets.documents(segment_ids, batch, time, padded)
+  lo = sets.band_starts(docs, window)
+  far = None if keep is None else sets.far_keys(keep, last, docs, window)
+  s = _Sets(
+      lo=lo,
+      query_bounds=sets.query_bounds(lo, docs, far, window=window, time=time,
+                                     block_q=plan.block_q, block_k=plan.block_k),
+      band_bounds=sets.band_key_bounds(docs, window=window, block_q=plan.block_q_dkv,
+                                       block_k=plan.block_k_dkv),
+      far_idx=None if far is None else far.idx,
+      far_last=None if far is None else far.last,
+      far_bounds=None if far is None else sets.far_key_bounds(
+          far, window=window, block_q=plan.block_q_dkv, block_k=plan.block_k_dkv))
+
+  tokens = backend.Tokens(plan.native_layout)
+  dk_pad = _dim_for_kernels(d) - d if plan.pad_head_dim else 0
+  dv_pad = _dim_for_kernels(dv) - dv if plan.pad_head_dim else 0
+  prep = lambda x, extra: tokens.to_kernel(
+      jnp.pad(x, ((0, 0), (0, padded - time), (0, 0), (0, extra))))
+  cfg = forward.Static(plan=plan, scale=float(scale), window=window, time=time, padded=padded,
+                       heads_kv=num_kv_heads, group=num_heads // num_kv_heads,
+                       far=far is not None)
+  o = _core(cfg, prep(q, dk_pad), prep(k, dk_pad), prep(v, dv_pad), s)
+  return tokens.from_kernel(o)[:, :time, :, :dv]
+
+
+def lte_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *,
+                         sink_size: int, window_size: int, budget: int | None,
+                         segment_ids: jax.Array | None, scale: float,
+                         platform: str | None = None, interpret: bool | None = None,
+                         plan_options: dict | None = None) -> jax.Array:
+  """LTE attention (lte_jax.ops.lte_attention semantics, arguments validated there).
+
+  q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], scores [B, T, Hkv]
+  -> o [B, T, Hq, Dv] in v.dtype. platform: 'gpu' or 'tpu' (None: the default
+  backend's); interpret: None runs interpreted on CPU only; plan_options: Plan fields.
+  """
+  plan = backend.make_plan(platform, interpret, plan_options)
+  batch, time, _ = scores.shape
+  hard = jax.lax.stop_gradient(scores)
+  positions = token_positions(segment_ids, batch, time)
+  sinks = (positions < sink_size)[..., None]
+  if budget is None:
+    keep, last = sinks | (hard > 0), None
+  else:
+    # As ops/lte_attention/xla.py: a retained token stays visible up to query
+    # evict_at + w; sinks never leave (their last reader is their document's end).
+    evict_at = evict_index(hard, positions, segment_ids, sink_size=sink_size, budget=budget)
+    keep = sinks | (hard > 0)
+    last = jnp.where(sinks, time, evict_at + window_size)
+  v = straight_through_values(v, scores)
+  return _attend(plan, q, k, v, keep, last, segment_ids, window_size, scale).astype(v.dtype)
+
+
+def sliding_window_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                                    window_size: int | None, segment_ids: jax.Array | None,
+                                    scale: float, platform: str | None = None,
+                                    interpret: bool | None = None,
+                                    plan_options: dict | None = None) -> jax.Array:
+  """Causal attention over [i - window_size, i] (None: the whole causal range) on the
+  band kernels alone (lte_jax.ops.attention semantics, arguments validated there).
+
+  q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] -> o [B, T, Hq, Dv] in v.dtype.
+  """
+  plan = backend.make_plan(platform, interpret, plan_options)
+  return _attend(plan, q, k, v, None, None, segment_ids, window_size, scale).astype(v.dtype)

@@ -1,0 +1,213 @@
+"""The one place that knows which Pallas lowering the LTE attention kernels go through.
+
+GPU kernels use the Triton lowering (deprecated in JAX 0.11 in favour of Mosaic
+GPU; everything lowering-specific lives here so a move stays cheap), TPU kernels
+use Mosaic. Unlike the GDN kernels no kernel accumulates across grid steps: every
+program loops over its own key (or query) blocks, so both lowerings run the same
+kernel bodies; they differ in the token layout (`Tokens`), in where the loop
+bounds live (SMEM on TPU) and in the compiler parameters (`call`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+PLATFORMS = ("gpu", "tpu")
+# Block sizes when the plan leaves them out. GPU: 64 x 64 tiles keep the fp32
+# [64, 64] logits and the [64, D] accumulators of D = 64 heads in registers at 4 warps.
+# TPU: 128-row tiles fill the MXU.
+_DEFAULT_BLOCKS = {"gpu": 64, "tpu": 128}
+_DEFAULT_VMEM_MIB = 64
+_INT_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages",
+               "vmem_limit_mib")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static choices for one call: target lowering and tuning knobs (hashable).
+
+  platform: 'gpu' (Triton lowering) or 'tpu' (Mosaic).
+  interpret: run the kernels with the Pallas interpreter (CPU tests); the
+    platform still decides the layout and the kernel parameters.
+  block_q, block_k: query rows and key rows per tile of the forward and dq kernels
+    (powers of two >= 16: Triton dots need every dim >= 16). None: 64 on GPU,
+    128 on TPU.
+  block_q_dkv, block_k_dkv: the same for the dk/dv kernels (None: block_q, block_k).
+  num_warps, num_stages: Triton launch parameters.
+  vmem_limit_mib: Mosaic's scoped VMEM limit; the TPU kernels keep one (batch,
+    head)'s whole sequence of K/V (or Q/dO) in VMEM, more than the 16-32 MiB default
+    at T = 4096 with grouped heads.
+  """
+  platform: str
+  interpret: bool = False
+  block_q: int | None = None
+  block_k: int | None = None
+  block_q_dkv: int | None = None
+  block_k_dkv: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+  vmem_limit_mib: int = _DEFAULT_VMEM_MIB
+
+  def __post_init__(self):
+    if self.platform not in PLATFORMS:
+      raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    default = _DEFAULT_BLOCKS[self.platform]
+    for name, fallback in (("block_q", default), ("block_k", default),
+                           ("block_q_dkv", self.block_q or default),
+                           ("block_k_dkv", self.block_k or default)):
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, fallback)
+    for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 16 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
+    for name in ("num_warps", "num_stages", "vmem_limit_mib"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+  @property
+  def native_layout(self) -> bool:
+    """Token tensors stay [B, T, H, D] (GPU: strided Triton blocks, no transposes)."""
+    return self.platform == "gpu"
+
+  @property
+  def pad_head_dim(self) -> bool:
+    """Triton blocks need power-of-two dims >= 16; Mosaic takes a block's full dims."""
+    return self.platform == "gpu"
+
+  @property
+  def time_multiple(self) -> int:
+    """T is padded to a multiple of every block (all powers of two: the largest)."""
+    return max(self.block_q, self.block_k, self.block_q_dkv, self.block_k_dkv)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def default_platform() -> str:
+  """'tpu' on TPU, else 'gpu' (the CPU only runs these kernels interpreted)."""
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def make_plan(platform: str | None = None, interpret: bool | None = None,
+              options: dict | None = None) -> Plan:
+  """Plan for `platform` (None: the default backend's); `interpret` None: on CPU only;
+  `options`: Plan fields, e.g. from `parse_options`."""
+  options = dict(options or {})
+  for name in ("platform", "interpret"):
+    if name in options:
+      raise ValueError(f"plan_options must not set {name!r} (pass it as its own argument)")
+  fields = {f.name for f in dataclasses.fields(Plan)} - {"platform", "interpret"}
+  unknown = sorted(set(options) - fields)
+  if unknown:
+    raise ValueError(f"plan_options has unknown keys {unknown}; allowed: {sorted(fields)}")
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return Plan(platform or default_platform(), interpret=interpret, **options)
+
+
+def parse_options(text: str) -> dict:
+  """'block_q=64;block_k=32;num_warps=4' -> {'block_q': 64, ...} (for benchmark flags)."""
+  options = {}
+  for item in filter(None, (s.strip() for s in text.split(";"))):
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"plan options must look like 'name=value;...', got {item!r}")
+    name = name.strip()
+    if name not in _INT_FIELDS:
+      raise ValueError(f"unknown plan option {name!r}; allowed: {_INT_FIELDS}")
+    options[name] = int(value)
+  return options
+
+
+def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
+         in_specs: Sequence[Any], out_specs: Sequence[pl.BlockSpec],
+         out_shape: Sequence[jax.ShapeDtypeStruct], name: str) -> Any:
+  """pallas_call with the lowering's parameters; every grid axis is parallel."""
+  if plan.platform == "tpu":
+    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
+                                  vmem_limit_bytes=plan.vmem_limit_mib * 2 ** 20)
+  else:
+    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+  grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs))
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
+                        compiler_params=params, interpret=_interpret(plan), name=name)
+
+
+def _interpret(plan: Plan) -> Any:
+  """The TPU form runs in the TPU interpreter (it models SMEM and raises on
+  out-of-bounds reads); the GPU form in the generic one."""
+  if not plan.interpret:
+    return False
+  return pltpu.InterpretParams() if plan.platform == "tpu" else True
+
+
+def scalars(plan: Plan) -> pl.BlockSpec:
+  """A whole 1-D int32 table of loop bounds, read one scalar at a time (SMEM on TPU)."""
+  if plan.platform == "tpu":
+    return pl.BlockSpec(memory_space=pltpu.SMEM)
+  return pl.BlockSpec()
+
+
+def whole(*shape: int) -> pl.BlockSpec:
+  """Block [*shape] of a [B, H, *shape] array on a (B, H, n) grid, at (b, head(h))."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, *shape),
+                      lambda b, h, n: (b, h) + (0,) * len(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """Where the rows of a token tensor (q, k, v, o, dO and their gradients) live.
+
+  native (GPU): [B, T, H, D] as the caller has them; a Triton block reads rows
+  with a stride of H * D. Otherwise (TPU): [B, H, T, D], because Mosaic wants a
+  block's last two dims to be (rows, D).
+  """
+  native: bool
+
+  def to_kernel(self, x: jax.Array) -> jax.Array:     # [B, T, H, D] -> layout
+    return x if self.native else x.transpose(0, 2, 1, 3)
+
+  def from_kernel(self, x: jax.Array) -> jax.Array:   # layout -> [B, T, H, D]
+    return x if self.native else x.transpose(0, 2, 1, 3)
+
+  def shape(self, batch: int, time: int, heads: int, d: int) -> tuple[int, ...]:
+    return (batch, time, heads, d) if self.native else (batch, heads, time, d)
+
+  def time_axis(self) -> int:
+    return 1 if self.native else 2
+
+  def block(self, rows: int, d: int, head: Callable[[Any], Any] = lambda h: h) -> pl.BlockSpec:
+    """Rows [n*rows, (n+1)*rows) of head head(h) on a (B, H, n) grid -> ref [rows, d]."""
+    if self.native:
+      return pl.BlockSpec((pl.squeezed, rows, pl.squeezed, d),
+                          lambda b, h, n: (b, n, head(h), 0))
+    return pl.BlockSpec((pl.squeezed, pl.squeezed, rows, d), lambda b, h, n: (b, head(h), n, 0))
+
+  def sequence(self, time: int, d: int, *, group: int | None = None,
+               head: Callable[[Any], Any] = lambda h: h) -> pl.BlockSpec:
+    """All rows of head head(h) (ref [T, d]) or of the `group` heads
+    [h * group, (h + 1) * group) (ref [T, group, d] native, [group, T, d] otherwise)."""
+    if group is None:
+      if self.native:
+        return pl.BlockSpec((pl.squeezed, time, pl.squeezed, d),
+                            lambda b, h, n: (b, 0, head(h), 0))
+      return pl.BlockSpec((pl.squeezed, pl.squeezed, time, d),
+                          lambda b, h, n: (b, head(h), 0, 0))
+    if self.native:
+      return pl.BlockSpec((pl.squeezed, time, group, d), lambda b, h, n: (b, 0, h, 0))
+    return pl.BlockSpec((pl.squeezed, group, time, d), lambda b, h, n: (b, h, 0, 0))
+
+  def rows(self, ref, start, size: int, g=None) -> jax.Array:
+    """Rows [start, start + size) of a `sequence` ref (of group member g) -> [size, d]."""
+    rows = pl.ds(start, size)
+    if g is None:
+      return ref[rows, :]
+    return ref[rows, g, :] if self.native else ref[g, rows, :]

@@ -1,0 +1,108 @@
+"""Key-side kernels: dk and dv, one program per (batch, KV head, key tile).
+
+Two kernels with one body: the band kernel's key tiles are tiles of the
+sequence, read by the query tiles [j0 / bq, min(j + w, end_j) / bq]; the far
+kernel's key tiles are compact far-key tiles, read by the query tiles after the
+first key's window up to the tile's last reader. A program sums over the query
+heads of its KV head (GQA), so dk/dv need no reduction afterwards; the far
+kernel's results are scattered back to the sequence by the caller.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lte_jax.kernels.lte_attention import backend, tiles
+from lte_jax.kernels.lte_attention.forward import Static
+
+F32 = jnp.float32
+
+
+def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mask_a_ref,
+                mask_b_ref, dk_ref, dv_ref, *, cfg: Static, band: bool):
+  """mask_a/mask_b: band: lo rows [nq, bq] (mask_b unused); far: idx and last columns
+  [bk, 1] of the compact keys."""
+  tokens = cfg.tokens
+  bq, bk = cfg.plan.block_q_dkv, cfg.plan.block_k_dkv
+  b, h, kt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tiles_per_row = cfg.padded // bk
+  base = ((b if band else b * cfg.heads_kv + h) * tiles_per_row + kt) * 2
+  q_lo, q_hi = bounds_ref[base], bounds_ref[base + 1]
+  k, v = k_ref[...], v_ref[...]
+  if band:
+    j = tiles.iota((bk, 1), 0, kt * bk)
+  else:
+    idx, last = mask_a_ref[...], mask_b_ref[...]                       # [bk, 1]
+
+  def query_tile(g):
+    def body(qt, carry):
+      start = pl.multiple_of(qt * bq, bq)
+      q = tokens.rows(q_ref, start, bq, g)
+      d_o = tokens.rows(do_ref, start, bq, g)
+      lse, delta = lse_ref[g, pl.ds(qt, 1), :], delta_ref[g, pl.ds(qt, 1), :]   # [1, bq]
+      i = tiles.iota((1, bq), 1, start)
+      if band:
+        mask = (mask_a_ref[pl.ds(qt, 1), :] <= j) & (j <= i)
+      else:
+        mask = (idx < i - cfg.window) & (i <= last)
+      return tiles.dkv_step(carry, k, v, q, d_o, lse, delta, mask, cfg.scale)
+    return body
+
+  def head(g, carry):
+    return jax.lax.fori_loop(q_lo, q_hi, query_tile(g), carry)
+
+  init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+  dk, dv = jax.lax.fori_loop(0, cfg.group, head, init)
+  dk_ref[...] = dk * cfg.scale
+  dv_ref[...] = dv
+
+
+def _query_specs(cfg: Static, d: int, dv: int):
+  """Q and dO of the KV head's query heads (whole sequences), lse and delta rows."""
+  tokens, group, bq = cfg.tokens, cfg.group, cfg.plan.block_q_dkv
+  rows = pl.BlockSpec((pl.squeezed, group, cfg.padded // bq, bq), lambda b, h, n: (b, h, 0, 0))
+  return [tokens.sequence(cfg.padded, d, group=group),
+          tokens.sequence(cfg.padded, dv, group=group), rows, rows]
+
+
+def _rows(x, block):   # [B, H, Tp, 1] -> [B, H, Tp / block, block], a free reshape
+  return x.reshape(*x.shape[:2], x.shape[2] // block, block)
+
+
+def band_key_grads(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds):
+  """(dk, dv) fp32 in the token layout of k, v from the band part.
+
+  q, d_o: [layout, Hq]; k, v: [layout, Hkv]; lse, delta [B, Hq, Tp, 1] fp32;
+  lo [B, Tp] int32; bounds from sets.band_key_bounds."""
+  tokens, plan = cfg.tokens, cfg.plan
+  bq, bk = plan.block_q_dkv, plan.block_k_dkv
+  batch, d, dv = q.shape[0], k.shape[-1], v.shape[-1]
+  lo_rows = pl.BlockSpec((pl.squeezed, cfg.padded // bq, bq), lambda b, h, n: (b, 0, 0))
+  in_specs = ([backend.scalars(plan)] + _query_specs(cfg, d, dv)
+              + [tokens.block(bk, d), tokens.block(bk, dv), lo_rows, lo_rows])
+  lo = lo.reshape(batch, cfg.padded // bq, bq)
+  args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), k, v, lo, lo)
+  out_shape = [jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(v.shape, F32)]
+  kernel = lambda *refs: _dkv_kernel(*refs, cfg=cfg, band=True)
+  return backend.call(kernel, plan, grid=(batch, cfg.heads_kv, cfg.padded // bk),
+                      in_specs=in_specs, out_specs=[tokens.block(bk, d), tokens.block(bk, dv)],
+                      out_shape=out_shape, name="lte_attention_dkv_band")(*args)
+
+
+def far_key_grads(cfg: Static, q, d_o, lse, delta, kc, vc, idx, last, bounds):
+  """(dkc [B, Hkv, Tp, D], dvc [B, Hkv, Tp, Dv]) fp32 for the compact far keys
+  kc, vc with idx, last [B, Hkv, Tp] int32; bounds from sets.far_key_bounds."""
+  plan = cfg.plan
+  bq, bk = plan.block_q_dkv, plan.block_k_dkv
+  batch, d, dv = q.shape[0], kc.shape[-1], vc.shape[-1]
+  tile = lambda n: pl.BlockSpec((pl.squeezed, pl.squeezed, bk, n), lambda b, h, c: (b, h, c, 0))
+  in_specs = ([backend.scalars(plan)] + _query_specs(cfg, d, dv)
+              + [tile(d), tile(dv), tile(1), tile(1)])
+  args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), kc, vc, idx[..., None],
+          last[..., None])
+  out_shape = [jax.ShapeDtypeStruct(kc.shape, F32), jax.ShapeDtypeStruct(vc.shape, F32)]
+  kernel = lambda *refs: _dkv_kernel(*refs, cfg=cfg, band=False)
+  return backend.call(kernel, plan, grid=(batch, cfg.heads_kv, cfg.padded // bk),
+                      in_specs=in_specs, out_specs=[tile(d), tile(dv)], out_shape=out_shape,
+                      name="lte_attention_dkv_far")(*args)

@@ -1,0 +1,177 @@
+"""Query-side kernels: the forward pass and dq, one program per (batch, query head, query tile).
+
+A program walks the key tiles of its band ([band_lo, band_hi)) and then the
+compact far-key tiles it can reach ([far_lo, far_hi)), both read from the
+bounds table; with one online-softmax state the two parts merge for free and,
+as the band takes only i - j <= w and the far part only i - j > w, no key is
+counted twice. dq recomputes the probabilities from the saved log-sum-exp.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lte_jax.kernels.lte_attention import backend, tiles
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Shapes and constants shared by the kernels of one call (hashable).
+
+  time: real sequence length T; padded: Tp (a multiple of every block);
+  heads_kv, group: KV heads and query heads per KV head; window: w;
+  far: whether there are far keys (False: sliding-window attention, band only).
+  """
+  plan: backend.Plan
+  scale: float
+  window: int
+  time: int
+  padded: int
+  heads_kv: int
+  group: int
+  far: bool
+
+  @property
+  def tokens(self) -> backend.Tokens:
+    return backend.Tokens(self.plan.native_layout)
+
+
+def _kv_head(h, group: int):
+  """KV head of query head h. lax.div, not //: Mosaic cannot lower the sign fix-up of
+  a floor division without a TPU attached, and both operands are >= 0."""
+  return jax.lax.div(h, jnp.int32(group))
+
+
+def _walk(cfg: Static, bounds_ref, band_tile, far_tile, carry, *, block_q: int):
+  """Run band_tile over this program's band key tiles, then far_tile over its compact
+  tiles; both are (tile index, carry) -> carry."""
+  b, h, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  heads = cfg.heads_kv if cfg.far else 1
+  head = _kv_head(h, cfg.group) if cfg.far else 0
+  base = ((b * heads + head) * (cfg.padded // block_q) + n) * 4
+  carry = jax.lax.fori_loop(bounds_ref[base], bounds_ref[base + 1], band_tile, carry)
+  if cfg.far:
+    carry = jax.lax.fori_loop(bounds_ref[base + 2], bounds_ref[base + 3], far_tile, carry)
+  return carry
+
+
+def _tile_loaders(cfg: Static, lo_ref, k_ref, v_ref, far_refs, *, block_q: int, block_k: int):
+  """(band(kb) -> (k, v, mask), far(c) -> (k, v, mask)) for this program's query tile."""
+  tokens = cfg.tokens
+  i = tiles.iota((block_q, 1), 0, pl.program_id(2) * block_q)
+  lo = lo_ref[...]
+
+  def band(kb):
+    start = pl.multiple_of(kb * block_k, block_k)
+    j = tiles.iota((1, block_k), 1, start)
+    return (tokens.rows(k_ref, start, block_k), tokens.rows(v_ref, start, block_k),
+            (j >= lo) & (j <= i))
+
+  def far(c):
+    kc_ref, vc_ref, idx_ref, last_ref = far_refs
+    rows = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
+    idx, last = idx_ref[pl.ds(c, 1), :], last_ref[pl.ds(c, 1), :]      # [1, bk]
+    return kc_ref[rows, :], vc_ref[rows, :], (idx < i - cfg.window) & (i <= last)
+
+  return band, far
+
+
+def _forward_kernel(bounds_ref, lo_ref, q_ref, k_ref, v_ref, *refs, cfg: Static):
+  far_refs, (o_ref, lse_ref) = refs[:-2], refs[-2:]
+  bq, bk = cfg.plan.block_q, cfg.plan.block_k
+  band, far = _tile_loaders(cfg, lo_ref, k_ref, v_ref, far_refs, block_q=bq, block_k=bk)
+  q = q_ref[...]
+
+  def step(load):
+    def body(t, carry):
+      k, v, mask = load(t)
+      return tiles.online_step(carry, q, k, v, mask, cfg.scale)
+    return body
+
+  init = (jnp.full((bq, 1), tiles.NEG, F32), jnp.zeros((bq, 1), F32),
+          jnp.zeros((bq, v_ref.shape[-1]), F32))
+  m, l, acc = _walk(cfg, bounds_ref, step(band), step(far), init, block_q=bq)
+  # Every query reads at least itself, so l > 0 (the guard only keeps padding exact).
+  l = jnp.where(l > 0, l, 1.0)
+  o_ref[...] = (acc / l).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _dq_kernel(bounds_ref, lo_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs,
+               cfg: Static):
+  far_refs, dq_ref = refs[:-1], refs[-1]
+  bq, bk = cfg.plan.block_q, cfg.plan.block_k
+  band, far = _tile_loaders(cfg, lo_ref, k_ref, v_ref, far_refs, block_q=bq, block_k=bk)
+  q, d_o, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+
+  def step(load):
+    def body(t, dq):
+      k, v, mask = load(t)
+      return tiles.dq_step(dq, q, k, v, d_o, lse, delta, mask, cfg.scale)
+    return body
+
+  dq = _walk(cfg, bounds_ref, step(band), step(far), jnp.zeros(q.shape, F32), block_q=bq)
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _specs(cfg: Static, d: int, dv: int, far):
+  """In-specs shared by both kernels: K and V sequences, then the far refs."""
+  tokens, group, padded = cfg.tokens, cfg.group, cfg.padded
+  kv_head = lambda h: _kv_head(h, group)
+  specs = [tokens.sequence(padded, d, head=kv_head), tokens.sequence(padded, dv, head=kv_head)]
+  if cfg.far:
+    kc, vc, idx, _ = far
+    whole = lambda x: pl.BlockSpec((pl.squeezed, pl.squeezed, *x.shape[2:]),
+                                   lambda b, h, n: (b, kv_head(h), 0, 0))
+    specs += [whole(kc), whole(vc), whole(idx), whole(idx)]
+  return specs
+
+
+def _column(block: int) -> pl.BlockSpec:
+  """Rows of a query tile of a per-(batch, head) column [B, H, Tp, 1] -> ref [block, 1]."""
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, block, 1), lambda b, h, n: (b, h, n, 0))
+
+
+def _lo_column(block: int) -> pl.BlockSpec:
+  """lo [B, Tp, 1] (shared by all heads) -> ref [block, 1]."""
+  return pl.BlockSpec((pl.squeezed, block, 1), lambda b, h, n: (b, n, 0))
+
+
+def attention_forward(cfg: Static, q, k, v, lo, bounds, far):
+  """q [layout, Hq heads, D], k [.., Hkv, D], v [.., Hkv, Dv] (Tp rows); lo [B, Tp]
+  int32; bounds from sets.query_bounds; far: (kc [B, Hkv, Tp, D], vc [B, Hkv, Tp, Dv],
+  idx and last [B, Hkv, Tp / block_k, block_k] int32) or None
+  -> (o like q with Dv, lse [B, Hq, Tp, 1] fp32)."""
+  tokens, plan = cfg.tokens, cfg.plan
+  batch, heads = q.shape[0], cfg.heads_kv * cfg.group
+  d, dv, bq = q.shape[-1], v.shape[-1], plan.block_q
+  nq = cfg.padded // bq
+  args = [bounds, lo[..., None], q, k, v] + ([] if far is None else list(far))
+  in_specs = [backend.scalars(plan), _lo_column(bq), tokens.block(bq, d)] + _specs(cfg, d, dv, far)
+  out_shape = [jax.ShapeDtypeStruct(tokens.shape(batch, cfg.padded, heads, dv), v.dtype),
+               jax.ShapeDtypeStruct((batch, heads, cfg.padded, 1), F32)]
+  kernel = lambda *refs: _forward_kernel(*refs, cfg=cfg)
+  return backend.call(kernel, plan, grid=(batch, heads, nq), in_specs=in_specs,
+                      out_specs=[tokens.block(bq, dv), _column(bq)], out_shape=out_shape,
+                      name="lte_attention_fwd")(*args)
+
+
+def attention_dq(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds, far):
+  """dq [layout of q] in q.dtype; d_o like the output; lse, delta [B, Hq, Tp, 1] fp32;
+  the rest as attention_forward."""
+  tokens, plan = cfg.tokens, cfg.plan
+  batch, heads = q.shape[0], cfg.heads_kv * cfg.group
+  d, dv, bq = q.shape[-1], v.shape[-1], plan.block_q
+  args = [bounds, lo[..., None], q, d_o, lse, delta, k, v] + ([] if far is None else list(far))
+  in_specs = ([backend.scalars(plan), _lo_column(bq), tokens.block(bq, d), tokens.block(bq, dv),
+               _column(bq), _column(bq)] + _specs(cfg, d, dv, far))
+  kernel = lambda *refs: _dq_kernel(*refs, cfg=cfg)
+  return backend.call(kernel, plan, grid=(batch, heads, cfg.padded // bq), in_specs=in_specs,
+                      out_specs=[tokens.block(bq, d)],
+                      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+                      name="lte_attention_dq")(*args)[0]
