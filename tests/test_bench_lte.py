@@ -1,0 +1,32 @@
+"""experiments/bench_lte.py runs end to end on CPU at its --smoke shapes (no timing asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+  out = tmp_path / "bench_lte.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_lte", "--smoke", f"--out={out}",
+       "--implementations=xla", "--attention_implementations=xla",
+       "--decode_implementations=pallas,pallas:block_k=16;split=32,xla"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["env"]["backend"] == "cpu"
+  checks = {r["impl"]: r for r in data["checks"]}
+  for impl in ("lte_jax/xla", "lte_jax/decode-pallas", "lte_jax/decode-pallas:block_k=16;split=32",
+               "lte_jax/decode-xla"):
+    assert checks[impl]["ok"] is True, checks[impl]
+  assert all(r["ok"] in (True, "skipped") for r in data["checks"]), data["checks"]
+  timed = {r["impl"] for r in data["train"] if "fwd_ms" in r}
+  assert {"lte_jax/xla", "lte_jax/swa-xla"} <= timed
+  decode = {(r["impl"], r["cache"]) for r in data["decode"] if "ms" in r}
+  assert ("lte_jax/decode-pallas", "LTE 17+8") in decode
+  assert ("jax/einsum", "full 256") in decode
