@@ -167,10 +167,10 @@ def test_implementation_choice():
   if jax.default_backend() != "gpu":
     with pytest.raises(ValueError, match="cudnn.*GPU backend"):
       attention(q, k, v, implementation="cudnn")
-  with pytest.raises(ValueError, match="'pallas' is not available yet.*'xla'"):
-    attention(q, k, v, implementation="pallas")
   with pytest.raises(ValueError, match="implementation must be one of.*'reference'"):
     attention(q, k, v, implementation="flash")
+  with pytest.raises(ValueError, match="plan_options is only accepted with implementation='pallas'"):
+    attention(q, k, v, implementation="xla", plan_options={"block_q": 16})
 
 
 def test_cudnn_reason_names_requirements():

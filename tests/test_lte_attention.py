@@ -226,10 +226,10 @@ def test_bf16_scores_and_values():
 
 def test_implementation_choice():
   q, k, v, r, _ = make_inputs(0, 1, 8, 2, 2, 16, 16, jnp.float32)
-  with pytest.raises(ValueError, match="'pallas' is not available yet.*'reference', 'xla'"):
-    lte_attention(q, k, v, r, sink_size=1, window_size=2, implementation="pallas")
-  with pytest.raises(ValueError, match="implementation must be one of.*'xla'"):
+  with pytest.raises(ValueError, match="implementation must be one of.*'xla', 'pallas'"):
     lte_attention(q, k, v, r, sink_size=1, window_size=2, implementation="cudnn")
+  with pytest.raises(ValueError, match="plan_options is only accepted with implementation='pallas'"):
+    lte_attention(q, k, v, r, sink_size=1, window_size=2, plan_options={"block_q": 16})
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -8,8 +8,9 @@ Pipeline (modules in brackets):
   backward: dq [forward], dk/dv of band tiles and of compact tiles [backward], the
     compact ones scatter-added back to the sequence here.
 The custom VJP covers q, k and v (after padding and, on TPU, the [B, H, T, D]
-transpose, which JAX differentiates); LTE's straight-through estimator is applied
-to v before the kernels, so autodiff gives the scores their gradient.
+transpose, which JAX differentiates). LTE's semantics (which keys are far, the
+budget, the straight-through estimator on v) live in lte_jax.ops.lte_attention.pallas:
+the kernels know only a band and a set of far keys with their last readers.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from lte_jax.kernels.lte_attention import backend, backward, forward, sets
-from lte_jax.ops.lte_attention.reference import straight_through_values, token_positions
-from lte_jax.ops.lte_attention.xla import evict_index
 
 F32 = jnp.float32
 
@@ -135,31 +134,21 @@ def _attend(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, s
   return tokens.from_kernel(o)[:, :time, :, :dv]
 
 
-def lte_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *,
-                         sink_size: int, window_size: int, budget: int | None,
-                         segment_ids: jax.Array | None, scale: float,
-                         platform: str | None = None, interpret: bool | None = None,
-                         plan_options: dict | None = None) -> jax.Array:
-  """LTE attention (lte_jax.ops.lte_attention semantics, arguments validated there).
+def attention_with_far_keys(q: jax.Array, k: jax.Array, v: jax.Array, *, keep: jax.Array,
+                            last: jax.Array | None, window_size: int,
+                            segment_ids: jax.Array | None, scale: float,
+                            platform: str | None = None, interpret: bool | None = None,
+                            plan_options: dict | None = None) -> jax.Array:
+  """Causal attention over the band [i - window_size, i] plus far keys (LTE's sinks and
+  retained tokens; lte_jax.ops.lte_attention.pallas turns scores into keep / last).
 
-  q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], scores [B, T, Hkv]
-  -> o [B, T, Hq, Dv] in v.dtype. platform: 'gpu' or 'tpu' (None: the default
-  backend's); interpret: None runs interpreted on CPU only; plan_options: Plan fields.
+  Query i reads key j < i - window_size of its document iff keep[j] and i <= last[j].
+  q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv]; keep [B, T, Hkv] bool; last
+  [B, T, Hkv] int32 or None (no limit) -> o [B, T, Hq, Dv] in v.dtype; gradients for
+  q, k, v. platform: 'gpu' or 'tpu' (None: the default backend's); interpret: None
+  runs interpreted on CPU only; plan_options: Plan fields.
   """
   plan = backend.make_plan(platform, interpret, plan_options)
-  batch, time, _ = scores.shape
-  hard = jax.lax.stop_gradient(scores)
-  positions = token_positions(segment_ids, batch, time)
-  sinks = (positions < sink_size)[..., None]
-  if budget is None:
-    keep, last = sinks | (hard > 0), None
-  else:
-    # As ops/lte_attention/xla.py: a retained token stays visible up to query
-    # evict_at + w; sinks never leave (their last reader is their document's end).
-    evict_at = evict_index(hard, positions, segment_ids, sink_size=sink_size, budget=budget)
-    keep = sinks | (hard > 0)
-    last = jnp.where(sinks, time, evict_at + window_size)
-  v = straight_through_values(v, scores)
   return _attend(plan, q, k, v, keep, last, segment_ids, window_size, scale).astype(v.dtype)
 
 

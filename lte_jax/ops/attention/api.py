@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from lte_jax import _checks
-from lte_jax.ops.attention import reference, xla
+from lte_jax.ops.attention import pallas, reference, xla
 
 NOT_AVAILABLE_YET = ("pallas",)
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -42,6 +42,18 @@ def resolve_scale(scale, head_dim: int) -> float:
   if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
     raise ValueError(f"scale must be None or a positive number, got {scale!r}")
   return float(scale)
+
+
+def check_plan_options(plan_options, implementation) -> None:
+  """Kernel tuning options (lte_jax.kernels.lte_attention.Plan fields) go with 'pallas' only."""
+  if plan_options is None:
+    return
+  if implementation != "pallas":
+    raise ValueError(f"plan_options is only accepted with implementation='pallas', got "
+                     f"implementation={implementation!r}")
+  if not isinstance(plan_options, dict):
+    raise ValueError(f"plan_options must be None or a dict of Plan fields, got "
+                     f"{type(plan_options).__name__}")
 
 
 def check_implementation(implementation, available) -> None:
@@ -96,12 +108,13 @@ IMPLEMENTATIONS = {
     "reference": reference.attention_reference,
     "xla": xla.attention_xla,
     "cudnn": attention_cudnn,
+    "pallas": pallas.attention_pallas,
 }
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: int | None = None,
               segment_ids: jax.Array | None = None, scale: float | None = None,
-              implementation: str | None = None) -> jax.Array:
+              implementation: str | None = None, plan_options: dict | None = None) -> jax.Array:
   """Causal softmax attention with GQA, an optional sliding window and packed documents.
 
   Args:
@@ -112,8 +125,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: int | No
       (so window_size + 1 keys are visible, the current one included).
     segment_ids: [B, T] int; attention never crosses a change of id. None: one document per row.
     scale: logit scale, default D ** -0.5.
-    implementation: 'reference', 'xla' or 'cudnn'; None picks 'cudnn' on a GPU
-      for supported bf16/fp16 inputs and 'xla' otherwise.
+    implementation: 'reference', 'xla', 'cudnn' or 'pallas' (the band kernels of
+      lte_jax.kernels.lte_attention: work ~ T * window; interpreted on CPU); None
+      picks 'cudnn' on a GPU for supported bf16/fp16 inputs and 'xla' otherwise.
+    plan_options: with 'pallas' only, kernel Plan fields such as
+      {'block_q': 64, 'block_k': 64, 'num_warps': 4} (tuning).
 
   Returns:
     o [B, T, Hq, Dv] in v.dtype.
@@ -123,11 +139,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: int | No
   _checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
   scale = resolve_scale(scale, q.shape[-1])
   check_implementation(implementation, IMPLEMENTATIONS)
+  check_plan_options(plan_options, implementation)
   if implementation is None:
     supported = cudnn_unsupported_reason(q, k, v, segment_ids) is None
     implementation = "cudnn" if supported else "xla"
+  extra = {} if plan_options is None else {"plan_options": plan_options}
   return IMPLEMENTATIONS[implementation](q, k, v, window_size=window_size,
-                                         segment_ids=segment_ids, scale=scale)
+                                         segment_ids=segment_ids, scale=scale, **extra)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,

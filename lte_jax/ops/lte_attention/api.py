@@ -4,20 +4,22 @@ from __future__ import annotations
 import jax
 
 from lte_jax import _checks
-from lte_jax.ops.attention.api import (check_implementation, check_qkv, check_window_size,
-                                       resolve_scale)
-from lte_jax.ops.lte_attention import reference, xla
+from lte_jax.ops.attention.api import (check_implementation, check_plan_options, check_qkv,
+                                       check_window_size, resolve_scale)
+from lte_jax.ops.lte_attention import pallas, reference, xla
 
 IMPLEMENTATIONS = {
     "reference": reference.lte_attention_reference,
     "xla": xla.lte_attention_xla,
+    "pallas": pallas.lte_attention_pallas,
 }
 
 
 def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *,
                   sink_size: int, window_size: int, budget: int | None = None,
                   segment_ids: jax.Array | None = None, scale: float | None = None,
-                  implementation: str | None = None) -> jax.Array:
+                  implementation: str | None = None,
+                  plan_options: dict | None = None) -> jax.Array:
   """Causal attention with Learnable Token Eviction (PAPER.md section 3).
 
   Query i of KV head h reads key j iff j <= i, both lie in one document and
@@ -39,7 +41,10 @@ def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *
       outside sinks and window (ties: the earlier token wins), as the decode cache does.
     segment_ids: [B, T] int document ids; None: one document per row.
     scale: logit scale, default D ** -0.5.
-    implementation: 'reference' or 'xla' (None: 'xla').
+    implementation: 'reference', 'xla' or 'pallas' (lte_jax.kernels.lte_attention:
+      work ~ the attended set; interpreted on CPU). None: 'xla'.
+    plan_options: with 'pallas' only, kernel Plan fields such as
+      {'block_q': 64, 'block_k': 64, 'num_warps': 4} (tuning).
 
   Returns:
     o [B, T, Hq, Dv] in v.dtype.
@@ -59,6 +64,8 @@ def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *
   _checks.check_segment_ids(segment_ids, batch, time)
   scale = resolve_scale(scale, q.shape[-1])
   check_implementation(implementation, IMPLEMENTATIONS)
+  check_plan_options(plan_options, implementation)
   fn = IMPLEMENTATIONS["xla" if implementation is None else implementation]
+  extra = {} if plan_options is None else {"plan_options": plan_options}
   return fn(q, k, v, scores, sink_size=sink_size, window_size=window_size, budget=budget,
-            segment_ids=segment_ids, scale=scale)
+            segment_ids=segment_ids, scale=scale, **extra)

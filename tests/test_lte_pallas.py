@@ -1,0 +1,277 @@
+"""Pallas LTE / sliding-window attention: interpreted kernels vs the reference, work bounds, lowering.
+
+The kernels run interpreted on CPU in both forms: the GPU form (token tensors as
+[B, T, H, D], generic interpreter) and the TPU form ([B, H, T, D], loop bounds in
+SMEM; the TPU interpreter, which raises on out-of-bounds reads). Every case
+compares the output and the gradients of q, k, v and the scores with the
+'reference' implementation, at the tolerances of tests/test_lte_attention.py.
+Lowering for 'cuda' (Triton) and 'tpu' (Mosaic) runs at the 0.4B and 1.4B laLTE
+shapes with T = 4096 on abstract inputs, so nothing is allocated.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lte_jax import configs
+from lte_jax.kernels.lte_attention import (Plan, make_plan, parse_options, sets,
+                                           sliding_window_attention_pallas)
+from lte_jax.ops import attention, lte_attention
+from lte_jax.ops.lte_attention.pallas import lte_attention_pallas
+from tests.helpers import rel_rms
+from tests.test_lte_attention import grads_of, make_inputs, packed_segment_ids
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCES = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (1e-2, 2e-2)}
+SMALL = dict(block_q=16, block_k=16)
+
+
+def _retention(r, pattern):
+  """Scores with about half retained ('random'), all retained or none."""
+  return {"random": r, "all": jnp.abs(r) + 0.1, "none": -jnp.abs(r) - 0.1}[pattern]
+
+
+def _assert_matches(got, want, dtype):
+  (o, grads), (o_ref, grads_ref) = got, want
+  tol_o, tol_g = TOLERANCES[dtype]
+  assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
+  assert rel_rms(o, o_ref) < tol_o, ("o", rel_rms(o, o_ref))
+  for name, g, g_ref in zip(("q", "k", "v", "scores"), grads, grads_ref):
+    assert g.dtype == g_ref.dtype, name
+    assert rel_rms(g, g_ref) < tol_g, (name, rel_rms(g, g_ref))
+
+
+# (batch, T, Hq, Hkv, D, Dv, sink, window, budget, documents, retained, dtype, platform,
+#  plan options). T of 70 and 130 (no block multiple), GQA and not, D of 48 (padded to
+# 64 on GPU), windows below and above T, budgets, all / none retained (none: the far
+# part is empty, sliding-window attention with sinks), dk/dv tiles unlike the forward's.
+CASES = [
+    (2, 70, 4, 2, 32, 16, 2, 5, None, True, "random", jnp.float32, "gpu", SMALL),
+    (1, 130, 4, 2, 48, 24, 4, 20, None, True, "random", jnp.bfloat16, "gpu",
+     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32)),
+    (1, 130, 2, 2, 32, 32, 1, 200, None, False, "random", jnp.float32, "gpu", SMALL),
+    (2, 70, 4, 2, 32, 16, 2, 5, 6, True, "random", jnp.float32, "gpu", SMALL),
+    (1, 130, 4, 1, 16, 16, 3, 9, 12, False, "random", jnp.bfloat16, "gpu",
+     dict(block_q=16, block_k=32)),
+    (1, 70, 2, 1, 32, 32, 2, 4, None, True, "all", jnp.float32, "gpu", SMALL),
+    (1, 70, 4, 2, 32, 16, 0, 7, None, True, "none", jnp.bfloat16, "gpu", SMALL),
+    (2, 70, 4, 2, 32, 16, 2, 5, None, True, "random", jnp.float32, "tpu", SMALL),
+    (1, 130, 4, 2, 32, 16, 3, 9, 12, True, "random", jnp.bfloat16, "tpu",
+     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32)),
+    (1, 70, 2, 2, 48, 32, 0, 100, None, False, "all", jnp.float32, "tpu", SMALL),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _lte_fn(impl, sink, window, budget, platform, options):
+  def fn(q, k, v, r, seg):
+    kw = dict(sink_size=sink, window_size=window, budget=budget, segment_ids=seg)
+    if impl == "reference":
+      return lte_attention(q, k, v, r, implementation="reference", **kw)
+    return lte_attention_pallas(q, k, v, r, scale=q.shape[-1] ** -0.5, platform=platform,
+                                interpret=True, plan_options=dict(options), **kw)
+  return fn
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: (
+    f"{c[12]}-T{c[1]}-H{c[2]}/{c[3]}-D{c[4]}/{c[5]}-s{c[6]}-w{c[7]}-b{c[8]}-{c[10]}-"
+    f"{jnp.dtype(c[11]).name}"))
+def test_lte_matches_reference(case):
+  batch, time, hq, hkv, d, dv, sink, window, budget, docs, pattern, dtype, platform, opts = case
+  q, k, v, r, do = make_inputs(time + d, batch, time, hq, hkv, d, dv, dtype)
+  r = _retention(r, pattern)
+  seg = jnp.asarray(packed_segment_ids(np.random.default_rng(time), batch, time)) if docs else None
+  args = dict(sink=sink, window=window, budget=budget)
+  ref = _lte_fn("reference", *args.values(), None, None)
+  got = _lte_fn("pallas", *args.values(), platform, tuple(sorted(opts.items())))
+  _assert_matches(grads_of(lambda *a: got(*a, seg), q, k, v, r, do),
+                  grads_of(lambda *a: ref(*a, seg), q, k, v, r, do), dtype)
+
+
+@pytest.mark.parametrize("platform,window,docs,dtype", [
+    ("gpu", 5, True, jnp.float32), ("gpu", None, True, jnp.bfloat16),
+    ("gpu", 0, False, jnp.float32), ("tpu", 9, True, jnp.float32),
+    ("tpu", None, False, jnp.bfloat16)])
+def test_sliding_window_matches_reference(platform, window, docs, dtype):
+  batch, time, hq, hkv, d = 2, 70, 4, 2, 32
+  q, k, v, _, do = make_inputs(3, batch, time, hq, hkv, d, d, dtype)
+  seg = jnp.asarray(packed_segment_ids(np.random.default_rng(3), batch, time)) if docs else None
+
+  def grads(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+    return jax.jit(lambda *a: (fn(*a), jax.grad(loss, argnums=(0, 1, 2))(*a)))(q, k, v)
+
+  o, g = grads(lambda q, k, v: sliding_window_attention_pallas(
+      q, k, v, window_size=window, segment_ids=seg, scale=d ** -0.5, platform=platform,
+      interpret=True, plan_options=SMALL))
+  o_ref, g_ref = grads(lambda q, k, v: attention(q, k, v, window_size=window, segment_ids=seg,
+                                                 implementation="reference"))
+  tol_o, tol_g = TOLERANCES[dtype]
+  assert o.dtype == dtype and rel_rms(o, o_ref) < tol_o
+  # With window 0 a query reads itself only: dq is exactly 0 in the reference.
+  atol = 1e-2 if window == 0 else 1e-5
+  for name, a, b in zip("qkv", g, g_ref):
+    assert rel_rms(a, b, atol=atol) < tol_g, name
+
+
+def test_public_entry_points_run_the_kernels():
+  """implementation='pallas' with plan_options, as the benchmark calls it (interpreted on CPU)."""
+  q, k, v, r, do = make_inputs(5, 1, 40, 4, 2, 16, 16, jnp.float32)
+  kw = dict(sink_size=2, window_size=6, budget=9)
+  fn = lambda impl, **o: (lambda q, k, v, r: lte_attention(q, k, v, r, implementation=impl,
+                                                           **kw, **o))
+  _assert_matches(grads_of(fn("pallas", plan_options=parse_options("block_q=16;block_k=16")),
+                           q, k, v, r, do),
+                  grads_of(fn("reference"), q, k, v, r, do), jnp.float32)
+  o = attention(q, k, v, window_size=6, implementation="pallas")
+  o_ref = attention(q, k, v, window_size=6, implementation="reference")
+  assert rel_rms(o, o_ref) < 2e-5
+
+
+def test_work_follows_the_attended_set():
+  """The loop bounds visit the band tiles and only the compact tiles of kept keys:
+  with 5 retained tokens in 512 a query tile reads <= 1 far tile, not T / 16."""
+  time, window, block = 512, 40, 16
+  rng = np.random.default_rng(0)
+  keep = np.zeros((1, time, 1), bool)
+  keep[0, rng.choice(np.arange(100, 400), 5, replace=False), 0] = True
+  docs = sets.documents(None, 1, time, time)
+  lo = sets.band_starts(docs, window)
+  far = sets.far_keys(jnp.asarray(keep), None, docs, window)
+  bounds = np.asarray(sets.query_bounds(lo, docs, far, window=window, time=time,
+                                        block_q=block, block_k=block)).reshape(-1, 4)
+  band_tiles, far_tiles = bounds[:, 1] - bounds[:, 0], bounds[:, 3] - bounds[:, 2]
+  assert band_tiles.max() <= -(-(window + block) // block) + 1
+  assert far_tiles.max() == 1 and far_tiles[:8].sum() == 0   # nothing far before 100 + w
+  assert int(far.before[0, 0, -1]) == 5
+  # The band dk/dv kernel: a key tile is read by the query tiles within w of it.
+  kb = np.asarray(sets.band_key_bounds(docs, window=window, block_q=block,
+                                       block_k=block)).reshape(-1, 2)
+  assert (kb[:, 1] - kb[:, 0]).max() <= -(-(window + block) // block) + 1
+  # Far dk/dv: only the one compact tile holding keys reads queries.
+  fb = np.asarray(sets.far_key_bounds(far, window=window, block_q=block,
+                                      block_k=block)).reshape(-1, 2)
+  assert (fb[1:, 1] - fb[1:, 0]).sum() == 0 and fb[0, 1] > fb[0, 0]
+
+
+def test_short_documents_have_no_far_keys():
+  """A kept token whose document ends within the window is band-only."""
+  seg = jnp.asarray(np.repeat(np.arange(1, 9), 16)[None], jnp.int32)   # 8 documents of 16
+  docs = sets.documents(seg, 1, 128, 128)
+  far = sets.far_keys(jnp.ones((1, 128, 2), bool), None, docs, 20)
+  assert int(far.before[:, :, -1].max()) == 0
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(block_q=24), "block_q must be a power of two >= 16"),
+    (dict(block_k_dkv=8), "block_k_dkv must be a power of two >= 16"),
+    (dict(num_warps=0), "num_warps must be an integer >= 1"),
+    (dict(blockq=16), "unknown keys"),
+    (dict(platform="tpu"), "must not set 'platform'"),
+])
+def test_plan_rejects_bad_options(options, needle):
+  with pytest.raises(ValueError, match=needle):
+    make_plan("gpu", True, options)
+
+
+def test_plan_defaults_and_parsing():
+  assert Plan("gpu").block_q == 64 and Plan("tpu").block_k == 128
+  assert Plan("gpu", block_q=32).block_q_dkv == 32
+  assert parse_options("block_q=64; block_k=32;num_warps=8") == dict(block_q=64, block_k=32,
+                                                                    num_warps=8)
+  with pytest.raises(ValueError, match="platform must be one of"):
+    Plan("cuda")
+  with pytest.raises(ValueError, match="unknown plan option"):
+    parse_options("chunk=64")
+
+
+_SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from lte_jax.ops import lte_attention
+    from tests.test_lte_attention import make_inputs, packed_segment_ids
+    from tests.helpers import rel_rms
+    q, k, v, r, do = make_inputs(9, 4, 40, 4, 2, 16, 16, jnp.float32)
+    seg = jnp.asarray(packed_segment_ids(np.random.default_rng(0), 4, 40))
+    def loss(impl, q, k, v, r):
+      o = lte_attention(q, k, v, r, sink_size=2, window_size=5, segment_ids=seg,
+                        implementation=impl)
+      return jnp.sum(o * do)
+    want = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2, 3))(q, k, v, r)
+    from lte_jax.training import make_mesh
+    mesh = make_mesh(data=2, fsdp=1, tensor=2)
+    with jax.set_mesh(mesh):
+      f = jax.jit(jax.grad(lambda *a: loss("pallas", *a), argnums=(0, 1, 2, 3)))
+      text = f.lower(q, k, v, r).as_text()
+      got = f(q, k, v, r)
+    assert "shard_map" in text or "manual" in text, "kernels not under shard_map"
+    for a, b in zip(got, want):
+      err = rel_rms(a, b)
+      assert err < 1e-4, err
+    print("OK")
+""")
+
+
+def test_runs_per_shard_under_a_mesh():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# --- lowering ---------------------------------------------------------------------------
+
+def _sds(*shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
+@pytest.mark.parametrize("size", ["0.4B", "1.4B"])
+def test_lowers_at_preset_shapes(platform, lowering, size):
+  cfg = configs.get_config("laLTE", size).lte
+  b, t, hq, hkv, d = 1, 4096, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  args = (_sds(b, t, hq, d), _sds(b, t, hkv, d), _sds(b, t, hkv, d),
+          _sds(b, t, hkv, dtype=jnp.float32), _sds(b, t, dtype=jnp.int32))
+
+  def lte(q, k, v, r, seg):
+    return lte_attention_pallas(q, k, v, r, sink_size=cfg.sink_size,
+                                window_size=cfg.window_size, budget=None, segment_ids=seg,
+                                scale=d ** -0.5, platform=platform,
+                                interpret=False).astype(jnp.float32).sum()
+
+  def swa(q, k, v, r, seg):
+    del r
+    return sliding_window_attention_pallas(q, k, v, window_size=1023, segment_ids=seg,
+                                           scale=d ** -0.5, platform=platform,
+                                           interpret=False).astype(jnp.float32).sum()
+
+  target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
+  # LTE: forward; with gradients: forward, dq, band dk/dv, far dk/dv. SWA: no far kernel.
+  for fn, argnums, kernels in ((lte, None, 1), (lte, (0, 1, 2, 3), 4), (swa, None, 1),
+                               (swa, (0, 1, 2), 3)):
+    f = fn if argnums is None else jax.grad(fn, argnums=argnums)
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
+    assert text.count(f"@{target}(") == kernels, (fn.__name__, argnums, text.count(f"@{target}("))
+
+
+def test_budget_path_lowers_for_cuda():
+  cfg = configs.get_config("laLTE", "0.4B").lte
+  b, t, h, d = 1, 4096, cfg.num_heads, cfg.head_dim
+  args = (_sds(b, t, h, d), _sds(b, t, h, d), _sds(b, t, h, d), _sds(b, t, h, dtype=jnp.float32))
+
+  def op(q, k, v, r):
+    return lte_attention_pallas(q, k, v, r, sink_size=cfg.sink_size, window_size=cfg.window_size,
+                                budget=cfg.budget, segment_ids=None, scale=d ** -0.5,
+                                platform="gpu", interpret=False).astype(jnp.float32).sum()
+
+  text = jax.jit(jax.grad(op, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("@__gpu$xla.gpu.triton(") == 4
