@@ -204,10 +204,14 @@ def main(argv):
     for impl in FLAGS.implementations:
       try:
         timed.append((f"lte_jax/{impl}",) + _time_lte_jax(impl, args))
+        print(f"{shape} lte_jax/{impl}: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
+              flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if fla is not None:
       timed.append(("fla/triton",) + _time_fla(fla, args))
+      print(f"{shape} fla/triton: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
+            flush=True)
     anchor = {name: (f, fb) for name, f, fb in timed}.get("fla/triton")
     for name, f, fb in timed:
       rows.append(dict(

@@ -90,7 +90,10 @@ def _run_lte_jax(arch: str) -> dict:
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     start = time.perf_counter()
-    step_fn = step_fn.lower(state, batch).compile()
+    lowered = step_fn.lower(state, batch)
+    print(f"{arch}: lowered in {time.perf_counter() - start:.1f} s; compiling", file=sys.stderr,
+          flush=True)
+    step_fn = lowered.compile()
     compile_s = time.perf_counter() - start
     # XLA's own estimate, printed before running: a step that cannot fit shows here, not
     # as a long rematerialising compile followed by an out-of-memory error.
