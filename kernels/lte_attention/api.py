@@ -51,8 +51,8 @@ def _scatter_add(cfg: forward.Static, x, idx, rows):
   return at.add(rows, mode="drop")
 
 
-def _rows(x, block):   # [B, H, Tp] -> [B, H, Tp / block, block]
-  return x.reshape(*x.shape[:2], x.shape[2] // block, block)
+def _rows(x, block):   # [B, H, Tp] -> [B, H, Tp / block, 1, block], a free reshape
+  return x.reshape(*x.shape[:2], x.shape[2] // block, 1, block)
 
 
 def _far_inputs(cfg, k, v, s: _Sets):

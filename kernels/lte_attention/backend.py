@@ -22,7 +22,7 @@ PLATFORMS = ("gpu", "tpu")
 # [64, 64] logits and the [64, D] accumulators of D = 64 heads in registers at 4 warps.
 # TPU: 128-row tiles fill the MXU.
 _DEFAULT_BLOCKS = {"gpu": 64, "tpu": 128}
-_DEFAULT_VMEM_MIB = 64
+_DEFAULT_VMEM_MIB = 48
 _INT_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages",
                "vmem_limit_mib")
 

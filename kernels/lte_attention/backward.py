@@ -21,8 +21,10 @@ F32 = jnp.float32
 
 def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mask_a_ref,
                 mask_b_ref, dk_ref, dv_ref, *, cfg: Static, band: bool):
-  """mask_a/mask_b: band: lo rows [nq, bq] (mask_b unused); far: idx and last columns
-  [bk, 1] of the compact keys."""
+  """mask_a/mask_b: band: lo rows [nq, 1, bq] (mask_b unused); far: idx and last columns
+  [bk, 1] of the compact keys. Per-query rows are [n, 1, block] so that a tile's row is
+  picked by a leading-dim index (Mosaic's simplest dynamic access), never by a
+  dynamic sublane or lane slice."""
   tokens = cfg.tokens
   bq, bk = cfg.plan.block_q_dkv, cfg.plan.block_k_dkv
   b, h, kt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -40,10 +42,10 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
       start = pl.multiple_of(qt * bq, bq)
       q = tokens.rows(q_ref, start, bq, g)
       d_o = tokens.rows(do_ref, start, bq, g)
-      lse, delta = lse_ref[g, pl.ds(qt, 1), :], delta_ref[g, pl.ds(qt, 1), :]   # [1, bq]
+      lse, delta = lse_ref[g, qt], delta_ref[g, qt]                   # [1, bq]
       i = tiles.iota((1, bq), 1, start)
       if band:
-        mask = (mask_a_ref[pl.ds(qt, 1), :] <= j) & (j <= i)
+        mask = (mask_a_ref[qt] <= j) & (j <= i)
       else:
         mask = (idx < i - cfg.window) & (i <= last)
       return tiles.dkv_step(carry, k, v, q, d_o, lse, delta, mask, cfg.scale)
@@ -61,13 +63,14 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
 def _query_specs(cfg: Static, d: int, dv: int):
   """Q and dO of the KV head's query heads (whole sequences), lse and delta rows."""
   tokens, group, bq = cfg.tokens, cfg.group, cfg.plan.block_q_dkv
-  rows = pl.BlockSpec((pl.squeezed, group, cfg.padded // bq, bq), lambda b, h, n: (b, h, 0, 0))
+  rows = pl.BlockSpec((pl.squeezed, group, cfg.padded // bq, 1, bq),
+                      lambda b, h, n: (b, h, 0, 0, 0))
   return [tokens.sequence(cfg.padded, d, group=group),
           tokens.sequence(cfg.padded, dv, group=group), rows, rows]
 
 
-def _rows(x, block):   # [B, H, Tp, 1] -> [B, H, Tp / block, block], a free reshape
-  return x.reshape(*x.shape[:2], x.shape[2] // block, block)
+def _rows(x, block):   # [B, H, Tp, 1] -> [B, H, Tp / block, 1, block], a free reshape
+  return x.reshape(*x.shape[:2], x.shape[2] // block, 1, block)
 
 
 def band_key_grads(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds):
@@ -78,10 +81,10 @@ def band_key_grads(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds):
   tokens, plan = cfg.tokens, cfg.plan
   bq, bk = plan.block_q_dkv, plan.block_k_dkv
   batch, d, dv = q.shape[0], k.shape[-1], v.shape[-1]
-  lo_rows = pl.BlockSpec((pl.squeezed, cfg.padded // bq, bq), lambda b, h, n: (b, 0, 0))
+  lo_rows = pl.BlockSpec((pl.squeezed, cfg.padded // bq, 1, bq), lambda b, h, n: (b, 0, 0, 0))
   in_specs = ([backend.scalars(plan)] + _query_specs(cfg, d, dv)
               + [tokens.block(bk, d), tokens.block(bk, dv), lo_rows, lo_rows])
-  lo = lo.reshape(batch, cfg.padded // bq, bq)
+  lo = lo.reshape(batch, cfg.padded // bq, 1, bq)
   args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), k, v, lo, lo)
   out_shape = [jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(v.shape, F32)]
   kernel = lambda *refs: _dkv_kernel(*refs, cfg=cfg, band=True)

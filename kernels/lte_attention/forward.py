@@ -75,7 +75,7 @@ def _tile_loaders(cfg: Static, lo_ref, k_ref, v_ref, far_refs, *, block_q: int, 
   def far(c):
     kc_ref, vc_ref, idx_ref, last_ref = far_refs
     rows = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
-    idx, last = idx_ref[pl.ds(c, 1), :], last_ref[pl.ds(c, 1), :]      # [1, bk]
+    idx, last = idx_ref[c], last_ref[c]                                 # [1, bk]
     return kc_ref[rows, :], vc_ref[rows, :], (idx < i - cfg.window) & (i <= last)
 
   return band, far
@@ -127,7 +127,7 @@ def _specs(cfg: Static, d: int, dv: int, far):
   if cfg.far:
     kc, vc, idx, _ = far
     whole = lambda x: pl.BlockSpec((pl.squeezed, pl.squeezed, *x.shape[2:]),
-                                   lambda b, h, n: (b, kv_head(h), 0, 0))
+                                   lambda b, h, n: (b, kv_head(h)) + (0,) * (x.ndim - 2))
     specs += [whole(kc), whole(vc), whole(idx), whole(idx)]
   return specs
 
@@ -145,7 +145,7 @@ def _lo_column(block: int) -> pl.BlockSpec:
 def attention_forward(cfg: Static, q, k, v, lo, bounds, far):
   """q [layout, Hq heads, D], k [.., Hkv, D], v [.., Hkv, Dv] (Tp rows); lo [B, Tp]
   int32; bounds from sets.query_bounds; far: (kc [B, Hkv, Tp, D], vc [B, Hkv, Tp, Dv],
-  idx and last [B, Hkv, Tp / block_k, block_k] int32) or None
+  idx and last [B, Hkv, Tp / block_k, 1, block_k] int32) or None
   -> (o like q with Dv, lse [B, Hq, Tp, 1] fp32)."""
   tokens, plan = cfg.tokens, cfg.plan
   batch, heads = q.shape[0], cfg.heads_kv * cfg.group
