@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,7 @@ from lte_jax.ops.lte_decode import lte_decode_attention, lte_decode_mask
 from tests import helpers
 
 RING, BUDGET = 13, 7
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inputs(seed, *, batch=2, tq=1, hq=4, hkv=2, d=16, dtype=jnp.float32):
@@ -122,6 +127,35 @@ def test_bad_arguments_raise_value_errors(kwargs, needle):
   args.update(kwargs)
   with pytest.raises(ValueError, match=needle):
     lte_decode_attention(**args)
+
+
+_SHARDED = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from lte_jax.ops.lte_decode import lte_decode_attention
+    from lte_jax.training import make_mesh
+    from tests import helpers
+    from tests.test_lte_decode import FILLS, RING, _inputs
+    q, k, v = _inputs(5, tq=3)
+    fill = jnp.asarray(FILLS["partial"], jnp.int32)
+    run = lambda impl: jax.jit(lambda q, k, v, f: lte_decode_attention(
+        q, k, v, f, 30, ring_size=RING, implementation=impl))
+    want = run("reference")(q, k, v, fill)
+    with jax.set_mesh(make_mesh(data=2, fsdp=1, tensor=2)):
+      f = run("pallas")
+      text = f.lower(q, k, v, fill).as_text()
+      got = f(q, k, v, fill)
+    assert "shard_map" in text or "manual" in text, "kernel not under shard_map"
+    assert helpers.rel_rms(got, want) < 1e-5, helpers.rel_rms(got, want)
+    print("OK")
+""")
+
+
+def test_runs_per_shard_under_a_mesh():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
 # --- the layer ---------------------------------------------------------------------------
