@@ -79,7 +79,8 @@ flags.DEFINE_list("decode_contexts", ["4096", "32768", "131072"],
 flags.DEFINE_integer("budget", LTEConfig().budget, "LTE decode cache: retained slots.")
 flags.DEFINE_bool("torch", True, "Time the torch anchors (SDPA, FlexAttention).")
 flags.DEFINE_integer("reps", 30, "Timed repetitions (median reported).")
-flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 reps (CPU check of the script).")
+flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 reps (CPU check of the script); "
+                  "flags given explicitly keep their values.")
 
 # Relative-RMS bounds for bf16 inputs: output, dq/dk/dv, dscores (as bench_kernels).
 TOLERANCES = {"o": 5e-3, "dq": 8e-3, "dk": 8e-3, "dv": 8e-3, "dscores": 2e-2}
@@ -108,8 +109,8 @@ class Setup:
   @classmethod
   def from_flags(cls):
     values = {f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(cls)}
-    if FLAGS.smoke:
-      values.update(SMOKE)
+    if FLAGS.smoke:  # flags given on the command line still win
+      values.update({k: v for k, v in SMOKE.items() if not FLAGS[k].present})
     return cls(**values)
 
 
