@@ -149,17 +149,14 @@ def _interpret(plan: Plan) -> Any:
   return pltpu.InterpretParams() if plan.platform == "tpu" else True
 
 
-def scalars(plan: Plan) -> pl.BlockSpec:
-  """A whole 1-D int32 table of loop bounds, read one scalar at a time (SMEM on TPU)."""
-  if plan.platform == "tpu":
-    return pl.BlockSpec(memory_space=pltpu.SMEM)
-  return pl.BlockSpec()
-
-
-def whole(*shape: int) -> pl.BlockSpec:
-  """Block [*shape] of a [B, H, *shape] array on a (B, H, n) grid, at (b, head(h))."""
-  return pl.BlockSpec((pl.squeezed, pl.squeezed, *shape),
-                      lambda b, h, n: (b, h) + (0,) * len(shape))
+def scalars(plan: Plan, table: jax.Array, head: Callable[[Any], Any]) -> pl.BlockSpec:
+  """Row (b, head(h)) of an int32 table of loop bounds [B, H, 1, length] on a (B, H, n)
+  grid -> ref [1, length], read one scalar at a time as ref[0, i]. SMEM on TPU, one row
+  rather than the whole table, so its size does not grow with the batch; the unit dim
+  makes the block's last two dims the array's, as Mosaic requires."""
+  space = {"memory_space": pltpu.SMEM} if plan.platform == "tpu" else {}
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, 1, table.shape[-1]),
+                      lambda b, h, n: (b, head(h), 0, 0), **space)
 
 
 @dataclasses.dataclass(frozen=True)

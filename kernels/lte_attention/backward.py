@@ -27,10 +27,9 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
   dynamic sublane or lane slice."""
   tokens = cfg.tokens
   bq, bk = cfg.plan.block_q_dkv, cfg.plan.block_k_dkv
-  b, h, kt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  tiles_per_row = cfg.padded // bk
-  base = ((b if band else b * cfg.heads_kv + h) * tiles_per_row + kt) * 2
-  q_lo, q_hi = bounds_ref[base], bounds_ref[base + 1]
+  kt = pl.program_id(2)
+  base = kt * 2                      # this (batch, head)'s row of the table is in bounds_ref
+  q_lo, q_hi = bounds_ref[0, base], bounds_ref[0, base + 1]
   k, v = k_ref[...], v_ref[...]
   if band:
     j = tiles.iota((bk, 1), 0, kt * bk)
@@ -82,7 +81,7 @@ def band_key_grads(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds):
   bq, bk = plan.block_q_dkv, plan.block_k_dkv
   batch, d, dv = q.shape[0], k.shape[-1], v.shape[-1]
   lo_rows = pl.BlockSpec((pl.squeezed, cfg.padded // bq, 1, bq), lambda b, h, n: (b, 0, 0, 0))
-  in_specs = ([backend.scalars(plan)] + _query_specs(cfg, d, dv)
+  in_specs = ([backend.scalars(plan, bounds, lambda h: 0)] + _query_specs(cfg, d, dv)
               + [tokens.block(bk, d), tokens.block(bk, dv), lo_rows, lo_rows])
   lo = lo.reshape(batch, cfg.padded // bq, 1, bq)
   args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), k, v, lo, lo)
@@ -100,7 +99,7 @@ def far_key_grads(cfg: Static, q, d_o, lse, delta, kc, vc, idx, last, bounds):
   bq, bk = plan.block_q_dkv, plan.block_k_dkv
   batch, d, dv = q.shape[0], kc.shape[-1], vc.shape[-1]
   tile = lambda n: pl.BlockSpec((pl.squeezed, pl.squeezed, bk, n), lambda b, h, c: (b, h, c, 0))
-  in_specs = ([backend.scalars(plan)] + _query_specs(cfg, d, dv)
+  in_specs = ([backend.scalars(plan, bounds, lambda h: h)] + _query_specs(cfg, d, dv)
               + [tile(d), tile(dv), tile(1), tile(1)])
   args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), kc, vc, idx[..., None],
           last[..., None])

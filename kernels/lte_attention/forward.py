@@ -47,16 +47,13 @@ def _kv_head(h, group: int):
   return jax.lax.div(h, jnp.int32(group))
 
 
-def _walk(cfg: Static, bounds_ref, band_tile, far_tile, carry, *, block_q: int):
+def _walk(cfg: Static, bounds_ref, band_tile, far_tile, carry):
   """Run band_tile over this program's band key tiles, then far_tile over its compact
   tiles; both are (tile index, carry) -> carry."""
-  b, h, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  heads = cfg.heads_kv if cfg.far else 1
-  head = _kv_head(h, cfg.group) if cfg.far else 0
-  base = ((b * heads + head) * (cfg.padded // block_q) + n) * 4
-  carry = jax.lax.fori_loop(bounds_ref[base], bounds_ref[base + 1], band_tile, carry)
+  base = pl.program_id(2) * 4       # this (batch, head)'s row of the table is in bounds_ref
+  carry = jax.lax.fori_loop(bounds_ref[0, base], bounds_ref[0, base + 1], band_tile, carry)
   if cfg.far:
-    carry = jax.lax.fori_loop(bounds_ref[base + 2], bounds_ref[base + 3], far_tile, carry)
+    carry = jax.lax.fori_loop(bounds_ref[0, base + 2], bounds_ref[0, base + 3], far_tile, carry)
   return carry
 
 
@@ -95,7 +92,7 @@ def _forward_kernel(bounds_ref, lo_ref, q_ref, k_ref, v_ref, *refs, cfg: Static)
 
   init = (jnp.full((bq, 1), tiles.NEG, F32), jnp.zeros((bq, 1), F32),
           jnp.zeros((bq, v_ref.shape[-1]), F32))
-  m, l, acc = _walk(cfg, bounds_ref, step(band), step(far), init, block_q=bq)
+  m, l, acc = _walk(cfg, bounds_ref, step(band), step(far), init)
   # Every query reads at least itself, so l > 0 (the guard only keeps padding exact).
   l = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc / l).astype(o_ref.dtype)
@@ -115,7 +112,7 @@ def _dq_kernel(bounds_ref, lo_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_r
       return tiles.dq_step(dq, q, k, v, d_o, lse, delta, mask, cfg.scale)
     return body
 
-  dq = _walk(cfg, bounds_ref, step(band), step(far), jnp.zeros(q.shape, F32), block_q=bq)
+  dq = _walk(cfg, bounds_ref, step(band), step(far), jnp.zeros(q.shape, F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -130,6 +127,12 @@ def _specs(cfg: Static, d: int, dv: int, far):
                                    lambda b, h, n: (b, kv_head(h)) + (0,) * (x.ndim - 2))
     specs += [whole(kc), whole(vc), whole(idx), whole(idx)]
   return specs
+
+
+def _bounds(cfg: Static, bounds) -> pl.BlockSpec:
+  """The program's row of sets.query_bounds [B, Hkv or 1, 1, nq * 4]."""
+  head = (lambda h: _kv_head(h, cfg.group)) if cfg.far else (lambda h: 0)
+  return backend.scalars(cfg.plan, bounds, head)
 
 
 def _column(block: int) -> pl.BlockSpec:
@@ -152,7 +155,8 @@ def attention_forward(cfg: Static, q, k, v, lo, bounds, far):
   d, dv, bq = q.shape[-1], v.shape[-1], plan.block_q
   nq = cfg.padded // bq
   args = [bounds, lo[..., None], q, k, v] + ([] if far is None else list(far))
-  in_specs = [backend.scalars(plan), _lo_column(bq), tokens.block(bq, d)] + _specs(cfg, d, dv, far)
+  in_specs = ([_bounds(cfg, bounds), _lo_column(bq), tokens.block(bq, d)]
+              + _specs(cfg, d, dv, far))
   out_shape = [jax.ShapeDtypeStruct(tokens.shape(batch, cfg.padded, heads, dv), v.dtype),
                jax.ShapeDtypeStruct((batch, heads, cfg.padded, 1), F32)]
   kernel = lambda *refs: _forward_kernel(*refs, cfg=cfg)
@@ -168,7 +172,7 @@ def attention_dq(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds, far):
   batch, heads = q.shape[0], cfg.heads_kv * cfg.group
   d, dv, bq = q.shape[-1], v.shape[-1], plan.block_q
   args = [bounds, lo[..., None], q, d_o, lse, delta, k, v] + ([] if far is None else list(far))
-  in_specs = ([backend.scalars(plan), _lo_column(bq), tokens.block(bq, d), tokens.block(bq, dv),
+  in_specs = ([_bounds(cfg, bounds), _lo_column(bq), tokens.block(bq, d), tokens.block(bq, dv),
                _column(bq), _column(bq)] + _specs(cfg, d, dv, far))
   kernel = lambda *refs: _dq_kernel(*refs, cfg=cfg)
   return backend.call(kernel, plan, grid=(batch, heads, cfg.padded // bq), in_specs=in_specs,

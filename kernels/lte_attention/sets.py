@@ -97,8 +97,8 @@ def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: i
 
 def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window: int,
                  time: int, block_q: int, block_k: int) -> jax.Array:
-  """Loop bounds of the query-side kernels (forward, dq), flattened int32
-  [B * Hb * nq * 4] of (band_lo, band_hi, far_lo, far_hi) per (batch, head, query tile):
+  """Loop bounds of the query-side kernels (forward, dq), int32 [B, Hb, 1, nq * 4]:
+  (band_lo, band_hi, far_lo, far_hi) per (batch, head, query tile):
   key tiles [band_lo, band_hi) of the band, compact tiles [far_lo, far_hi) of the far
   keys. Hb = Hkv with far keys, else 1 (the band does not depend on the head)."""
   batch, padded = lo.shape
@@ -108,8 +108,7 @@ def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window:
   band_lo = lo[:, ::block_q] // block_k                                  # [B, nq]
   band_hi = jnp.broadcast_to(final // block_k + 1, (batch, nq))
   if far is None:
-    bounds = jnp.stack([band_lo, band_hi, band_lo, band_lo], axis=-1)[:, None]
-    return bounds.reshape(-1)
+    return jnp.stack([band_lo, band_hi, band_lo, band_lo], axis=-1).reshape(batch, 1, 1, nq * 4)
   heads = far.before.shape[1]
   # Far keys of the tile: index in [start of the first query's document, final - w).
   start = jnp.take_along_axis(far.before, docs.start[:, None, ::block_q], axis=-1)
@@ -118,11 +117,12 @@ def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window:
   far_lo = start // block_k
   far_hi = jnp.where(real, jnp.maximum(-(-stop // block_k), far_lo), far_lo)
   band = lambda x: jnp.broadcast_to(x[:, None], (batch, heads, nq))
-  return jnp.stack([band(band_lo), band(band_hi), far_lo, far_hi], axis=-1).reshape(-1)
+  bounds = jnp.stack([band(band_lo), band(band_hi), far_lo, far_hi], axis=-1)
+  return bounds.reshape(batch, heads, 1, nq * 4)
 
 
 def band_key_bounds(docs: Documents, *, window: int, block_q: int, block_k: int) -> jax.Array:
-  """Loop bounds of the band dk/dv kernel, flattened int32 [B * nk * 2]: query tiles
+  """Loop bounds of the band dk/dv kernel, int32 [B, 1, 1, nk * 2]: query tiles
   [q_lo, q_hi) that read key tile kb through the band (queries j .. min(j + w, end_j))."""
   padded = docs.end.shape[1]
   nk = padded // block_k
@@ -130,11 +130,11 @@ def band_key_bounds(docs: Documents, *, window: int, block_q: int, block_k: int)
   final = first + block_k - 1
   reach = jnp.minimum(final + window, docs.end[:, final])                # [B, nk]
   q_lo = jnp.broadcast_to(first // block_q, reach.shape)
-  return jnp.stack([q_lo, reach // block_q + 1], axis=-1).reshape(-1)
+  return jnp.stack([q_lo, reach // block_q + 1], axis=-1).reshape(reach.shape[0], 1, 1, nk * 2)
 
 
 def far_key_bounds(far: FarKeys, *, window: int, block_q: int, block_k: int) -> jax.Array:
-  """Loop bounds of the far dk/dv kernel, flattened int32 [B * Hkv * ncap * 2]: query
+  """Loop bounds of the far dk/dv kernel, int32 [B, Hkv, 1, ncap * 2]: query
   tiles [q_lo, q_hi) after the first key's window, up to the block's last reader."""
   batch, heads, padded = far.idx.shape
   nq = padded // block_q
@@ -142,4 +142,4 @@ def far_key_bounds(far: FarKeys, *, window: int, block_q: int, block_k: int) -> 
   reach = jnp.max(far.last.reshape(batch, heads, padded // block_k, block_k), axis=-1)
   q_lo = jnp.minimum((first + window + 1) // block_q, nq)
   q_hi = jnp.where(reach > first + window, reach // block_q + 1, q_lo)
-  return jnp.stack([q_lo, q_hi], axis=-1).reshape(-1)
+  return jnp.stack([q_lo, q_hi], axis=-1).reshape(batch, heads, 1, -1)
