@@ -33,6 +33,8 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
                   "What each lte_jax block keeps for the backward pass (ModelConfig.remat).")
+flags.DEFINE_bool("scan_layers", True,
+                  "Compile the lte_jax blocks as a scan over the layer cycle (ModelConfig.scan_layers).")
 flags.DEFINE_string("implementation", None,
                     "Op implementation for the lte_jax mixers that have it (config.model."
                     "implementation); None: each op's default for the backend.")
@@ -64,6 +66,7 @@ def _run_lte_jax(arch: str) -> dict:
   config.data.seq_len = FLAGS.seq_len
   config.data.batch_size = FLAGS.batch
   config.model.remat = FLAGS.remat
+  config.model.scan_layers = FLAGS.scan_layers
   config.steps = 1000
   if FLAGS.implementation:
     config.model.implementation = FLAGS.implementation
@@ -118,7 +121,7 @@ def _run_lte_jax(arch: str) -> dict:
   flops = metrics.flops_per_token(exp.model, n, t) * b * t / step_s
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   impl = exp.model.gdn.implementation or "default"
-  return dict(model=f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat})", params=n, devices=jax.device_count(),
+  return dict(model=f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat}, scan {FLAGS.scan_layers})", params=n, devices=jax.device_count(),
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
               mfu=flops / (peak * jax.device_count()) if peak else None,
@@ -224,6 +227,7 @@ def main(argv):
                                             flags=dict(size=FLAGS.size, batch=FLAGS.batch,
                                                        seq_len=FLAGS.seq_len, steps=FLAGS.steps,
                                                        remat=FLAGS.remat,
+                                                       scan_layers=FLAGS.scan_layers,
                                                        implementation=FLAGS.implementation,
                                                        gdn_implementation=FLAGS.gdn_implementation),
                                             results=rows))

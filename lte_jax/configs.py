@@ -184,6 +184,9 @@ class ModelConfig:
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # master parameters
   remat: str = "none"           # REMAT_POLICIES; True / False mean 'full' / 'none'
+  # Training forward as a lax.scan over the repeating cycle of `layers` (compile time
+  # independent of depth); parameters keep one module per layer either way.
+  scan_layers: bool = False
 
   def __post_init__(self):
     _positive(self, "vocab_size", "d_model", "intermediate_size", "max_position")
@@ -198,6 +201,8 @@ class ModelConfig:
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     _require(self.remat in REMAT_POLICIES, "ModelConfig.remat", f"one of {REMAT_POLICIES}",
              self.remat)
+    _require(isinstance(self.scan_layers, bool), "ModelConfig.scan_layers", "True or False",
+             self.scan_layers)
     _require(self.swa.window_size is not None, "ModelConfig.swa.window_size",
              "a positive integer (the sliding window)", self.swa.window_size)
 

@@ -128,6 +128,44 @@ def test_remat_keeps_loss_and_gradients(policy):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("arch,remat", [("laLTE", "dots"), ("GDN_SWA", "none")])
+def test_scan_layers_keeps_loss_gradients_and_dropout(arch, remat):
+  """The scanned forward is the unrolled one: loss, every gradient, retention order, and the
+  dropout masks (LTE scorer dropout on, train mode)."""
+  from lte_jax.training import train_state
+  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 97)
+  lte = configs.LTEConfig(num_heads=4, num_kv_heads=2, head_dim=8, sink_size=2, window_size=13,
+                          budget=5, dropout=0.3)
+
+  def loss_and_grads(scan):
+    model_def = train_state.make_model_def(_tiny(arch, remat=remat, scan_layers=scan, lte=lte))
+    params = nnx.to_pure_dict(nnx.state(HybridLM(model_def.config, rngs=nnx.Rngs(0)), nnx.Param))
+
+    def loss(params):
+      logits, aux = model_def.bind(params, jax.random.key(1))(tokens)
+      ret = sum(jnp.mean(r * (i + 1)) for i, r in enumerate(aux["lte_retention"]))
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + ret
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  want_loss, want_grads = loss_and_grads(False)
+  got_loss, got_grads = loss_and_grads(True)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_layer_period():
+  from lte_jax.models.hybrid_lm import layer_period
+  assert layer_period(("gdn",) * 24) == 1
+  assert layer_period(("gdn", "lte") * 12) == 2
+  assert layer_period(("gdn", "gdn", "attn") * 2) == 3
+  assert layer_period(("gdn", "attn", "gdn")) == 3
+  with pytest.raises(ValueError, match="ModelConfig.scan_layers"):
+    _tiny("GDN", scan_layers="yes")
+
+
 def test_remat_accepts_booleans_and_rejects_unknown_policies():
   assert _tiny("GDN", remat=True).remat == "full"
   assert _tiny("GDN", remat=False).remat == "none"

@@ -8,7 +8,7 @@ The defaults train a tiny model on the embedded corpus on a laptop CPU in a few
 minutes. A paper-scale run (PAPER.md section 5) sets, e.g. for the 1.4B laLTE:
   --config.size=1.4B --config.steps=30720 --config.data.seq_len=4096
   --config.data.batch_size=16 --config.optim.grad_accum=16 --config.optim.warmup_steps=512
-  --config.model.dtype=bfloat16 --config.model.remat=dots --config.mesh.fsdp=-1 --config.mesh.data=1
+  --config.model.dtype=bfloat16 --config.model.remat=dots --config.model.scan_layers=True --config.mesh.fsdp=-1 --config.mesh.data=1
   --config.data.source=jsonl --config.data.path=... --config.data.tokenizer=...
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "bfloat16"        # compute dtype (fp32 math in norms, softmax, loss)
   config.model.param_dtype = "float32"   # master parameters
   config.model.remat = "none"           # none | full | dots (lte_jax.configs.REMAT_POLICIES)
+  config.model.scan_layers = False      # lax.scan over the layer cycle: compile time flat in depth
   config.model.lte_dropout = config_dict.placeholder(float)
   config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
   # A ModelConfig JSON (e.g. WORKDIR/converted_model.json from experiments.convert) used

@@ -86,6 +86,53 @@ _RUN_BLOCK = {
 }
 
 
+def layer_period(layers: tuple[str, ...]) -> int:
+  """Length of the shortest prefix whose repetition gives ``layers`` (len(layers) if none)."""
+  n = len(layers)
+  return next(p for p in range(1, n + 1) if n % p == 0 and layers == layers[:p] * (n // p))
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _scan_blocks(blocks, period: int, run, x, segment_ids, positions):
+  """Run ``blocks`` as lax.scan over cycles of ``period`` blocks; returns (x, aux per block).
+
+  The body is traced and compiled once per position in the cycle instead of once
+  per layer: XLA's compile time no longer grows with depth. Parameters stay one
+  module per layer (checkpoints, conversion, sharding and decode are unchanged);
+  they are stacked here per step, a copy of the weights that costs a few
+  hundred microseconds on a GPU, and autodiff routes the gradients back through
+  the stack. Non-parameter state (dropout RNG counters) is written back.
+  """
+  cycles = len(blocks) // period
+  graphdefs, params, rest = [], [], []
+  for pos in range(period):
+    splits = [nnx.split(blocks[c * period + pos], nnx.Param, ...) for c in range(cycles)]
+    graphdefs.append(splits[0][0])
+    params.append(_stack([s[1] for s in splits]))
+    rest.append(_stack([s[2] for s in splits]))
+
+  def body(h, cycle):
+    cycle_params, cycle_rest = cycle
+    new_rest, auxes = [], []
+    for pos in range(period):
+      block = nnx.merge(graphdefs[pos], cycle_params[pos], cycle_rest[pos])
+      h, aux = run(block, h, segment_ids, positions)
+      new_rest.append(nnx.state(block, nnx.Not(nnx.Param)))
+      auxes.append(aux)
+    return h, (new_rest, auxes)
+
+  x, (new_rest, auxes) = jax.lax.scan(body, x, (params, rest))
+  per_block = []
+  for c in range(cycles):
+    for pos in range(period):
+      nnx.update(blocks[c * period + pos], jax.tree.map(lambda a: a[c], new_rest[pos]))
+      per_block.append(jax.tree.map(lambda a: a[c], auxes[pos]))
+  return x, per_block
+
+
 class HybridLM(nnx.Module):
   """Decoder LM. ``model(tokens) -> (logits [B, T, V] f32, aux)``.
 
@@ -134,11 +181,15 @@ class HybridLM(nnx.Module):
     x = self.embed(tokens)
     x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     run = _RUN_BLOCK[self.config.remat]
-    retention = []
-    for block in self.blocks:
-      x, aux = run(block, x, segment_ids, positions)
-      if "retention" in aux:
-        retention.append(aux["retention"])
+    if self.config.scan_layers:
+      x, auxes = _scan_blocks(self.blocks, layer_period(self.config.layers), run, x,
+                              segment_ids, positions)
+    else:
+      auxes = []
+      for block in self.blocks:
+        x, aux = run(block, x, segment_ids, positions)
+        auxes.append(aux)
+    retention = [aux["retention"] for aux in auxes if "retention" in aux]
     return self._logits(x), {"lte_retention": tuple(retention)}
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> tuple:
