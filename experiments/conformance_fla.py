@@ -111,6 +111,17 @@ def compare(lte, fla) -> dict:
           "argmax_agree": float(np.mean(lte.argmax(-1) == fla.argmax(-1)))}
 
 
+def _write_report(results, jax, torch, fla, transformers) -> None:
+  report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "device": torch.cuda.get_device_name(0), "host": platform.node(),
+            "versions": {"fla": getattr(fla, "__version__", "?"), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "jax": jax.__version__},
+            "tolerance": _TOLERANCE.value, "implementation": _IMPLEMENTATION.value,
+            "command": " ".join(sys.argv), "results": results}
+  with open(_OUT.value, "w") as f:
+    json.dump(report, f, indent=2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -137,6 +148,7 @@ def main(argv):
   results = []
   for name in _MODELS.value:
     directory = os.path.join(root, name)
+    print(f"{name}: building FLA model ({time.strftime('%H:%M:%S')})", flush=True)
     fla_model = build_fla_model(name, _SEED.value, directory)
     model, config = load_hf(directory, implementation=_IMPLEMENTATION.value)
     forward = nnx.jit(lambda m, x: m(x)[0])
@@ -155,17 +167,10 @@ def main(argv):
       print(f"{name:9s} T={t:5d} {row['fla_gdn_path']:15s} rel_max={row['rel_max']:.3e} "
             f"rel_rms={row['rel_rms']:.3e} argmax={row['argmax_agree']:.4f} "
             f"{'PASS' if row['pass'] else 'FAIL'}", flush=True)
+      _write_report(results, jax, torch, fla, transformers)  # a run cut short keeps its rows
     del fla_model
     torch.cuda.empty_cache()
 
-  report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "device": torch.cuda.get_device_name(0), "host": platform.node(),
-            "versions": {"fla": getattr(fla, "__version__", "?"), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "jax": jax.__version__},
-            "tolerance": _TOLERANCE.value, "implementation": _IMPLEMENTATION.value,
-            "command": " ".join(sys.argv), "results": results}
-  with open(_OUT.value, "w") as f:
-    json.dump(report, f, indent=2)
   print(f"wrote {_OUT.value}")
   if not all(r["pass"] for r in results):
     sys.exit(1)
