@@ -43,6 +43,8 @@ flags.DEFINE_string("check_shape", "1x1024x4x128",
                     "BxTxHxD of the correctness check against the reference ('' skips it).")
 flags.DEFINE_bool("fla", True, "Time flash-linear-attention's kernel as the anchor.")
 flags.DEFINE_integer("reps", 50, "Timed repetitions (median reported).")
+flags.DEFINE_bool("stages", False, "Also time each Pallas stage on its own (inverse, states = "
+                  "WY prepare + recurrence, output, backward) for every 'pallas' entry.")
 
 H200_BYTES_PER_S = 4.8e12
 H200_BF16_FLOPS = 989e12
@@ -152,6 +154,23 @@ def _time_lte_jax(impl, args):
           bench_common.time_jax(lambda: fwdbwd(*args, d_o), reps=FLAGS.reps))
 
 
+def _time_stages(impl, args) -> dict:
+  """ms per Pallas stage, each jitted alone on the chunk-layout inputs (where the time goes)."""
+  from lte_jax.kernels.gated_delta_rule import api as kernel_api
+  q = args[0]
+  cfg, core = kernel_api.core_inputs(*args, scale=q.shape[-1] ** -0.5, **_plan_options(impl))
+  fns = {name: jax.jit(fn) for name, fn in kernel_api.stage_functions(cfg).items()}
+  t = fns["inverse"](*core)
+  _, h, v_new, h_last = fns["states"](*core, t)
+  o = fns["output"](*core, h, v_new)
+  d_o, dh_last = jnp.ones_like(o), jnp.zeros_like(h_last)
+  time = lambda fn: bench_common.time_jax(fn, reps=FLAGS.reps)
+  return {"inverse": time(lambda: fns["inverse"](*core)),
+          "states": time(lambda: fns["states"](*core, t)),
+          "output": time(lambda: fns["output"](*core, h, v_new)),
+          "backward": time(lambda: fns["backward"](*core, t, d_o, dh_last))}
+
+
 def _load_fla():
   try:
     import torch
@@ -195,7 +214,7 @@ def main(argv):
     shown = [{**r, **{n: f"{r[n]:.1e}" for n in errors if n in r}} for r in checks]
     bench_common.print_table(shown, ["shape", "impl", "ok", "worst"] + errors)
   fla = _load_fla() if FLAGS.fla else None
-  rows = []
+  rows, stages = [], []
   for shape in FLAGS.shapes:
     dims = _parse(shape)
     args = _inputs(*dims)
@@ -206,6 +225,11 @@ def main(argv):
         timed.append((f"lte_jax/{impl}",) + _time_lte_jax(impl, args))
         print(f"{shape} lte_jax/{impl}: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
               flush=True)
+        if FLAGS.stages and impl.startswith("pallas"):
+          stage_ms = _time_stages(impl, args)
+          stages.append(dict(shape=shape, impl=impl, **stage_ms))
+          print(f"{shape} lte_jax/{impl} stages (ms): "
+                + ", ".join(f"{n} {v:.3f}" for n, v in stage_ms.items()), flush=True)
       except Exception as e:  # noqa: BLE001
         print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if fla is not None:
@@ -221,20 +245,20 @@ def main(argv):
           fwd_bw_frac=bytes_moved / (f * 1e-3) / H200_BYTES_PER_S,
           fwd_flop_frac=flops / (f * 1e-3) / H200_BF16_FLOPS))
       print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    _write(env, checks, rows, fla)
+    _write(env, checks, rows, fla, stages)
   bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_vs_fla",
                                   "fwdbwd_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
   if fla is not None:
     print("fla: fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True to time its backward")
   if any(not r["ok"] for r in checks):
     print("WARNING: an implementation failed the correctness check (see the first table)")
-  _write(env, checks, rows, fla)
+  _write(env, checks, rows, fla, stages)
 
 
-def _write(env, checks, rows, fla):
+def _write(env, checks, rows, fla, stages):
   """Written after every shape too, so a run cut short keeps what it measured."""
   bench_common.write_json(FLAGS.out, dict(
-      env=env, checks=checks, rows=rows,
+      env=env, checks=checks, rows=rows, stages=stages,
       notes=dict(fla_triton_guard_lifted=fla is not None, roofline=dict(
           bytes_per_s=H200_BYTES_PER_S, flops_per_s=H200_BF16_FLOPS))))
 

@@ -112,22 +112,12 @@ def _dim_for_kernels(d: int) -> int:
   return max(16, 1 << (d - 1).bit_length())
 
 
-def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
-                                  beta: jax.Array, *, scale: float,
-                                  initial_state: jax.Array | None = None,
-                                  output_final_state: bool = False,
-                                  segment_ids: jax.Array | None = None, chunk_size: int = 64,
-                                  platform: str | None = None,
-                                  interpret: bool | None = None, **plan_options,
-                                  ) -> tuple[jax.Array, jax.Array | None]:
-  """Same contract as lte_jax.ops.chunk_gated_delta_rule (arguments validated there).
-
-  q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H]; initial_state
-  [B, H, Dk, Dv]; segment_ids [B, T]. platform: 'gpu' or 'tpu' kernels (None: this
-  backend's); interpret: Pallas interpreter (None: on CPU only); plan_options:
-  tuning fields of backend.Plan (block_v, num_warps, num_stages, inverse_precision).
-  Returns o [B, T, H, Dv] in v.dtype and the final state [B, H, Dk, Dv] fp32 or None.
-  """
+def core_inputs(q, k, v, g, beta, *, scale: float, initial_state=None, segment_ids=None,
+                chunk_size: int = 64, platform: str | None = None, interpret: bool | None = None,
+                **plan_options) -> tuple[_Static, tuple]:
+  """The kernels' static config and the chunk-layout arguments of `_core` (arguments as
+  `chunk_gated_delta_rule_pallas`). Public so benchmarks can time the stages one by one
+  (`stage_functions`)."""
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   plan = backend.Plan(platform or backend.default_platform(), interpret=interpret,
@@ -184,8 +174,62 @@ def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: j
   low = all(x.dtype == jnp.bfloat16 for x in (q, k, v))
   cfg = _Static(plan=plan, layout=layout, scale=float(scale),
                 state_dtype="bfloat16" if low else "float32")
-  o, h_last = _core(cfg, tensor(q, dk_p), tensor(k, dk_p), tensor(v, dv_p), beta_c, g_cum,
-                    seg, qd, kd, hd, h0)
+  return cfg, (tensor(q, dk_p), tensor(k, dk_p), tensor(v, dv_p), beta_c, g_cum, seg, qd, kd,
+               hd, h0)
+
+
+def stage_functions(cfg: _Static) -> dict:
+  """name -> f(*core args, *extra) for timing each stage on its own (jit them):
+  'inverse' (args) -> T; 'states' (args, T) -> (W, h, V_new, h_last) [prepare + recurrence];
+  'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last) -> input grads."""
+  def inverse(*args):
+    _, k, _, beta, g_cum, seg, *_ = args
+    return _inverse(cfg, k, beta, g_cum, seg)
+
+  def states(*args_t):
+    *args, t = args_t
+    _, k, v, beta, _, _, qd, kd, hd, h0 = args
+    return _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+
+  def outputs(*args_h):
+    *args, h, v_new = args_h
+    q, k, v, _, g_cum, seg, qd, *_ = args
+    return output.chunk_outputs(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
+                                _row(seg), _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+
+  def backward_(*args_rest):
+    *args, t, d_o, dh_last = args_rest
+    return _core_bwd(cfg, (t, tuple(args)), (d_o, dh_last))
+
+  return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_}
+
+
+def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                                  beta: jax.Array, *, scale: float,
+                                  initial_state: jax.Array | None = None,
+                                  output_final_state: bool = False,
+                                  segment_ids: jax.Array | None = None, chunk_size: int = 64,
+                                  platform: str | None = None,
+                                  interpret: bool | None = None, **plan_options,
+                                  ) -> tuple[jax.Array, jax.Array | None]:
+  """Same contract as lte_jax.ops.chunk_gated_delta_rule (arguments validated there).
+
+  q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H]; initial_state
+  [B, H, Dk, Dv]; segment_ids [B, T]. platform: 'gpu' or 'tpu' kernels (None: this
+  backend's); interpret: Pallas interpreter (None: on CPU only); plan_options:
+  tuning fields of backend.Plan (block_v, num_warps, num_stages, inverse_precision).
+  Returns o [B, T, H, Dv] in v.dtype and the final state [B, H, Dk, Dv] fp32 or None.
+  """
+  cfg, args = core_inputs(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                          segment_ids=segment_ids, chunk_size=chunk_size, platform=platform,
+                          interpret=interpret, **plan_options)
+  batch, time, heads, dk = q.shape
+  dv = v.shape[-1]
+  layout = cfg.layout
+  n, c = layout.chunks, layout.chunk
+  pad = n * c - time
+  dk_p, dv_p = _dim_for_kernels(dk), _dim_for_kernels(dv)
+  o, h_last = _core(cfg, *args)
   if not layout.native:
     o = jnp.swapaxes(o.reshape(batch, heads, n * c, dv_p), 1, 2)
   if pad or dv_p != dv:
