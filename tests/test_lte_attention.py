@@ -256,3 +256,10 @@ def test_bad_input_raises(kwargs, match):
   q, k, v, scores = (args.pop(n) for n in ("q", "k", "v", "scores"))
   with pytest.raises(ValueError, match=match):
     lte_attention(q, k, v, scores, **args)
+
+
+def test_default_implementation_per_backend():
+  from lte_jax.ops.lte_attention.api import default_implementation
+  assert default_implementation("cpu") == "xla"
+  assert default_implementation("gpu") == "pallas"   # timed on an H200 (BENCHMARKS.md)
+  assert default_implementation("tpu") == "xla"      # Mosaic kernels only lowered so far
