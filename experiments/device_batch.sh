@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Run several benchmark commands in one call on a leased GPU machine, inside a time budget.
+#
+#   bash experiments/device_batch.sh 560 \
+#       "python3 -m experiments.conformance_fla --out=\$OUT/conformance_fla.json" \
+#       "python3 -m experiments.bench_kernels --stages --out=\$OUT/bench_kernels.json"
+#
+# Why: a call ends at its time limit and returns only what is under $OUT, and a fresh
+# machine pays minutes of Triton autotuning (FLA) and XLA compilation. So: wheels from
+# .whl/ go to /tmp/site; the Triton and JAX caches live in .cache/ (git-ignored) and travel
+# between calls as .cache/cache.tgz.* (carry ".cache", copy the returned parts back into
+# .cache/); each command gets the time left minus a reserve for packing the caches; every
+# command's output goes to $OUT/batch.log with its exit status and elapsed time.
+set -u
+budget=${1:?usage: device_batch.sh SECONDS "command" ["command" ...]}
+shift
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+out=${OUT:-/tmp/out}
+mkdir -p "$out" .cache
+log="$out/batch.log"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if compgen -G ".cache/cache.tgz.*" >/dev/null; then
+  cat .cache/cache.tgz.* | tar xzf - -C .cache && rm -f .cache/cache.tgz.*
+fi
+export TRITON_CACHE_DIR="$PWD/.cache/triton" JAX_COMPILATION_CACHE_DIR="$PWD/.cache/jax"
+export PYTHONUNBUFFERED=1
+
+reserve=25   # seconds kept for packing the caches
+for cmd in "$@"; do
+  limit=$(( $(left) - reserve ))
+  if (( limit < 10 )); then
+    echo "== skipped (no time left): $cmd" | tee -a "$log"
+    continue
+  fi
+  echo "== $(date +%H:%M:%S) start (limit ${limit}s): $cmd" | tee -a "$log"
+  timeout -k 5 "$limit" bash -c "$cmd" >>"$log" 2>&1
+  echo "== exit $? after $(( $(date +%s) - start ))s: $cmd" | tee -a "$log"
+done
+
+tar czf - -C .cache --exclude='cache.tgz.*' . | split -b 15M - "$out/cache.tgz."
+grep -v -i -e "warning" -e "libtpu" "$log" | tail -n 60
