@@ -1,7 +1,32 @@
-"""Shared test helpers: error metrics and packed-batch generators."""
+"""Shared test helpers: error metrics, packed-batch generators, simulated-device runs."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_on_simulated_devices(code: str, devices: int = 4) -> None:
+  """Run ``code`` in a fresh Python on ``devices`` simulated CPU devices; it must print OK.
+
+  A subprocess because the device count is fixed when JAX starts.
+  """
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def sds(*shape, dtype=jnp.bfloat16) -> jax.ShapeDtypeStruct:
+  """Abstract argument for lowering tests."""
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def rel_rms(got, want, atol=1e-5):

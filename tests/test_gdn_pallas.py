@@ -13,9 +13,6 @@ on abstract inputs, so nothing is allocated.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -31,7 +28,6 @@ from lte_jax.ops.gated_delta_rule.api import default_implementation
 from tests import helpers
 from tests.test_gated_delta_rule import ARG_NAMES, TOLERANCES, _assert_close, _inputs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,17 +190,12 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_runs_per_shard_under_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+  helpers.run_on_simulated_devices(_SHARDED)
 
 
 # --- lowering ---------------------------------------------------------------------------
 
-def _sds(*shape, dtype=jnp.bfloat16):
-  return jax.ShapeDtypeStruct(shape, dtype)
+_sds = helpers.sds
 
 
 @pytest.mark.parametrize("platform,lowering,options", [

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -32,7 +29,6 @@ from lte_jax.ops.lte_decode import lte_decode_attention, lte_decode_mask
 from tests import helpers
 
 RING, BUDGET = 13, 7
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _inputs(seed, *, batch=2, tq=1, hq=4, hkv=2, d=16, dtype=jnp.float32):
@@ -151,11 +147,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_runs_per_shard_under_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+  helpers.run_on_simulated_devices(_SHARDED)
 
 
 # --- the layer ---------------------------------------------------------------------------
@@ -195,8 +187,7 @@ def test_pallas_decode_gives_the_same_logits():
 
 # --- lowering ---------------------------------------------------------------------------
 
-def _sds(*shape, dtype=jnp.bfloat16):
-  return jax.ShapeDtypeStruct(shape, dtype)
+_sds = helpers.sds
 
 
 @pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])

@@ -11,9 +11,6 @@ shapes with T = 4096 on abstract inputs, so nothing is allocated.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -26,10 +23,10 @@ from lte_jax.kernels.lte_attention import (Plan, make_plan, parse_options, sets,
                                            sliding_window_attention_pallas)
 from lte_jax.ops import attention, lte_attention
 from lte_jax.ops.lte_attention.pallas import lte_attention_pallas
+from tests import helpers
 from tests.helpers import rel_rms
 from tests.test_lte_attention import grads_of, make_inputs, packed_segment_ids
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCES = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (1e-2, 2e-2)}
 SMALL = dict(block_q=16, block_k=16)
 
@@ -244,17 +241,12 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_runs_per_shard_under_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+  helpers.run_on_simulated_devices(_SHARDED)
 
 
 # --- lowering ---------------------------------------------------------------------------
 
-def _sds(*shape, dtype=jnp.bfloat16):
-  return jax.ShapeDtypeStruct(shape, dtype)
+_sds = helpers.sds
 
 
 @pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
