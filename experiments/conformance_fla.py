@@ -162,7 +162,7 @@ def main(argv):
     all_got = np.asarray(forward(model, jnp.asarray(all_tokens, jnp.int32)))
     lte_seconds = round(time.time() - start, 3)
     for t in lengths:
-      tokens = all_tokens[:, :t]
+      tokens = np.ascontiguousarray(all_tokens[:, :t])
       with torch.no_grad():
         ref = fla_model(torch.as_tensor(tokens, device="cuda"), use_cache=False)
         ref = ref.logits.float().cpu().numpy()
