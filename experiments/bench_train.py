@@ -41,6 +41,9 @@ flags.DEFINE_string("implementation", None,
 flags.DEFINE_string("gdn_implementation", None,
                     "Gated delta rule implementation only ('xla' | 'pallas'); overrides "
                     "--implementation for the GDN layers.")
+flags.DEFINE_integer("worker_timeout", None,
+                     "Seconds each model's subprocess may take (compile included); one that "
+                     "runs over is recorded as an error and the next model starts. None: no limit.")
 flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
@@ -194,7 +197,12 @@ def _spawn(worker: str, argv: list[str]) -> dict | None:
   if worker == "fla":
     env["JAX_PLATFORMS"] = "cpu"  # the anchor only borrows lte_jax's FLOP formula
   # stderr streams through (progress of a long compile); stdout carries the result.
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+  try:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env,
+                          timeout=FLAGS.worker_timeout)
+  except subprocess.TimeoutExpired:
+    print(f"{worker} ran over --worker_timeout={FLAGS.worker_timeout} s", flush=True)
+    return dict(model=worker, error=f"timeout after {FLAGS.worker_timeout} s")
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
@@ -212,7 +220,8 @@ def main(argv):
   # from the workers.
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   from experiments import bench_common
-  passthrough = [a for a in sys.argv[1:] if not a.startswith(("--worker", "--out", "--archs"))]
+  passthrough = [a for a in sys.argv[1:]
+                 if not a.startswith(("--worker=", "--worker_timeout", "--out", "--archs"))]
   workers = (["fla"] if FLAGS.fla else []) + list(FLAGS.archs)
   rows = []
   for worker in workers:
