@@ -58,7 +58,7 @@ def test_distributed_mode_is_validated():
 
 
 _SCRIPT = textwrap.dedent("""
-    import json
+    import dataclasses, json
     import jax, numpy as np
     from lte_jax import configs
     from lte_jax.data import DataConfig, make_train_iterator
@@ -74,7 +74,11 @@ _SCRIPT = textwrap.dedent("""
     data = make_train_iterator(DataConfig(seq_len=32, batch_size=8, model_vocab_size=512))
     batches = [next(data) for _ in range(2)]
 
-    def run(devices, **axes):
+    # scan_layers stacks the per-layer parameters inside the step: its FSDP run must still
+    # equal the single-device (unrolled) step.
+    scan_def = train_state.make_model_def(dataclasses.replace(cfg, scan_layers=True))
+
+    def run(devices, model_def=model_def, **axes):
       mesh = mesh_lib.make_mesh(**axes, devices=devices)
       shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
       batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -97,6 +101,7 @@ _SCRIPT = textwrap.dedent("""
     for name, axes in {"dp": dict(data=8), "fsdp": dict(data=2, fsdp=4),
                        "tp": dict(data=4, tensor=2)}.items():
       out[name] = run(None, **axes)
+    out["fsdp_scan"] = run(None, model_def=scan_def, data=2, fsdp=4)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -115,7 +120,7 @@ def sharded_runs():
   return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("mesh", ["dp", "fsdp", "tp"])
+@pytest.mark.parametrize("mesh", ["dp", "fsdp", "tp", "fsdp_scan"])
 def test_sharded_step_equals_single_device_step(sharded_runs, mesh):
   import numpy as np
   single, sharded = sharded_runs["single"], sharded_runs[mesh]
@@ -125,6 +130,7 @@ def test_sharded_step_equals_single_device_step(sharded_runs, mesh):
   for a, b in zip(single["params"], sharded["params"]):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   # The parameters really are split: embedding [vocab, embed] -> (tensor, fsdp).
-  want = {"dp": "P(None, None)", "fsdp": "P(None, 'fsdp')", "tp": "P('tensor', None)"}
+  want = {"dp": "P(None, None)", "fsdp": "P(None, 'fsdp')", "tp": "P('tensor', None)",
+          "fsdp_scan": "P(None, 'fsdp')"}
   assert sharded["embed_spec"] == want[mesh]
   assert sharded["embed_shards"] == 8
