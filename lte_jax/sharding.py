@@ -6,6 +6,7 @@ axes ``data``, ``fsdp`` and ``tensor`` (any of them may have size 1).
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -72,3 +73,27 @@ def _axes_in_mesh(axis, mesh) -> bool:
     return True
   axes = axis if isinstance(axis, tuple) else (axis,)
   return all(a in mesh.axis_names for a in axes)
+
+
+def _dividing_axes(name: str, dim: int, mesh, used: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """Mesh axes the rules give logical axis `name`, if present, > 1, unused and dividing `dim`."""
+  axis = logical_to_spec((name,))[0]
+  axes = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+  axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1 and a not in used)
+  return axes if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def kernel_shards(batch: int, heads: int):
+  """How a Pallas kernel runs per shard under the active mesh: (mesh, batch axes, head
+  axes), each a tuple of mesh axes or None; None when no mesh is active.
+
+  XLA does not partition Pallas calls, so the ops wrap their kernels in shard_map,
+  split over batch and (KV) heads as the rules place the activation axes. An axis
+  that does not divide its dimension stays whole; heads never reuse batch's axes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  b = _dividing_axes(BATCH, batch, mesh)
+  h = _dividing_axes(ACT_HEADS, heads, mesh, used=b)
+  return mesh, b or None, h or None

@@ -18,8 +18,6 @@ from jax.sharding import PartitionSpec as P
 
 from lte_jax import sharding as sh
 from lte_jax.kernels.lte_attention import sliding_window_attention_pallas
-# The same rule as the GDN kernels: which mesh axes may split batch and heads.
-from lte_jax.ops.gated_delta_rule.pallas import _mesh_axes
 
 
 def per_shard(op, q, k, v, *per_kv_head, segment_ids):
@@ -28,12 +26,10 @@ def per_shard(op, q, k, v, *per_kv_head, segment_ids):
   q [B, T, Hq, D], k/v [B, T, Hkv, *], per_kv_head arrays [B, T, Hkv], segment_ids
   [B, T] or None -> o [B, T, Hq, Dv].
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
+  shards = sh.kernel_shards(q.shape[0], k.shape[2])
+  if shards is None:
     return op(q, k, v, *per_kv_head, segment_ids=segment_ids)
-  b_axes = _mesh_axes(sh.BATCH, q.shape[0], mesh)
-  h_axes = _mesh_axes(sh.ACT_HEADS, k.shape[2], mesh, used=b_axes)
-  b, h = b_axes or None, h_axes or None
+  mesh, b, h = shards
   tensor, scalar = P(b, None, h, None), P(b, None, h)
 
   def local(q, k, v, segment_ids, *rest):

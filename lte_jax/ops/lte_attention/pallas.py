@@ -10,8 +10,6 @@ kernels run per shard (ops/attention/pallas.py).
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 

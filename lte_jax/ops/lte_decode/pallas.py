@@ -15,20 +15,16 @@ from jax.sharding import PartitionSpec as P
 
 from lte_jax import sharding as sh
 from lte_jax.kernels.lte_decode import lte_decode_attention_pallas as _kernel_op
-from lte_jax.ops.gated_delta_rule.pallas import _mesh_axes
 
 
 def lte_decode_attention_pallas(q, k, v, fill, num_tokens, *, ring_size, scale,
                                 plan_options=None):
   """Arguments as lte_jax.ops.lte_decode_attention (validated there)."""
   op = functools.partial(_kernel_op, ring_size=ring_size, scale=scale, **(plan_options or {}))
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
+  shards = sh.kernel_shards(q.shape[0], k.shape[2])
+  if shards is None:
     return op(q, k, v, fill, num_tokens)
-
-  b_axes = _mesh_axes(sh.BATCH, q.shape[0], mesh)
-  h_axes = _mesh_axes(sh.ACT_HEADS, k.shape[2], mesh, used=b_axes)
-  b, h = b_axes or None, h_axes or None
+  mesh, b, h = shards
   tensor = P(b, None, h, None)
   return jax.shard_map(op, mesh=mesh, in_specs=(tensor, tensor, tensor, P(b, h), P()),
                        out_specs=tensor, check_vma=False)(q, k, v, fill, num_tokens)
