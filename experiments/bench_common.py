@@ -22,6 +22,23 @@ def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20) -> float
   return statistics.median(times)
 
 
+def parse_implementation(entry: str) -> tuple[str, dict | None]:
+  """A benchmark's implementation entry: 'pallas:block_q=64;num_warps=4' -> ('pallas',
+  {'block_q': 64, 'num_warps': 4}); no ':' -> (entry, None). Integers are parsed,
+  True/False/None too; anything else stays a string ('inverse_precision=tf32x3')."""
+  name, _, spec = entry.partition(":")
+  if not spec:
+    return name, None
+  options = {}
+  for item in filter(None, spec.split(";")):
+    key, _, value = item.partition("=")
+    try:
+      options[key] = int(value)
+    except ValueError:
+      options[key] = {"True": True, "False": False, "None": None}.get(value, value)
+  return name, options
+
+
 def environment() -> dict[str, Any]:
   env = {"jax": jax.__version__, "backend": jax.default_backend(),
          "device": jax.devices()[0].device_kind, "python": platform.python_version(),

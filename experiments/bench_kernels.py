@@ -89,12 +89,7 @@ def forward_cost(b, t, h, d) -> tuple[float, float]:
 
 def _plan_options(impl: str) -> dict:
   """'pallas:block_v=32;num_warps=8' -> {'block_v': 32, 'num_warps': 8}."""
-  _, _, spec = impl.partition(":")
-  options = {}
-  for item in filter(None, spec.split(";")):
-    key, value = item.split("=")
-    options[key] = int(value) if value.isdigit() else value
-  return options
+  return bench_common.parse_implementation(impl)[1] or {}
 
 
 def _lte_jax_fns(impl):

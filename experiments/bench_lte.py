@@ -116,21 +116,6 @@ class Setup:
 
 # ---- helpers ------------------------------------------------------------------------------
 
-def parse_impl(entry: str) -> tuple[str, dict | None]:
-  """'pallas:block_q=64;num_warps=4' -> ('pallas', {'block_q': 64, 'num_warps': 4})."""
-  name, _, spec = entry.partition(":")
-  if not spec:
-    return name, None
-  options = {}
-  for item in filter(None, spec.split(";")):
-    key, _, value = item.partition("=")
-    try:
-      options[key] = int(value)
-    except ValueError:
-      options[key] = {"True": True, "False": False, "None": None}.get(value, value)
-  return name, options
-
-
 def _with_options(fn, name, options, **kw):
   return fn(implementation=name, **kw) if options is None else fn(
       implementation=name, plan_options=options, **kw)
@@ -321,7 +306,7 @@ def check(setup: Setup, torch) -> list[dict]:
     o_ref = fwd_ref(q, k, v, scores)
     _, g_ref = grad_ref(q, k, v, scores, d_o)
     for entry in names:
-      name, options = parse_impl(entry)
+      name, options = bench_common.parse_implementation(entry)
       try:
         fwd, grad = _fns(op(name, options), argnums)
         errors = {"o": _rel_rms(fwd(q, k, v, scores), o_ref)}
@@ -388,7 +373,7 @@ def check_decode(setup: Setup) -> list[dict]:
   positions = [jnp.asarray(n, jnp.int32) for n in (1, ring // 2, ring, 3 * ring + 5)]
   rows = []
   for entry in FLAGS.decode_implementations:
-    name, options = parse_impl(entry)
+    name, options = bench_common.parse_implementation(entry)
     worst = 0.0
     try:
       fn = run(name, options)
@@ -423,12 +408,12 @@ def bench_train(setup: Setup, torch, record: Callable[[dict], None]) -> None:
         record(dict(base, impl=label, error=_error(f"{shape} {label}", e)))
 
     for entry in FLAGS.implementations:
-      name, options = parse_impl(entry)
+      name, options = bench_common.parse_implementation(entry)
       run_jax(f"lte_jax/{entry}", lambda q, k, v, r, name=name, options=options: _with_options(
           lte_attention, name, options, q=q, k=k, v=v, scores=r, sink_size=s, window_size=w,
           budget=None), (0, 1, 2, 3))
     for entry in FLAGS.attention_implementations:
-      name, options = parse_impl(entry)
+      name, options = bench_common.parse_implementation(entry)
       run_jax(f"lte_jax/swa-{entry}", lambda q, k, v, r, name=name, options=options:
               _with_options(attention, name, options, q=q, k=k, v=v, window_size=w), (0, 1, 2))
     if jax.default_backend() == "gpu":
@@ -497,7 +482,7 @@ def bench_decode(setup: Setup, torch, record: Callable[[dict], None]) -> None:
     q, k, v, fill, n = decode_inputs(batch, hq, hkv, d, ring, setup.budget)
     cache = f"LTE {ring}+{setup.budget}"
     for entry in FLAGS.decode_implementations:
-      name, options = parse_impl(entry)
+      name, options = bench_common.parse_implementation(entry)
       fn = jax.jit(lambda q, k, v, fill, n, name=name, options=options: _with_options(
           lte_decode_attention, name, options, q=q, k=k, v=v, fill=fill, num_tokens=n,
           ring_size=ring))

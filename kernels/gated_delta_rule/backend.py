@@ -1,8 +1,6 @@
-"""The one place that knows which Pallas lowering a kernel goes through.
+"""The GDN kernels' side of the lowerings (the shared side: kernels/lowering.py).
 
-GPU kernels use the Triton lowering (deprecated in JAX 0.11 in favour of Mosaic
-GPU, so everything lowering-specific lives here to make a move cheap); TPU
-kernels use Mosaic. The two differ in how a sequential recurrence is written:
+GPU kernels use the Triton lowering, TPU kernels Mosaic. The two differ in how a sequential recurrence is written:
 Triton programs run in no particular order, so the recurrence is a loop inside
 one program per (batch*head, value block); Mosaic runs the grid in order, so the
 chunk axis is the last ("arbitrary") grid axis and the state lives in fp32 VMEM
@@ -16,9 +14,9 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-PLATFORMS = ("gpu", "tpu")
+from lte_jax.kernels import lowering
+from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +44,7 @@ class Plan:
   inverse_precision: str | None = None
 
   def __post_init__(self):
-    if self.platform not in PLATFORMS:
-      raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    lowering.check_platform(self.platform)
     # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
     gpu = self.platform == "gpu" and not self.interpret
     if self.inverse_precision is None:
@@ -78,36 +75,16 @@ class Plan:
     return dv if self.platform == "tpu" else min(self.block_v, dv)
 
 
-def default_platform() -> str:
-  """'tpu' on TPU, else 'gpu' (the CPU only runs these kernels interpreted)."""
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
 def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
          out_shape: Sequence[jax.ShapeDtypeStruct], sequential_last: bool = False,
          scratch_shapes: Sequence[Any] = (), name: str) -> Any:
-  """pallas_call with the lowering's parameters; `sequential_last` marks the
-  last grid axis as ordered (TPU "arbitrary"); scratch is a TPU-only notion."""
-  if plan.platform == "tpu":
-    semantics = ("parallel",) * (len(grid) - 1) + (
-        "arbitrary" if sequential_last else "parallel",)
-    params = pltpu.CompilerParams(dimension_semantics=semantics)
-  else:
-    assert not sequential_last and not scratch_shapes, "Triton grids are unordered"
-    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
-  grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
-                          scratch_shapes=list(scratch_shapes))
-  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
-                        compiler_params=params, interpret=_interpret(plan), name=name)
-
-
-def _interpret(plan: Plan) -> Any:
-  """The TPU form runs in the TPU interpreter (it models VMEM scratch and the grid's
-  order, and poisons uninitialised memory); the GPU form in the generic one."""
-  if not plan.interpret:
-    return False
-  return pltpu.InterpretParams() if plan.platform == "tpu" else True
+  """lowering.call with this plan; `sequential_last` marks the last grid axis as
+  ordered (TPU "arbitrary"); scratch is a TPU-only notion."""
+  return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,
+                       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
+                       num_warps=plan.num_warps, num_stages=plan.num_stages,
+                       sequential_last=sequential_last, scratch_shapes=scratch_shapes)
 
 
 def vmem(shape: tuple[int, ...]) -> Any:

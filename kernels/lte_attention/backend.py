@@ -1,8 +1,6 @@
-"""The one place that knows which Pallas lowering the LTE attention kernels go through.
+"""The LTE attention kernels' side of the lowerings (the shared side: kernels/lowering.py).
 
-GPU kernels use the Triton lowering (deprecated in JAX 0.11 in favour of Mosaic
-GPU; everything lowering-specific lives here so a move stays cheap), TPU kernels
-use Mosaic. Unlike the GDN kernels no kernel accumulates across grid steps: every
+GPU kernels use the Triton lowering, TPU kernels Mosaic. Unlike the GDN kernels no kernel accumulates across grid steps: every
 program loops over its own key (or query) blocks, so both lowerings run the same
 kernel bodies; they differ in the token layout (`Tokens`), in where the loop
 bounds live (SMEM on TPU) and in the compiler parameters (`call`).
@@ -15,9 +13,9 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-PLATFORMS = ("gpu", "tpu")
+from lte_jax.kernels import lowering
+from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  (re-exported)
 # Block sizes when the plan leaves them out. GPU: 64 x 64 tiles keep the fp32
 # [64, 64] logits and the [64, D] accumulators of D = 64 heads in registers at 4 warps.
 # TPU: 128-row tiles fill the MXU.
@@ -54,8 +52,7 @@ class Plan:
   vmem_limit_mib: int = _DEFAULT_VMEM_MIB
 
   def __post_init__(self):
-    if self.platform not in PLATFORMS:
-      raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    lowering.check_platform(self.platform)
     default = _DEFAULT_BLOCKS[self.platform]
     for name, fallback in (("block_q", default), ("block_k", default),
                            ("block_q_dkv", self.block_q or default),
@@ -89,11 +86,6 @@ class Plan:
 
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
-
-
-def default_platform() -> str:
-  """'tpu' on TPU, else 'gpu' (the CPU only runs these kernels interpreted)."""
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
 def make_plan(platform: str | None = None, interpret: bool | None = None,
@@ -130,23 +122,11 @@ def parse_options(text: str) -> dict:
 def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          in_specs: Sequence[Any], out_specs: Sequence[pl.BlockSpec],
          out_shape: Sequence[jax.ShapeDtypeStruct], name: str) -> Any:
-  """pallas_call with the lowering's parameters; every grid axis is parallel."""
-  if plan.platform == "tpu":
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid),
-                                  vmem_limit_bytes=plan.vmem_limit_mib * 2 ** 20)
-  else:
-    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
-  grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs))
-  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
-                        compiler_params=params, interpret=_interpret(plan), name=name)
-
-
-def _interpret(plan: Plan) -> Any:
-  """The TPU form runs in the TPU interpreter (it models SMEM and raises on
-  out-of-bounds reads); the GPU form in the generic one."""
-  if not plan.interpret:
-    return False
-  return pltpu.InterpretParams() if plan.platform == "tpu" else True
+  """lowering.call with this plan; every grid axis is parallel."""
+  return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,
+                       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
+                       num_warps=plan.num_warps, num_stages=plan.num_stages,
+                       vmem_limit_bytes=plan.vmem_limit_mib * 2 ** 20)
 
 
 def scalars(plan: Plan, table: jax.Array, head: Callable[[Any], Any]) -> pl.BlockSpec:

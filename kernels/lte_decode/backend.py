@@ -1,7 +1,6 @@
-"""The one place that knows which Pallas lowering the LTE decode kernel goes through.
+"""The LTE decode kernel's side of the lowerings (the shared side: kernels/lowering.py).
 
-GPU: the Triton lowering (deprecated in JAX 0.11 in favour of Mosaic GPU; kept
-here so a move touches one file). The cache stays [B, S, Hkv, D] as the layer
+GPU: the Triton lowering. The cache stays [B, S, Hkv, D] as the layer
 holds it: a program reads one (batch, KV head) strip with a stride of Hkv * D,
 and masked loads skip empty slots and the ragged end. TPU: Mosaic wants a
 block's last two dims to be (slots, D), so the cache is transposed (and padded
@@ -19,7 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-PLATFORMS = ("gpu", "tpu")
+from lte_jax.kernels import lowering
+from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,7 @@ class Plan:
   num_stages: int = 2
 
   def __post_init__(self):
-    if self.platform not in PLATFORMS:
-      raise ValueError(f"platform must be one of {PLATFORMS}, got {self.platform!r}")
+    lowering.check_platform(self.platform)
     if not isinstance(self.block_k, int) or self.block_k < 16 or self.block_k & (self.block_k - 1):
       raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k!r}")
     if self.split is not None and (not isinstance(self.split, int) or self.split < 1
@@ -77,11 +76,6 @@ class Plan:
     return -(-tiles // splits) * self.block_k
 
 
-def default_platform() -> str:
-  """'tpu' on TPU, else 'gpu' (the CPU only runs the kernel interpreted)."""
-  return "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
 def scalar_spec(plan: Plan) -> pl.BlockSpec:
   """A small int32 array every program reads whole, indexed by scalars (SMEM on TPU)."""
   if plan.platform == "tpu":
@@ -106,14 +100,7 @@ def load_tile(plan: Plan, ref: Any, start: jax.Array, size: int, valid_col: jax.
 def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
          out_shape: Sequence[jax.ShapeDtypeStruct], name: str) -> Any:
-  """pallas_call with the lowering's parameters; every grid axis is parallel."""
-  if plan.platform == "tpu":
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
-  else:
-    params = pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
-  interpret: Any = False
-  if plan.interpret:
-    interpret = pltpu.InterpretParams() if plan.platform == "tpu" else True
-  return pl.pallas_call(kernel, grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
-                        out_shape=list(out_shape), compiler_params=params, interpret=interpret,
-                        name=name)
+  """lowering.call with this plan; every grid axis is parallel."""
+  return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,
+                       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
+                       num_warps=plan.num_warps, num_stages=plan.num_stages)

@@ -1,0 +1,59 @@
+"""What every kernel folder shares about the two Pallas lowerings.
+
+GPU kernels go through the Triton lowering (deprecated in JAX 0.11 in favour of
+Mosaic GPU: keeping the choice here makes a move cheap), TPU kernels through
+Mosaic. Each folder's backend.py adds only what is its own (its Plan's tuning
+fields, token layouts, block specs) and calls `call` here.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+PLATFORMS = ("gpu", "tpu")
+
+
+def default_platform() -> str:
+  """'tpu' on TPU, else 'gpu' (the CPU only runs the kernels interpreted)."""
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def check_platform(platform: str) -> None:
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+
+
+def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
+         grid: tuple[int, ...], in_specs: Sequence[Any], out_specs: Sequence[Any],
+         out_shape: Sequence[jax.ShapeDtypeStruct], name: str, num_warps: int,
+         num_stages: int, sequential_last: bool = False, scratch_shapes: Sequence[Any] = (),
+         vmem_limit_bytes: int | None = None) -> Any:
+  """pallas_call with the lowering's parameters.
+
+  Every grid axis is parallel except, with `sequential_last`, the last (TPU
+  "arbitrary": Mosaic runs it in order; Triton grids have no order, so GPU
+  kernels must not ask for it). Scratch memory is a TPU notion. Interpreted, the
+  TPU form runs in the TPU interpreter (it models VMEM/SMEM and the grid's order,
+  poisons uninitialised memory and raises on out-of-bounds reads), the GPU form
+  in the generic one.
+  """
+  if platform == "tpu":
+    semantics = ("parallel",) * (len(grid) - 1) + (
+        "arbitrary" if sequential_last else "parallel",)
+    params = pltpu.CompilerParams(dimension_semantics=semantics,
+                                  vmem_limit_bytes=vmem_limit_bytes)
+  else:
+    assert not sequential_last and not scratch_shapes, "Triton grids are unordered"
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if not interpret:
+    mode: Any = False
+  else:
+    mode = pltpu.InterpretParams() if platform == "tpu" else True
+  grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
+                          scratch_shapes=list(scratch_shapes))
+  return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
+                        compiler_params=params, interpret=mode, name=name)
