@@ -63,6 +63,11 @@ def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
   return w, h, v_new, h_last
 
 
+def _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new):
+  return output.chunk_outputs(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
+                              _row(seg), _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   """Chunk-layout op. q, k [BH, N, C, Dk]; v [BH, N, C, Dv]; beta, g_cum, seg, qd, kd
@@ -75,9 +80,7 @@ def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
 def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   t = _inverse(cfg, k, beta, g_cum, seg)
   _, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
-  o = output.chunk_outputs(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
-                           _row(seg), _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
-  return o, h_last, t
+  return _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new), h_last, t
 
 
 def _core_fwd(cfg, *args):
@@ -194,8 +197,7 @@ def stage_functions(cfg: _Static) -> dict:
   def outputs(*args_h):
     *args, h, v_new = args_h
     q, k, v, _, g_cum, seg, qd, *_ = args
-    return output.chunk_outputs(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
-                                _row(seg), _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+    return _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new)
 
   def backward_(*args_rest):
     *args, t, d_o, dh_last = args_rest
@@ -225,14 +227,11 @@ def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: j
                           interpret=interpret, **plan_options)
   batch, time, heads, dk = q.shape
   dv = v.shape[-1]
-  layout = cfg.layout
-  n, c = layout.chunks, layout.chunk
-  pad = n * c - time
-  dk_p, dv_p = _dim_for_kernels(dk), _dim_for_kernels(dv)
-  o, h_last = _core(cfg, *args)
-  if not layout.native:
-    o = jnp.swapaxes(o.reshape(batch, heads, n * c, dv_p), 1, 2)
-  if pad or dv_p != dv:
+  o, h_last = _core(cfg, *args)            # padded: T to whole chunks, D to _dim_for_kernels
+  dk_p, dv_p = h_last.shape[-2:]
+  if not cfg.layout.native:
+    o = jnp.swapaxes(o.reshape(batch, heads, -1, dv_p), 1, 2)
+  if o.shape[1] != time or dv_p != dv:
     o = o[:, :time, :, :dv]
   if not output_final_state:
     return o, None
