@@ -50,18 +50,9 @@ from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.layers.rope import apply_rope
 from lte_jax.ops.lte_attention import lte_attention
 from lte_jax.ops.lte_decode import lte_decode_attention
+from lte_jax.ops.lte_decode.reference import ring_positions
 
 _CACHE_KEYS = ("k", "v", "k_raw", "score", "ret_pos", "fill", "pos", "scored")
-
-
-def ring_positions(pos: jax.Array, ring: int) -> jax.Array:
-  """[ring] int32 position held by each ring slot after ``pos`` tokens (-1 = empty).
-
-  Slot i holds the latest position t < pos with t % ring == i.
-  """
-  last = pos - 1
-  t = last - jnp.mod(last - jnp.arange(ring, dtype=jnp.int32), ring)
-  return jnp.where(t >= 0, t, -1).astype(jnp.int32)
 
 
 class LTEAttention(QKVAttention):

@@ -12,20 +12,30 @@ import jax.numpy as jnp
 from lte_jax.ops.attention.reference import masked_attention_reference
 
 
+def ring_positions(pos: jax.Array, ring: int) -> jax.Array:
+  """[ring] int32 position held by each ring slot after ``pos`` tokens (-1 = empty).
+
+  Slot i holds the latest position t < pos with t % ring == i.
+  """
+  last = jnp.asarray(pos, jnp.int32) - 1
+  t = last - jnp.mod(last - jnp.arange(ring, dtype=jnp.int32), ring)
+  return jnp.where(t >= 0, t, -1).astype(jnp.int32)
+
+
 def lte_decode_mask(num_tokens: jax.Array, fill: jax.Array, *, ring_size: int, num_slots: int,
                     num_queries: int) -> jax.Array:
   """[B, Hkv, Tq, S] bool: which cache slots each query may read.
 
-  Ring slot j < ring_size holds the latest position p < num_tokens with
-  p % ring_size == j (none yet if that is negative); query t, at position
-  num_tokens - Tq + t, reads it iff 0 <= p <= its position. Retained slot
-  ring_size + r is read by every query iff r < fill[b, h].
+  Ring slot j < ring_size holds position ring_positions(num_tokens)[j]; query t,
+  at position num_tokens - Tq + t, reads it iff 0 <= that position <= its own.
+  Retained slot ring_size + r is read by every query iff r < fill[b, h].
   """
-  last = jnp.asarray(num_tokens, jnp.int32) - 1
+  ring_pos = ring_positions(num_tokens, ring_size)                        # [W1]
+  q_pos = jnp.asarray(num_tokens, jnp.int32) - num_queries + jnp.arange(num_queries,
+                                                                         dtype=jnp.int32)
+  in_ring = (ring_pos >= 0) & (ring_pos <= q_pos[:, None])                 # [Tq, W1]
+  in_ring = jnp.pad(in_ring, ((0, 0), (0, num_slots - ring_size)))         # retained: False
   slot = jnp.arange(num_slots, dtype=jnp.int32)
-  ring_pos = last - jnp.mod(last - slot, ring_size)                       # [S]
-  q_pos = last - (num_queries - 1) + jnp.arange(num_queries, dtype=jnp.int32)
-  in_ring = (slot < ring_size)[None, :] & (ring_pos >= 0) & (ring_pos <= q_pos[:, None])
   retained = (slot >= ring_size)[None, None, :] & (
       slot[None, None, :] < ring_size + fill[:, :, None])                  # [B, Hkv, S]
   return in_ring[None, None] | retained[:, :, None, :]
