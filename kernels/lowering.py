@@ -27,6 +27,27 @@ def check_platform(platform: str) -> None:
     raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
 
 
+def check_block_sizes(plan: Any, *names: str) -> None:
+  """Each named field of `plan` is a power of two >= 16 (Triton dots need every dim >= 16;
+  powers of two tile T and D evenly)."""
+  for name in names:
+    value = getattr(plan, name)
+    if not _is_int(value) or value < 16 or value & (value - 1):
+      raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
+
+
+def check_counts(plan: Any, *names: str) -> None:
+  """Each named field of `plan` (warps, stages, program counts) is an integer >= 1."""
+  for name in names:
+    value = getattr(plan, name)
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
          grid: tuple[int, ...], in_specs: Sequence[Any], out_specs: Sequence[Any],
          out_shape: Sequence[jax.ShapeDtypeStruct], name: str, num_warps: int,

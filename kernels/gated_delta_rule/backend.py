@@ -54,10 +54,8 @@ class Plan:
       where = "a GPU" if gpu else f"{self.platform}{' interpreted' * self.interpret}"
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
-    for name in ("chunk", "block_v"):
-      value = getattr(self, name)
-      if value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    lowering.check_block_sizes(self, "chunk", "block_v")
+    lowering.check_counts(self, "num_warps", "num_stages")
 
   @property
   def sequential_in_grid(self) -> bool:

@@ -59,14 +59,8 @@ class Plan:
                            ("block_k_dkv", self.block_k or default)):
       if getattr(self, name) is None:
         object.__setattr__(self, name, fallback)
-    for name in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
-    for name in ("num_warps", "num_stages", "vmem_limit_mib"):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    lowering.check_block_sizes(self, "block_q", "block_k", "block_q_dkv", "block_k_dkv")
+    lowering.check_counts(self, "num_warps", "num_stages", "vmem_limit_mib")
 
   @property
   def native_layout(self) -> bool:
@@ -82,10 +76,6 @@ class Plan:
   def time_multiple(self) -> int:
     """T is padded to a multiple of every block (all powers of two: the largest)."""
     return max(self.block_q, self.block_k, self.block_q_dkv, self.block_k_dkv)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def make_plan(platform: str | None = None, interpret: bool | None = None,

@@ -46,16 +46,12 @@ class Plan:
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
-    if not isinstance(self.block_k, int) or self.block_k < 16 or self.block_k & (self.block_k - 1):
-      raise ValueError(f"block_k must be a power of two >= 16, got {self.block_k!r}")
+    lowering.check_block_sizes(self, "block_k")
     if self.split is not None and (not isinstance(self.split, int) or self.split < 1
                                    or self.split % self.block_k):
       raise ValueError(f"split must be None or a positive multiple of block_k={self.block_k}, "
                        f"got {self.split!r}")
-    for name in ("min_programs", "num_warps", "num_stages"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    lowering.check_counts(self, "min_programs", "num_warps", "num_stages")
 
   @property
   def native_layout(self) -> bool:
