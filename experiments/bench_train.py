@@ -56,7 +56,13 @@ def _median(xs):
   return xs[len(xs) // 2]
 
 
+def _phase(arch: str, what: str, since: float) -> None:
+  """Progress on stderr: a worker that runs over --worker_timeout shows where it stood."""
+  print(f"{arch}: {what} ({time.perf_counter() - since:.1f} s)", file=sys.stderr, flush=True)
+
+
 def _run_lte_jax(arch: str) -> dict:
+  t0 = time.perf_counter()
   import jax
   import jax.numpy as jnp
 
@@ -77,11 +83,13 @@ def _run_lte_jax(arch: str) -> dict:
   if FLAGS.gdn_implementation:
     gdn = dataclasses.replace(exp.model.gdn, implementation=FLAGS.gdn_implementation)
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, gdn=gdn))
+  _phase(arch, f"imports and config done, backend {jax.default_backend()}", t0)
   mesh = mesh_lib.make_mesh(**config.mesh)
   model_def = train_state.make_model_def(exp.model)
   tx, schedule = optimizer.make_optimizer(exp.optim, exp.steps)
   init = lambda: train_state.init_train_state(model_def, tx, exp.seed)
   shardings = mesh_lib.state_shardings(model_def, tx, jax.eval_shape(init), mesh)
+  _phase(arch, "model defined, state shapes traced", t0)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   b, t = FLAGS.batch, FLAGS.seq_len
   tokens = jax.random.randint(jax.random.key(0), (b, t + 1), 3, exp.model.vocab_size, jnp.int32)
@@ -90,8 +98,9 @@ def _run_lte_jax(arch: str) -> dict:
                positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
                loss_mask=jnp.ones((b, t), jnp.float32))
   with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=shardings)()
+    state = jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
     batch = jax.device_put(batch, batch_sharding)
+    _phase(arch, "parameters and optimizer state initialised; lowering the step", t0)
     step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                       donate_argnums=0)
