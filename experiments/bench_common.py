@@ -56,7 +56,7 @@ def environment() -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-  widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+  widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns}
   print(" | ".join(c.ljust(widths[c]) for c in columns))
   print("-+-".join("-" * widths[c] for c in columns))
   for r in rows:

@@ -4,7 +4,9 @@
   python -m experiments.bench_kernels --implementations=xla --shapes=1x64x2x32 \\
       --check_shape=1x32x2x16 --reps=2        # a smoke run on CPU
   python -m experiments.bench_kernels \\
-      --implementations='pallas,pallas:block_v=32;inverse_precision=tf32x3,xla'   # tuning
+      --implementations='pallas,pallas:block_v=32;inverse_precision=tf32x3,xla'   # variants
+  python -m experiments.bench_kernels --tune=all --shapes=4x4096x16x128 --nofla \
+      --check_shape= --implementations=             # per-kernel launch sweep
 
 Times forward and forward+backward (median ms, bf16 inputs, g in fp32) at the
 shapes of issue 5, with FLA 0.6.0's Triton `chunk_gated_delta_rule` timed in the
@@ -45,6 +47,14 @@ flags.DEFINE_bool("fla", True, "Time flash-linear-attention's kernel as the anch
 flags.DEFINE_integer("reps", 50, "Timed repetitions (median reported).")
 flags.DEFINE_bool("stages", False, "Also time each Pallas stage on its own (inverse, states = "
                   "WY prepare + recurrence, output, backward) for every 'pallas' entry.")
+
+flags.DEFINE_list("tune", [], "Kernels to sweep (names in backend.KERNELS, or 'all'): each "
+                  "launch in --tune_launch is timed on the stage that runs the kernel, at the "
+                  "first shape; prints the best launch per kernel as a Plan.launch string.")
+flags.DEFINE_list("tune_launch", ["1/1", "2/1", "2/2", "4/1", "4/2", "4/3", "8/1", "8/2", "8/3"],
+                  "num_warps/num_stages pairs of the --tune sweep.")
+flags.DEFINE_integer("tune_seconds", 400, "Time budget of the --tune sweep (it stops early, "
+                     "keeping what it measured).")
 
 H200_BYTES_PER_S = 4.8e12
 H200_BF16_FLOPS = 989e12
@@ -149,21 +159,65 @@ def _time_lte_jax(impl, args):
           bench_common.time_jax(lambda: fwdbwd(*args, d_o), reps=FLAGS.reps))
 
 
-def _time_stages(impl, args) -> dict:
-  """ms per Pallas stage, each jitted alone on the chunk-layout inputs (where the time goes)."""
+# The stage (kernel_api.stage_functions) that runs each kernel, for the --tune sweep.
+STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
+                   "gdn_chunk_states": "states", "gdn_chunk_outputs": "output",
+                   "gdn_local_value_grads": "backward", "gdn_chunk_state_grads": "backward",
+                   "gdn_chunk_input_grads": "backward"}
+
+
+def _time_stages(options: dict, args, only=None) -> dict:
+  """ms per Pallas stage (`only`: a subset), each jitted alone on the chunk-layout inputs
+  (where the time goes). `options`: Plan fields."""
   from lte_jax.kernels.gated_delta_rule import api as kernel_api
   q = args[0]
-  cfg, core = kernel_api.core_inputs(*args, scale=q.shape[-1] ** -0.5, **_plan_options(impl))
+  cfg, core = kernel_api.core_inputs(*args, scale=q.shape[-1] ** -0.5, **options)
   fns = {name: jax.jit(fn) for name, fn in kernel_api.stage_functions(cfg).items()}
   t = fns["inverse"](*core)
   _, h, v_new, h_last = fns["states"](*core, t)
   o = fns["output"](*core, h, v_new)
   d_o, dh_last = jnp.ones_like(o), jnp.zeros_like(h_last)
-  time = lambda fn: bench_common.time_jax(fn, reps=FLAGS.reps)
-  return {"inverse": time(lambda: fns["inverse"](*core)),
-          "states": time(lambda: fns["states"](*core, t)),
-          "output": time(lambda: fns["output"](*core, h, v_new)),
-          "backward": time(lambda: fns["backward"](*core, t, d_o, dh_last))}
+  calls = {"inverse": lambda: fns["inverse"](*core),
+           "states": lambda: fns["states"](*core, t),
+           "output": lambda: fns["output"](*core, h, v_new),
+           "backward": lambda: fns["backward"](*core, t, d_o, dh_last)}
+  return {name: bench_common.time_jax(fn, reps=FLAGS.reps) for name, fn in calls.items()
+          if only is None or name in only}
+
+
+def tune(args, table: dict, kernels, launches, budget_s: float, on_row) -> list[dict]:
+  """Sweep each kernel's (num_warps, num_stages) over `launches` ('w/s' strings), timing
+  the stage that runs it while every other kernel keeps its entry in `table` (a launch
+  table, name -> (warps, stages)). Stops when `budget_s` is spent; `on_row(rows)` after
+  every measurement."""
+  import time as time_lib
+  start, rows = time_lib.perf_counter(), []
+  for kernel in kernels:
+    stage = STAGE_OF_KERNEL[kernel]
+    for launch in launches:
+      if time_lib.perf_counter() - start > budget_s:
+        print(f"tune: budget of {budget_s:.0f} s spent; stopping", flush=True)
+        return rows
+      warps, stages = (int(x) for x in launch.split("/"))
+      options = {"launch": {**table, kernel: (warps, stages)}}
+      try:
+        ms = _time_stages(options, args, only=(stage,))[stage]
+      except Exception as e:  # noqa: BLE001  (a launch Triton cannot build is a result)
+        print(f"tune {kernel} {launch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        continue
+      rows.append(dict(kernel=kernel, launch=launch, stage=stage, stage_ms=ms))
+      print(f"tune {kernel} {launch}: {stage} {ms:.3f} ms", flush=True)
+      on_row(rows)
+  return rows
+
+
+def best_launch(rows: list[dict]) -> str:
+  """The fastest launch of every swept kernel, as a Plan.launch string."""
+  best = {}
+  for r in rows:
+    if r["kernel"] not in best or r["stage_ms"] < best[r["kernel"]]["stage_ms"]:
+      best[r["kernel"]] = r
+  return "+".join(f"{k}={r['launch']}" for k, r in sorted(best.items()))
 
 
 def _load_fla():
@@ -209,8 +263,23 @@ def main(argv):
     shown = [{**r, **{n: f"{r[n]:.1e}" for n in errors if n in r}} for r in checks]
     bench_common.print_table(shown, ["shape", "impl", "ok", "worst"] + errors)
   fla = _load_fla() if FLAGS.fla else None
-  rows, stages = [], []
-  for shape in FLAGS.shapes:
+  rows, stages, tuned = [], [], []
+  if FLAGS.tune:
+    kernels = list(STAGE_OF_KERNEL) if FLAGS.tune == ["all"] else FLAGS.tune
+    unknown = sorted(set(kernels) - set(STAGE_OF_KERNEL))
+    if unknown:
+      raise app.UsageError(f"--tune: unknown kernels {unknown}; allowed: all, "
+                           f"{', '.join(STAGE_OF_KERNEL)}")
+    # Swept on top of the launch table now in force, so one kernel moves at a time.
+    from lte_jax.kernels.gated_delta_rule import backend as gdn_backend
+    tuned = tune(_inputs(*_parse(FLAGS.shapes[0])), gdn_backend.GPU_LAUNCH, kernels,
+                 FLAGS.tune_launch,
+                 FLAGS.tune_seconds, lambda r: _write(env, checks, rows, fla, stages, r))
+    if tuned:
+      bench_common.print_table(tuned, ["kernel", "launch", "stage", "stage_ms"])
+      print(f"best launch at {FLAGS.shapes[0]}: {best_launch(tuned)}", flush=True)
+  timed_shapes = FLAGS.shapes if FLAGS.implementations or fla is not None else []
+  for shape in timed_shapes:
     dims = _parse(shape)
     args = _inputs(*dims)
     bytes_moved, flops = forward_cost(*dims)
@@ -221,7 +290,7 @@ def main(argv):
         print(f"{shape} lte_jax/{impl}: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
               flush=True)
         if FLAGS.stages and impl.startswith("pallas"):
-          stage_ms = _time_stages(impl, args)
+          stage_ms = _time_stages(_plan_options(impl), args)
           stages.append(dict(shape=shape, impl=impl, **stage_ms))
           print(f"{shape} lte_jax/{impl} stages (ms): "
                 + ", ".join(f"{n} {v:.3f}" for n, v in stage_ms.items()), flush=True)
@@ -240,20 +309,22 @@ def main(argv):
           fwd_bw_frac=bytes_moved / (f * 1e-3) / H200_BYTES_PER_S,
           fwd_flop_frac=flops / (f * 1e-3) / H200_BF16_FLOPS))
       print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-    _write(env, checks, rows, fla, stages)
-  bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_vs_fla",
-                                  "fwdbwd_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
+    _write(env, checks, rows, fla, stages, tuned)
+  if rows:
+    bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_vs_fla",
+                                    "fwdbwd_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
   if fla is not None:
     print("fla: fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True to time its backward")
   if any(not r["ok"] for r in checks):
     print("WARNING: an implementation failed the correctness check (see the first table)")
-  _write(env, checks, rows, fla, stages)
+  _write(env, checks, rows, fla, stages, tuned)
 
 
-def _write(env, checks, rows, fla, stages):
+def _write(env, checks, rows, fla, stages, tuned=()):
   """Written after every shape too, so a run cut short keeps what it measured."""
   bench_common.write_json(FLAGS.out, dict(
-      env=env, checks=checks, rows=rows, stages=stages,
+      env=env, checks=checks, rows=rows, stages=stages, tune=list(tuned),
+      best_launch=best_launch(tuned) if tuned else None,
       notes=dict(fla_triton_guard_lifted=fla is not None, roofline=dict(
           bytes_per_s=H200_BYTES_PER_S, flops_per_s=H200_BF16_FLOPS))))
 

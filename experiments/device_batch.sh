@@ -32,6 +32,14 @@ if compgen -G ".cache/cache.tgz.*" >/dev/null; then
 fi
 export TRITON_CACHE_DIR="$PWD/.cache/triton" JAX_COMPILATION_CACHE_DIR="$PWD/.cache/jax"
 export PYTHONUNBUFFERED=1
+# XLA's GEMM/fusion autotuning dominates first compiles of big models on the GPU; its
+# results persist per fusion in .cache/xla_autotune when this XLA knows the flag (an
+# unknown XLA flag aborts every process, hence the probe).
+autotune="--xla_gpu_per_fusion_autotune_cache_dir=$PWD/.cache/xla_autotune"
+if XLA_FLAGS="$autotune ${XLA_FLAGS:-}" python3 -c "import jax; jax.devices()" >/dev/null 2>&1; then
+  export XLA_FLAGS="$autotune ${XLA_FLAGS:-}"
+  echo "== XLA autotune cache on" >>"$log"
+fi
 
 reserve=25   # seconds kept for packing the caches
 for cmd in "$@"; do

@@ -7,6 +7,7 @@ fields, token layouts, block specs) and calls `call` here.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -42,6 +43,55 @@ def check_counts(plan: Any, *names: str) -> None:
     value = getattr(plan, name)
     if not _is_int(value) or value < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+Launch = tuple[tuple[str, int, int], ...]
+
+
+def parse_launch(value: Any, kernels: Sequence[str]) -> Launch:
+  """Per-kernel Triton launch parameters, normalised to ((name, num_warps, num_stages), ...).
+
+  `value`: '' / () (none), a string 'name=warps/stages+name=warps/stages' (what benchmark
+  flags pass; ',' also separates), a mapping name -> (warps, stages), or the normalised tuple. `kernels`: the
+  folder's kernel names; anything else is refused with the list, so a typo cannot
+  silently time the defaults.
+  """
+  if isinstance(value, str):
+    entries = []
+    for item in filter(None, (s.strip() for s in re.split("[,+]", value))):
+      name, sep, spec = item.partition("=")
+      warps, slash, stages = spec.partition("/")
+      if not (sep and slash):
+        raise ValueError(f"launch entries look like 'kernel=warps/stages', got {item!r}")
+      try:
+        entries.append((name.strip(), int(warps), int(stages)))
+      except ValueError:
+        raise ValueError(f"launch warps and stages must be integers, got {item!r}") from None
+  elif isinstance(value, dict):
+    entries = [(name, *ws) for name, ws in value.items()]
+  else:
+    entries = [tuple(e) for e in value]
+  out = []
+  for entry in entries:
+    if len(entry) != 3:
+      raise ValueError(f"launch entries are (kernel, num_warps, num_stages), got {entry!r}")
+    name, warps, stages = entry
+    if name not in kernels:
+      raise ValueError(f"launch names unknown kernel {name!r}; kernels: {sorted(kernels)}")
+    for what, n in (("num_warps", warps), ("num_stages", stages)):
+      if not _is_int(n) or n < 1:
+        raise ValueError(f"launch {what} of {name!r} must be an integer >= 1, got {n!r}")
+    out.append((name, warps, stages))
+  return tuple(sorted(dict((n, (n, w, s)) for n, w, s in out).values()))
+
+
+def launch_params(plan: Any, name: str) -> tuple[int, int]:
+  """(num_warps, num_stages) of kernel `name`: its entry in plan.launch, else the plan's
+  num_warps / num_stages."""
+  for kernel, warps, stages in plan.launch:
+    if kernel == name:
+      return warps, stages
+  return plan.num_warps, plan.num_stages
 
 
 def _is_int(value) -> bool:

@@ -19,6 +19,15 @@ from lte_jax.kernels import lowering
 from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  (re-exported)
 
 
+# The folder's pallas_calls, by the names they carry (profiles, Plan.launch).
+KERNELS = ("gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_outputs",
+           "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_input_grads")
+
+
+# Measured per-kernel launch parameters for the H200 (BENCHMARKS.md, "tuning").
+GPU_LAUNCH: dict[str, tuple[int, int]] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static choices for one call: target lowering and tuning knobs (hashable).
@@ -28,7 +37,9 @@ class Plan:
     platform still decides the kernels' form (loop or sequential grid).
   chunk: tokens per chunk (power of two, >= 16: Triton dots need dims >= 16).
   block_v: value columns per program of the GPU recurrences (power of two).
-  num_warps, num_stages: Triton launch parameters.
+  num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry.
+  launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
+    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a GPU, else none.
   inverse_precision: products of the (I + A)^-1 doubling: 'highest' (fp32) or,
     GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32). None: 'tf32x3'
     on a GPU, else 'highest'. On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 /
@@ -41,6 +52,7 @@ class Plan:
   block_v: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  launch: Any = None
   inverse_precision: str | None = None
 
   def __post_init__(self):
@@ -56,6 +68,10 @@ class Plan:
                        f"got {self.inverse_precision!r}")
     lowering.check_block_sizes(self, "chunk", "block_v")
     lowering.check_counts(self, "num_warps", "num_stages")
+    launch = self.launch
+    if launch is None:
+      launch = GPU_LAUNCH if self.platform == "gpu" and not self.interpret else ()
+    object.__setattr__(self, "launch", lowering.parse_launch(launch, KERNELS))
 
   @property
   def sequential_in_grid(self) -> bool:
@@ -79,9 +95,10 @@ def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          scratch_shapes: Sequence[Any] = (), name: str) -> Any:
   """lowering.call with this plan; `sequential_last` marks the last grid axis as
   ordered (TPU "arbitrary"); scratch is a TPU-only notion."""
+  num_warps, num_stages = lowering.launch_params(plan, name)
   return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,
                        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
-                       num_warps=plan.num_warps, num_stages=plan.num_stages,
+                       num_warps=num_warps, num_stages=num_stages,
                        sequential_last=sequential_last, scratch_shapes=scratch_shapes)
 
 

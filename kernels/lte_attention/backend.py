@@ -25,6 +25,15 @@ _INT_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", 
                "vmem_limit_mib")
 
 
+# The folder's pallas_calls, by the names they carry (profiles, Plan.launch).
+KERNELS = ("lte_attention_fwd", "lte_attention_dq", "lte_attention_dkv_band",
+           "lte_attention_dkv_far")
+
+
+# Measured per-kernel launch parameters for the H200 (BENCHMARKS.md, "tuning").
+GPU_LAUNCH: dict[str, tuple[int, int]] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static choices for one call: target lowering and tuning knobs (hashable).
@@ -36,7 +45,9 @@ class Plan:
     (powers of two >= 16: Triton dots need every dim >= 16). None: 64 on GPU,
     128 on TPU.
   block_q_dkv, block_k_dkv: the same for the dk/dv kernels (None: block_q, block_k).
-  num_warps, num_stages: Triton launch parameters.
+  num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry.
+  launch: per-kernel (num_warps, num_stages), e.g. 'lte_attention_fwd=8/3'
+    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a GPU, else none.
   vmem_limit_mib: Mosaic's scoped VMEM limit; the TPU kernels keep one (batch,
     head)'s whole sequence of K/V (or Q/dO) in VMEM, more than the 16-32 MiB default
     at T = 4096 with grouped heads.
@@ -49,6 +60,7 @@ class Plan:
   block_k_dkv: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  launch: Any = None
   vmem_limit_mib: int = _DEFAULT_VMEM_MIB
 
   def __post_init__(self):
@@ -61,6 +73,10 @@ class Plan:
         object.__setattr__(self, name, fallback)
     lowering.check_block_sizes(self, "block_q", "block_k", "block_q_dkv", "block_k_dkv")
     lowering.check_counts(self, "num_warps", "num_stages", "vmem_limit_mib")
+    launch = self.launch
+    if launch is None:
+      launch = GPU_LAUNCH if self.platform == "gpu" and not self.interpret else ()
+    object.__setattr__(self, "launch", lowering.parse_launch(launch, KERNELS))
 
   @property
   def native_layout(self) -> bool:
@@ -103,8 +119,11 @@ def parse_options(text: str) -> dict:
     if not sep:
       raise ValueError(f"plan options must look like 'name=value;...', got {item!r}")
     name = name.strip()
+    if name == "launch":
+      options[name] = value.strip()
+      continue
     if name not in _INT_FIELDS:
-      raise ValueError(f"unknown plan option {name!r}; allowed: {_INT_FIELDS}")
+      raise ValueError(f"unknown plan option {name!r}; allowed: {_INT_FIELDS + ('launch',)}")
     options[name] = int(value)
   return options
 
@@ -113,9 +132,10 @@ def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          in_specs: Sequence[Any], out_specs: Sequence[pl.BlockSpec],
          out_shape: Sequence[jax.ShapeDtypeStruct], name: str) -> Any:
   """lowering.call with this plan; every grid axis is parallel."""
+  num_warps, num_stages = lowering.launch_params(plan, name)
   return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,
                        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
-                       num_warps=plan.num_warps, num_stages=plan.num_stages,
+                       num_warps=num_warps, num_stages=num_stages,
                        vmem_limit_bytes=plan.vmem_limit_mib * 2 ** 20)
 
 
