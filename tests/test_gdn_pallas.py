@@ -150,6 +150,35 @@ def test_plan_inverse_precision_default_per_target():
   assert Plan("tpu").inverse_precision == "highest"
 
 
+def test_plan_launch_table():
+  """Per-kernel launch parameters: the measured GPU table by default, an explicit table
+  (flag string or mapping) replaces it, kernels without an entry take num_warps/stages."""
+  from lte_jax.kernels import lowering
+  from lte_jax.kernels.gated_delta_rule.backend import GPU_LAUNCH, KERNELS, Plan
+  assert set(GPU_LAUNCH) <= set(KERNELS)
+  gpu = Plan("gpu")
+  assert dict((n, (w, s)) for n, w, s in gpu.launch) == GPU_LAUNCH
+  assert Plan("gpu", interpret=True).launch == () and Plan("tpu").launch == ()
+  plan = Plan("gpu", num_warps=8, num_stages=1, launch="gdn_wy_inverse=2/3+gdn_chunk_states=1/1")
+  assert plan == Plan("gpu", num_warps=8, num_stages=1,
+                      launch={"gdn_chunk_states": (1, 1), "gdn_wy_inverse": (2, 3)})
+  assert lowering.launch_params(plan, "gdn_wy_inverse") == (2, 3)
+  assert lowering.launch_params(plan, "gdn_chunk_outputs") == (8, 1)
+  hash(plan)
+
+
+@pytest.mark.parametrize("launch,needle", [
+    ("gdn_inverse=1/1", "unknown kernel 'gdn_inverse'"),
+    ("gdn_wy_inverse=1", "kernel=warps/stages"),
+    ("gdn_wy_inverse=a/1", "integers"),
+    ("gdn_wy_inverse=0/1", "num_warps of 'gdn_wy_inverse' must be an integer >= 1"),
+])
+def test_plan_launch_errors_name_the_entry(launch, needle):
+  from lte_jax.kernels.gated_delta_rule.backend import Plan
+  with pytest.raises(ValueError, match=needle):
+    Plan("gpu", launch=launch)
+
+
 @pytest.mark.parametrize("options,needle", [
     (dict(platform="cuda"), "platform"),
     (dict(platform="tpu", inverse_precision="tf32x3"), "inverse_precision"),

@@ -24,8 +24,16 @@ KERNELS = ("gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_
            "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_input_grads")
 
 
-# Measured per-kernel launch parameters for the H200 (BENCHMARKS.md, "tuning").
-GPU_LAUNCH: dict[str, tuple[int, int]] = {}
+# Per-kernel launch parameters measured on the H200 at (4, 4096, 16, 128), bf16
+# (`bench_kernels --tune`, BENCHMARKS.md): ms of the stage that runs the kernel, at the
+# old uniform 4 warps / 2 stages -> here. The inverse's 16 x 16 products are latency
+# bound: one warp per program lets more chunks run at once (1.16 -> 0.52 ms).
+GPU_LAUNCH: dict[str, tuple[int, int]] = {
+    "gdn_wy_inverse": (1, 1),       # 1.16 -> 0.52
+    "gdn_wy_transform": (4, 1),     # states stage 1.00 -> 0.80
+    "gdn_chunk_states": (4, 3),     # states stage 1.00 -> 0.83
+    "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,8 +30,11 @@ KERNELS = ("lte_attention_fwd", "lte_attention_dq", "lte_attention_dkv_band",
            "lte_attention_dkv_far")
 
 
-# Measured per-kernel launch parameters for the H200 (BENCHMARKS.md, "tuning").
-GPU_LAUNCH: dict[str, tuple[int, int]] = {}
+# Per-kernel launch parameters measured on the H200 (bench_lte, BENCHMARKS.md): at
+# (4, 4096, 16, 64), w 768, 512 retained, 3 pipeline stages took fwd / fwd+bwd from
+# 0.746 / 1.702 to 0.684 / 1.609 ms; 128-row tiles at 8 warps sped the forward (0.704)
+# but slowed the backward (2.389).
+GPU_LAUNCH: dict[str, tuple[int, int]] = {name: (4, 3) for name in KERNELS}
 
 
 @dataclasses.dataclass(frozen=True)
