@@ -31,7 +31,7 @@ from tests.test_gated_delta_rule import ARG_NAMES, TOLERANCES, _assert_close, _i
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_fn(impl, platform, chunk_size, block_v=64):
+def _grad_fn(impl, platform, chunk_size, block_v=64, options=()):
   """Jitted (o, final state) and gradients of <o, d_o> + <h, d_h> w.r.t. the six inputs."""
 
   def loss(q, k, v, g, beta, h0, d_o, d_h, segment_ids):
@@ -41,18 +41,20 @@ def _grad_fn(impl, platform, chunk_size, block_v=64):
     else:
       o, h = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=q.shape[-1] ** -0.5,
                                            chunk_size=chunk_size, platform=platform,
-                                           block_v=block_v, interpret=True, **kw)
+                                           block_v=block_v, interpret=True, **kw,
+                                           **dict(options))
     return jnp.sum(o.astype(jnp.float32) * d_o) + jnp.sum(h * d_h), (o, h)
 
   return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
 
 
-def _compare(args, dtype, *, platform, chunk_size=64, block_v=64, segment_ids=None):
+def _compare(args, dtype, *, platform, chunk_size=64, block_v=64, segment_ids=None,
+             options=()):
   rng = np.random.default_rng(1)
   d_o = jnp.asarray(rng.standard_normal(args[2].shape), jnp.float32)
   d_h = jnp.asarray(rng.standard_normal(args[5].shape), jnp.float32)
-  (_, (o, h)), grads = _grad_fn("pallas", platform, chunk_size, block_v)(*args, d_o, d_h,
-                                                                        segment_ids)
+  (_, (o, h)), grads = _grad_fn("pallas", platform, chunk_size, block_v, options)(
+      *args, d_o, d_h, segment_ids)
   (_, (o_ref, h_ref)), grads_ref = _grad_fn("reference", None, None)(*args, d_o, d_h,
                                                                       segment_ids)
   tol_o, tol_qkv, tol_gb = TOLERANCES[dtype]
@@ -92,8 +94,17 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
            segment_ids=segment_ids)
 
 
-@pytest.mark.parametrize("platform", ["gpu", "tpu"])
-def test_wy_inverse_kernel_inverts(platform):
+@pytest.mark.parametrize("options", [(("inverse_form", "doubling"),),
+                                     (("wy_operands", "input"),)])
+def test_plan_variants_match_reference(options):
+  """The GPU form with the TPU's inverse, and with bf16 WY products (FLA's rounding)."""
+  args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
+  segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
+  _compare(args, jnp.bfloat16, platform="gpu", segment_ids=segment_ids, options=options)
+
+
+@pytest.mark.parametrize("platform,form", [("gpu", None), ("tpu", None), ("gpu", "doubling")])
+def test_wy_inverse_kernel_inverts(platform, form):
   """Both inverse algorithms (16-row blocks on GPU, masked doubling on TPU) give
   (I + A)^-1 for a chunk with a document start inside it."""
   c, dk = 64, 32
@@ -113,8 +124,9 @@ def test_wy_inverse_kernel_inverts(platform):
   # One chunk of one head: k as [B*H, N, C, D] is also k as [B, T, H, D] here.
   layout = Layout(batch=1, heads=1, chunks=1, chunk=c, native=platform == "gpu")
   k_tokens = jnp.asarray(k if platform == "tpu" else np.swapaxes(k, 1, 2))
-  got = inverse.wy_inverse(Plan(platform, interpret=True), layout, k_tokens, col(beta),
-                           col(g_cum), row(g_cum), col(seg), row(seg))
+  plan = Plan(platform, interpret=True, inverse_form=form)
+  got = inverse.wy_inverse(plan, layout, k_tokens, col(beta), col(g_cum), row(g_cum),
+                           col(seg), row(seg))
   assert helpers.rel_rms(got[0, 0], want) < 1e-6
 
 
@@ -184,6 +196,8 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     (dict(platform="tpu", inverse_precision="tf32x3"), "inverse_precision"),
     (dict(platform="gpu", interpret=True, inverse_precision="tf32x3"), "inverse_precision"),
     (dict(platform="gpu", block_v=24), "block_v"),
+    (dict(platform="gpu", inverse_form="lu"), "inverse_form"),
+    (dict(platform="gpu", wy_operands="bf16"), "wy_operands"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):
   args = _inputs(1, 8, 1, 16, 16, jnp.float32)[:5]

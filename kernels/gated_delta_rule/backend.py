@@ -53,6 +53,12 @@ class Plan:
     on a GPU, else 'highest'. On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 /
     33.2 ms fwd / fwd+bwd against 2.0 / 6.4 ms, with the same errors against the
     fp32 reference (1x1024x4x128: o 3.7e-3, grads <= 3.6e-3).
+  inverse_form: 'blocked' (16 x 16 blocks by forward substitution; None on GPU) or
+    'doubling' (full C x C masked doubling, log2(C) levels of two C x C products; None on
+    TPU, where 16-lane blocks fit the (8, 128) tiles badly). inverse.py says more.
+  wy_operands: the forward WY transform's products with T: 'fp32' (T and the operands in
+    fp32 at inverse_precision) or 'input' (both rounded to the inputs' dtype, bf16
+    operands on the tensor cores, as FLA's recompute_w_u).
   """
   platform: str
   interpret: bool = False
@@ -62,9 +68,17 @@ class Plan:
   num_stages: int = 2
   launch: Any = None
   inverse_precision: str | None = None
+  inverse_form: str | None = None
+  wy_operands: str = "fp32"
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
+    if self.inverse_form is None:
+      object.__setattr__(self, "inverse_form", "blocked" if self.platform == "gpu" else "doubling")
+    if self.inverse_form not in ("blocked", "doubling"):
+      raise ValueError(f"inverse_form must be 'blocked' or 'doubling', got {self.inverse_form!r}")
+    if self.wy_operands not in ("fp32", "input"):
+      raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
     # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
     gpu = self.platform == "gpu" and not self.interpret
     if self.inverse_precision is None:

@@ -5,13 +5,13 @@ A = [j < i, same doc] beta_i e^{G_i - G_j} k_i.k_j is strictly lower triangular,
 C-wide head) and read by the WY transform and the backward, so the backward
 never recomputes it.
 
-Two algorithms, chosen by the platform:
-  GPU: blocks of 16 rows. Each 16 x 16 diagonal block of A comes straight from
+Two algorithms (Plan.inverse_form; the default follows the platform):
+  'blocked' (GPU): blocks of 16 rows. Each 16 x 16 diagonal block of A comes straight from
     16-row slices of K and is inverted by doubling; the blocks below the diagonal
     follow by block forward substitution, T_ij = -T_ii sum_{j<=m<i} A_im T_mj.
     Every product is 16 x 16 (the smallest Triton dot), so the work is about
     C^3 / 3 instead of the 2 log2(C) full C x C products of the masked form.
-  TPU: the masked full-size doubling (chunk_math.unit_lower_inverse): a 16-lane
+  'doubling' (TPU): the masked full-size doubling (chunk_math.unit_lower_inverse): a 16-lane
     block is a poor fit for (8, 128) vector tiles, a 64 x 64 product is not.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def wy_inverse(plan: backend.Plan, layout: backend.Layout, k, beta_col, g_col, g
   """k: token tensor (layout) of width Dk; columns [BH, N, C, 1]; rows [BH, N, 1, C]
   -> T [BH, N, C, C] fp32."""
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, k.shape[-1]
-  kernel = _blocked_kernel if plan.platform == "gpu" else _full_kernel
+  kernel = _blocked_kernel if plan.inverse_form == "blocked" else _full_kernel
   col, row = backend.per_chunk(c, 1), backend.per_chunk(1, c)
   return backend.call(
       functools.partial(kernel, dtype=k.dtype, precision=plan.inverse_dot_precision), plan,

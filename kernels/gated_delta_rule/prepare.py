@@ -15,10 +15,13 @@ import jax.numpy as jnp
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 
-def _kernel(t_ref, k_ref, v_ref, beta_ref, qd_ref, w_ref, u_ref, *, precision):
+def _kernel(t_ref, k_ref, v_ref, beta_ref, qd_ref, w_ref, u_ref, *, precision, low):
   t, beta = t_ref[...], beta_ref[...]
-  u = cm.mm(t, beta * v_ref[...].astype(cm.F32), precision=precision)
-  w = cm.mm(t, (beta * qd_ref[...]) * k_ref[...].astype(cm.F32), precision=precision)
+  # low: operands rounded to the inputs' dtype (bf16 tensor-core products, as FLA).
+  mm = (functools.partial(cm.mm, dtype=k_ref.dtype) if low
+        else functools.partial(cm.mm, precision=precision))
+  u = mm(t, beta * v_ref[...].astype(cm.F32))
+  w = mm(t, (beta * qd_ref[...]) * k_ref[...].astype(cm.F32))
   u_ref[...] = u.astype(u_ref.dtype)
   w_ref[...] = w.astype(w_ref.dtype)
 
@@ -31,7 +34,9 @@ def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, 
   dv = v.shape[-1]
   col = backend.per_chunk(c, 1)
   return backend.call(
-      functools.partial(_kernel, precision=plan.inverse_dot_precision), plan, grid=(bh, n),
+      functools.partial(_kernel, precision=plan.inverse_dot_precision,
+                        low=plan.wy_operands == "input" and k.dtype != jnp.float32),
+      plan, grid=(bh, n),
       in_specs=[backend.per_chunk(c, c), layout.block(dk), layout.block(dv), col, col],
       out_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv)],
       out_shape=[jax.ShapeDtypeStruct((bh, n, c, dk), state_dtype),
