@@ -98,7 +98,11 @@ def _run_lte_jax(arch: str) -> dict:
                positions=jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
                loss_mask=jnp.ones((b, t), jnp.float32))
   with jax.set_mesh(mesh):
-    state = jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
+    init_lowered = jax.jit(init, out_shardings=shardings).lower()
+    _phase(arch, "init lowered", t0)
+    init_compiled = init_lowered.compile()
+    _phase(arch, "init compiled", t0)
+    state = jax.block_until_ready(init_compiled())
     batch = jax.device_put(batch, batch_sharding)
     _phase(arch, "parameters and optimizer state initialised; lowering the step", t0)
     step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule),
