@@ -83,7 +83,10 @@ _SCRIPT = textwrap.dedent("""
       shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
       batch_sharding = mesh_lib.batch_sharding(mesh)
       with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        # Sharded runs build the state on the host and place its shards (the GPU/TPU
+        # path); the single-device run jits it in place: both must give the same steps.
+        state = train_state.create_train_state(model_def, tx, 0, shardings,
+                                               on_host=devices is None)
         fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, lte_target=4.0),
                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
         losses = []
