@@ -102,7 +102,7 @@ def _core_bwd(cfg, residuals, cotangents):
   dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = backward.chunk_input_grads(
       plan, cfg.layout, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
       _row(seg), _col(qd), _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta[..., 0],
+  return (dq, dk, dv, dbeta[..., 0],
           dg_col[..., 0] + dg_row[..., 0, :], jnp.zeros_like(seg), dqd[..., 0], dkd[..., 0],
           dhd, dh0)
 

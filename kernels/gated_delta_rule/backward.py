@@ -62,7 +62,7 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
     # V_new = U - W h, U = T (beta V)
     d_w = d_w - cm.mm(dv, h, tb=True, dtype=dtype)
     t_du = mm_t(t, dv, ta=True)
-    dvin_ref[:, cols] = beta * t_du
+    dvin_ref[:, cols] = (beta * t_du).astype(dvin_ref.dtype)
     dbeta = dbeta + _rowsum(vf * t_du)
     d_t = d_t + cm.mm(dv, beta * vf, tb=True, dtype=dtype)
 
@@ -95,8 +95,8 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
   # opposite signs and leave only rounding noise, swamping tiny true gradients.
   z = cm.strict_lower(z)
 
-  dq_ref[...] = dq
-  dk_ref[...] = dk
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
   dbeta_ref[...] = dbeta
   dg_ref[...] = _rowsum(z)
   dg_row_ref[...] = -jnp.sum(z, axis=0, keepdims=True)
@@ -108,7 +108,9 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
 def chunk_input_grads(plan: backend.Plan, layout: backend.Layout, t, q, k, v, beta_col, g_col,
                       g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o, *,
                       scale: float):
-  """Per-chunk gradients, all fp32: dq, dk, dv token tensors (layout); dbeta,
+  """Per-chunk gradients: dq, dk, dv token tensors (layout) in the dtypes of q, k, v
+  (rounded in registers: the fp32 copies would be a third more traffic and an extra
+  pass); in fp32: dbeta,
   dG (row-sum part), dqd, dkd [BH, N, C, 1]; dG (column-sum part) [BH, N, 1, C];
   dhd [BH, N, 1, 1]."""
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
@@ -124,7 +126,7 @@ def chunk_input_grads(plan: backend.Plan, layout: backend.Layout, t, q, k, v, be
                 col, col, chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd),
                 tokens(dvd)],
       out_specs=[tokens(dk), tokens(dk), tokens(dvd)] + [chunk(*s) for s in scalar_shapes],
-      out_shape=[jax.ShapeDtypeStruct(layout.shape(d), cm.F32) for d in (dk, dk, dvd)]
+      out_shape=[jax.ShapeDtypeStruct(layout.shape(x.shape[-1]), x.dtype) for x in (q, k, v)]
       + [jax.ShapeDtypeStruct((bh, n, *s), cm.F32) for s in scalar_shapes],
       name="gdn_chunk_input_grads",
   )(t, q, k, v, beta_col, g_col, g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv,

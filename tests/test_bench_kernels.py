@@ -1,0 +1,46 @@
+"""experiments/bench_kernels.py runs end to end on CPU at tiny shapes (no timing asserted):
+the correctness check, timings, per-stage timings and the per-kernel launch sweep."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from experiments import bench_kernels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_run_checks_times_and_tunes(tmp_path):
+  out = tmp_path / "bench_kernels.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_kernels", f"--out={out}", "--nofla",
+       "--implementations=pallas,pallas:inverse_form=doubling;wy_operands=input",
+       "--shapes=1x64x2x32", "--check_shape=1x32x2x16", "--reps=1", "--stages",
+       "--tune=gdn_wy_inverse,gdn_chunk_state_grads", "--tune_launch=1/1,4/2"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert all(r["ok"] for r in data["checks"]), data["checks"]
+  assert {r["impl"] for r in data["rows"]} == {
+      "lte_jax/pallas", "lte_jax/pallas:inverse_form=doubling;wy_operands=input"}
+  assert {"inverse", "states", "output", "backward"} <= set(data["stages"][0])
+  swept = {(r["kernel"], r["launch"], r["stage"]) for r in data["tune"]}
+  assert swept == {("gdn_wy_inverse", "1/1", "inverse"), ("gdn_wy_inverse", "4/2", "inverse"),
+                   ("gdn_chunk_state_grads", "1/1", "backward"),
+                   ("gdn_chunk_state_grads", "4/2", "backward")}
+  best = dict(e.split("=") for e in data["best_launch"].split("+"))
+  assert set(best) == {"gdn_wy_inverse", "gdn_chunk_state_grads"}, best
+
+
+def test_best_launch_takes_each_kernels_fastest():
+  rows = [dict(kernel="a", launch="1/1", stage_ms=2.0), dict(kernel="a", launch="4/2", stage_ms=1.0),
+          dict(kernel="b", launch="8/3", stage_ms=0.5)]
+  assert bench_kernels.best_launch(rows) == "a=4/2+b=8/3"
+
+
+def test_every_kernel_has_a_stage():
+  from lte_jax.kernels.gated_delta_rule.backend import KERNELS
+  assert set(bench_kernels.STAGE_OF_KERNEL) == set(KERNELS)
