@@ -197,6 +197,7 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     (dict(platform="gpu", interpret=True, inverse_precision="tf32x3"), "inverse_precision"),
     (dict(platform="gpu", block_v=24), "block_v"),
     (dict(platform="gpu", inverse_form="lu"), "inverse_form"),
+    (dict(platform="tpu", inverse_form="blocked"), "inverse_form must be one of"),
     (dict(platform="gpu", wy_operands="bf16"), "wy_operands"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):

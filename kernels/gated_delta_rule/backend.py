@@ -75,8 +75,10 @@ class Plan:
     lowering.check_platform(self.platform)
     if self.inverse_form is None:
       object.__setattr__(self, "inverse_form", "blocked" if self.platform == "gpu" else "doubling")
-    if self.inverse_form not in ("blocked", "doubling"):
-      raise ValueError(f"inverse_form must be 'blocked' or 'doubling', got {self.inverse_form!r}")
+    forms = ("blocked", "doubling") if self.platform == "gpu" else ("doubling",)
+    if self.inverse_form not in forms:
+      raise ValueError(f"inverse_form must be one of {forms} on {self.platform}, "
+                       f"got {self.inverse_form!r}")
     if self.wy_operands not in ("fp32", "input"):
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
     # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
