@@ -46,7 +46,8 @@ flags.DEFINE_string("check_shape", "1x1024x4x128",
 flags.DEFINE_bool("fla", True, "Time flash-linear-attention's kernel as the anchor.")
 flags.DEFINE_integer("reps", 50, "Timed repetitions (median reported).")
 flags.DEFINE_bool("stages", False, "Also time each Pallas stage on its own (inverse, states = "
-                  "WY prepare + recurrence, output, backward) for every 'pallas' entry.")
+                  "WY prepare + recurrence, output, backward, and the backward's dv_local, "
+                  "state_grads, input_grads) for every 'pallas' entry.")
 
 flags.DEFINE_list("tune", [], "Kernels to sweep (names in backend.KERNELS, or 'all'): each "
                   "launch in --tune_launch is timed on the stage that runs the kernel, at the "
@@ -162,25 +163,31 @@ def _time_lte_jax(impl, args):
 # The stage (kernel_api.stage_functions) that runs each kernel, for the --tune sweep.
 STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
                    "gdn_chunk_states": "states", "gdn_chunk_outputs": "output",
-                   "gdn_local_value_grads": "backward", "gdn_chunk_state_grads": "backward",
-                   "gdn_chunk_input_grads": "backward"}
+                   "gdn_local_value_grads": "dv_local", "gdn_chunk_state_grads": "state_grads",
+                   "gdn_chunk_input_grads": "input_grads"}
 
 
 def _time_stages(options: dict, args, only=None) -> dict:
   """ms per Pallas stage (`only`: a subset), each jitted alone on the chunk-layout inputs
-  (where the time goes). `options`: Plan fields."""
+  (where the time goes): the forward's three, the whole backward, and the backward's
+  three kernels (it also recomputes 'states'). `options`: Plan fields."""
   from lte_jax.kernels.gated_delta_rule import api as kernel_api
   q = args[0]
   cfg, core = kernel_api.core_inputs(*args, scale=q.shape[-1] ** -0.5, **options)
   fns = {name: jax.jit(fn) for name, fn in kernel_api.stage_functions(cfg).items()}
   t = fns["inverse"](*core)
-  _, h, v_new, h_last = fns["states"](*core, t)
+  w, h, v_new, h_last = fns["states"](*core, t)
   o = fns["output"](*core, h, v_new)
   d_o, dh_last = jnp.ones_like(o), jnp.zeros_like(h_last)
+  dv_local = fns["dv_local"](*core, d_o)
+  dh, dv_new, _ = fns["state_grads"](*core, w, d_o, dv_local, dh_last)
   calls = {"inverse": lambda: fns["inverse"](*core),
            "states": lambda: fns["states"](*core, t),
            "output": lambda: fns["output"](*core, h, v_new),
-           "backward": lambda: fns["backward"](*core, t, d_o, dh_last)}
+           "backward": lambda: fns["backward"](*core, t, d_o, dh_last),
+           "dv_local": lambda: fns["dv_local"](*core, d_o),
+           "state_grads": lambda: fns["state_grads"](*core, w, d_o, dv_local, dh_last),
+           "input_grads": lambda: fns["input_grads"](*core, t, h, dh, v_new, dv_new, d_o)}
   return {name: bench_common.time_jax(fn, reps=FLAGS.reps) for name, fn in calls.items()
           if only is None or name in only}
 

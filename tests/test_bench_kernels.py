@@ -26,11 +26,12 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
   assert all(r["ok"] for r in data["checks"]), data["checks"]
   assert {r["impl"] for r in data["rows"]} == {
       "lte_jax/pallas", "lte_jax/pallas:inverse_form=doubling;wy_operands=input"}
-  assert {"inverse", "states", "output", "backward"} <= set(data["stages"][0])
+  assert {"inverse", "states", "output", "backward", "dv_local", "state_grads",
+          "input_grads"} <= set(data["stages"][0])
   swept = {(r["kernel"], r["launch"], r["stage"]) for r in data["tune"]}
   assert swept == {("gdn_wy_inverse", "1/1", "inverse"), ("gdn_wy_inverse", "4/2", "inverse"),
-                   ("gdn_chunk_state_grads", "1/1", "backward"),
-                   ("gdn_chunk_state_grads", "4/2", "backward")}
+                   ("gdn_chunk_state_grads", "1/1", "state_grads"),
+                   ("gdn_chunk_state_grads", "4/2", "state_grads")}
   best = dict(e.split("=") for e in data["best_launch"].split("+"))
   assert set(best) == {"gdn_wy_inverse", "gdn_chunk_state_grads"}, best
 

@@ -88,20 +88,35 @@ def _core_fwd(cfg, *args):
   return (o, h_last), (t, args)
 
 
-def _core_bwd(cfg, residuals, cotangents):
-  t, inputs = residuals
-  q, k, v, beta, g_cum, seg, qd, kd, hd, h0 = inputs
-  d_o, dh_last = cotangents
-  plan = cfg.plan
-  w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
-  dv_local = output.local_value_grads(plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
-                                      _row(seg), d_o, scale=cfg.scale)
-  dh, dv_new, dh0 = state.chunk_state_grads(plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o,
-                                            dv_local, dh_last, scale=cfg.scale,
-                                            state_dtype=jnp.dtype(cfg.state_dtype))
-  dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = backward.chunk_input_grads(
-      plan, cfg.layout, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
+def _dv_local(cfg, args, d_o):
+  q, k, _, _, g_cum, seg, *_ = args
+  return output.local_value_grads(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum),
+                                  _col(seg), _row(seg), d_o, scale=cfg.scale)
+
+
+def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
+  q, k, _, _, _, _, qd, kd, hd, _ = args
+  return state.chunk_state_grads(cfg.plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o,
+                                 dv_local, dh_last, scale=cfg.scale,
+                                 state_dtype=jnp.dtype(cfg.state_dtype))
+
+
+def _input_grads(cfg, args, t, h, dh, v_new, dv_new, d_o):
+  q, k, v, beta, g_cum, seg, qd, kd, _, _ = args
+  return backward.chunk_input_grads(
+      cfg.plan, cfg.layout, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
       _row(seg), _col(qd), _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
+
+
+def _core_bwd(cfg, residuals, cotangents):
+  t, args = residuals
+  _, k, v, beta, _, seg, qd, kd, hd, h0 = args
+  d_o, dh_last = cotangents
+  w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  dv_local = _dv_local(cfg, args, d_o)
+  dh, dv_new, dh0 = _state_grads(cfg, args, w, d_o, dv_local, dh_last)
+  dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = _input_grads(cfg, args, t, h, dh, v_new,
+                                                                  dv_new, d_o)
   return (dq, dk, dv, dbeta[..., 0],
           dg_col[..., 0] + dg_row[..., 0, :], jnp.zeros_like(seg), dqd[..., 0], dkd[..., 0],
           dhd, dh0)
@@ -184,7 +199,9 @@ def core_inputs(q, k, v, g, beta, *, scale: float, initial_state=None, segment_i
 def stage_functions(cfg: _Static) -> dict:
   """name -> f(*core args, *extra) for timing each stage on its own (jit them):
   'inverse' (args) -> T; 'states' (args, T) -> (W, h, V_new, h_last) [prepare + recurrence];
-  'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last) -> input grads."""
+  'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last) -> input grads; and the
+  backward's own kernels: 'dv_local' (args, d_o); 'state_grads' (args, W, d_o, dV_local,
+  dh_last) -> (dh, dV_new, dh0); 'input_grads' (args, T, h, dh, V_new, dV_new, d_o)."""
   def inverse(*args):
     _, k, _, beta, g_cum, seg, *_ = args
     return _inverse(cfg, k, beta, g_cum, seg)
@@ -203,7 +220,11 @@ def stage_functions(cfg: _Static) -> dict:
     *args, t, d_o, dh_last = args_rest
     return _core_bwd(cfg, (t, tuple(args)), (d_o, dh_last))
 
-  return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_}
+  n = 10   # core arguments
+  return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_,
+          "dv_local": lambda *a: _dv_local(cfg, a[:n], *a[n:]),
+          "state_grads": lambda *a: _state_grads(cfg, a[:n], *a[n:]),
+          "input_grads": lambda *a: _input_grads(cfg, a[:n], *a[n:])}
 
 
 def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
