@@ -28,7 +28,7 @@ def _rowsum(x):
 def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
             kd_ref, h_ref, dh_ref, v_new_ref, dv_ref, do_ref,
             dq_ref, dk_ref, dvin_ref, dbeta_ref, dg_ref, dg_row_ref, dqd_ref, dkd_ref,
-            dhd_ref, *, scale, block_v, precision):
+            dhd_ref, *, scale, block_v, precision, low):
   q, k = q_ref[...], k_ref[...]
   dtype = q.dtype
   qf, kf = q.astype(cm.F32), k.astype(cm.F32)
@@ -36,9 +36,11 @@ def _kernel(t_ref, q_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg
   g_col, g_row, seg_col, seg_row = g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...]
   t = t_ref[...]
   causal, strict = cm.decay_masks(g_col, g_row, seg_col, seg_row)
-  # Products with T run at the plan's inverse precision; the others take the
-  # inputs' dtype (bf16 operands, fp32 accumulation, as FLA).
-  mm_t = functools.partial(cm.mm, precision=precision)
+  # Products with T run at the plan's inverse precision (or, with `low`, in the inputs'
+  # dtype as FLA's WY backward); the others take the inputs' dtype (bf16 operands, fp32
+  # accumulation, as FLA).
+  mm_t = (functools.partial(cm.mm, dtype=dtype) if low
+          else functools.partial(cm.mm, precision=precision))
 
   # Every term over value columns is a sum over value blocks: walk them with
   # static slices so that only [Dk, block_v] tiles of the states are live
@@ -120,7 +122,8 @@ def chunk_input_grads(plan: backend.Plan, layout: backend.Layout, t, q, k, v, be
   scalar_shapes = [(c, 1), (c, 1), (1, c), (c, 1), (c, 1), (1, 1)]
   return backend.call(
       functools.partial(_kernel, scale=scale, block_v=plan.value_block(dvd),
-                        precision=plan.inverse_dot_precision), plan,
+                        precision=plan.inverse_dot_precision,
+                        low=plan.wy_operands == "input" and q.dtype != jnp.float32), plan,
       grid=(bh, n),
       in_specs=[chunk(c, c), tokens(dk), tokens(dk), tokens(dvd), col, col, row, col, row,
                 col, col, chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd),
