@@ -53,5 +53,15 @@ for cmd in "$@"; do
   echo "== exit $? after $(( $(date +%s) - start ))s: $cmd" | tee -a "$log"
 done
 
-tar czf - -C .cache --exclude='cache.tgz.*' . | split -b 15M - "$out/cache.tgz."
+# Carried paths are capped at 64 MiB a call (.whl takes 6): past ~40 MB compressed, keep
+# the JAX/XLA caches and FLA's autotune verdicts (*.autotune.json: FLA then compiles only the
+# chosen configs, not every candidate) and drop the compiled Triton kernels.
+tar czf /tmp/cache_full.tgz -C .cache --exclude='cache.tgz.*' .
+if (( $(stat -c %s /tmp/cache_full.tgz) > 40000000 )); then
+  (cd .cache && find . -path ./triton -prune -o -type f ! -name 'cache.tgz.*' -print
+   find ./triton -name '*.autotune.json' 2>/dev/null) > /tmp/cache_keep.txt
+  tar czf /tmp/cache_full.tgz -C .cache -T /tmp/cache_keep.txt
+  echo "== cache over 40 MB: kept JAX/XLA caches and FLA autotune verdicts only" >>"$log"
+fi
+split -b 15M /tmp/cache_full.tgz "$out/cache.tgz."
 grep -v -i -e "warning" -e "libtpu" "$log" | tail -n 60
