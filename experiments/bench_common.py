@@ -29,13 +29,11 @@ def parse_implementation(entry: str) -> tuple[str, dict | None]:
   name, _, spec = entry.partition(":")
   if not spec:
     return name, None
+  from lte_jax.kernels.lowering import convert_value
   options = {}
   for item in filter(None, spec.split(";")):
     key, _, value = item.partition("=")
-    try:
-      options[key] = int(value)
-    except ValueError:
-      options[key] = {"True": True, "False": False, "None": None}.get(value, value)
+    options[key] = convert_value(value)
   return name, options
 
 

@@ -41,6 +41,9 @@ flags.DEFINE_string("implementation", None,
 flags.DEFINE_string("gdn_implementation", None,
                     "Gated delta rule implementation only ('xla' | 'pallas'); overrides "
                     "--implementation for the GDN layers.")
+flags.DEFINE_string("gdn_plan_options", None,
+                    "GDN Pallas kernel options 'name=value;...' (GDNConfig.plan_options), e.g. "
+                    "'keep_states=True;wy_operands=input'.")
 flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")
@@ -79,6 +82,8 @@ def _run_lte_jax(arch: str) -> dict:
   config.steps = 1000
   if FLAGS.implementation:
     config.model.implementation = FLAGS.implementation
+  if FLAGS.gdn_plan_options:
+    config.model.gdn_plan_options = FLAGS.gdn_plan_options
   exp = experiment.resolve(config)
   if FLAGS.gdn_implementation:
     gdn = dataclasses.replace(exp.model.gdn, implementation=FLAGS.gdn_implementation)
@@ -136,7 +141,10 @@ def _run_lte_jax(arch: str) -> dict:
   flops = metrics.flops_per_token(exp.model, n, t) * b * t / step_s
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   impl = exp.model.gdn.implementation or "default"
-  return dict(model=f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat}, scan {FLAGS.scan_layers})", params=n, devices=jax.device_count(),
+  if exp.model.gdn.plan_options:
+    impl += f" {exp.model.gdn.plan_options}"
+  name = f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat}, scan {FLAGS.scan_layers})"
+  return dict(model=name, params=n, devices=jax.device_count(),
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
               mfu=flops / (peak * jax.device_count()) if peak else None,
@@ -250,7 +258,8 @@ def main(argv):
                                                        remat=FLAGS.remat,
                                                        scan_layers=FLAGS.scan_layers,
                                                        implementation=FLAGS.implementation,
-                                                       gdn_implementation=FLAGS.gdn_implementation),
+                                                       gdn_implementation=FLAGS.gdn_implementation,
+                                                       gdn_plan_options=FLAGS.gdn_plan_options),
                                             results=rows))
   print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
   bench_common.print_table(rows, ["model", "params", "devices", "step_s", "tokens_per_s",

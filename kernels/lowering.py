@@ -7,6 +7,7 @@ fields, token layouts, block specs) and calls `call` here.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, Sequence
 
@@ -92,6 +93,33 @@ def launch_params(plan: Any, name: str) -> tuple[int, int]:
     if kernel == name:
       return warps, stages
   return plan.num_warps, plan.num_stages
+
+
+def parse_options(text: str, plan_cls: Any, exclude: Sequence[str] = ()) -> dict:
+  """'block_v=32;num_warps=8;keep_states=True' -> Plan keyword arguments (for flags and
+  config strings). Values: integers, True/False/None, else the string itself (the Plan
+  validates them); keys must be fields of `plan_cls` other than platform, interpret and
+  `exclude` (fields the op sets from its own arguments)."""
+  allowed = sorted(f.name for f in dataclasses.fields(plan_cls)
+                   if f.name not in ("platform", "interpret", *exclude))
+  options = {}
+  for item in filter(None, (s.strip() for s in text.split(";"))):
+    name, sep, value = item.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep:
+      raise ValueError(f"plan options must look like 'name=value;...', got {item!r}")
+    if name not in allowed:
+      raise ValueError(f"unknown plan option {name!r}; allowed: {allowed}")
+    options[name] = convert_value(value)
+  return options
+
+
+def convert_value(value: str) -> Any:
+  """A flag value: an integer, True/False/None, else the string."""
+  try:
+    return int(value)
+  except ValueError:
+    return {"True": True, "False": False, "None": None}.get(value, value)
 
 
 def _is_int(value) -> bool:

@@ -61,3 +61,15 @@ def check_segment_ids(segment_ids: Any, batch: int, time: int) -> None:
     return
   check_shape("segment_ids", segment_ids, (batch, time), "[batch, time]")
   check_int_dtype("segment_ids", segment_ids)
+
+
+def check_plan_options(plan_options, implementation) -> None:
+  """Kernel tuning options (the op's kernels' Plan fields) go with 'pallas' only."""
+  if plan_options is None:
+    return
+  if implementation != "pallas":
+    raise ValueError(f"plan_options is only accepted with implementation='pallas', got "
+                     f"implementation={implementation!r}")
+  if not isinstance(plan_options, dict):
+    raise ValueError(f"plan_options must be None or a dict of Plan fields, got "
+                     f"{type(plan_options).__name__}")

@@ -48,9 +48,14 @@ class GDNConfig:
   norm_eps: float = 1e-6
   chunk_size: int = 64
   implementation: str | None = None  # None: best available for the backend
+  # 'pallas' kernel Plan fields as 'name=value;...' (lte_jax.kernels.gated_delta_rule.
+  # parse_options), e.g. 'keep_states=True;block_v=32'; '' keeps the kernels' defaults.
+  plan_options: str = ""
 
   def __post_init__(self):
     _positive(self, "num_heads", "head_dim", "conv_size", "chunk_size")
+    _require(isinstance(self.plan_options, str), "GDNConfig.plan_options",
+             "a string 'name=value;...'", self.plan_options)
     _require(self.expand_v > 0 and float(self.head_dim * self.expand_v).is_integer(),
              "GDNConfig.expand_v", "> 0 with head_dim * expand_v an integer", self.expand_v)
     # The layer always builds the output gate (every paper preset uses it); refuse the

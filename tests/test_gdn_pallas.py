@@ -95,12 +95,33 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
 
 
 @pytest.mark.parametrize("options", [(("inverse_form", "doubling"),),
-                                     (("wy_operands", "input"),)])
+                                     (("wy_operands", "input"),),
+                                     (("keep_states", True),)])
 def test_plan_variants_match_reference(options):
-  """The GPU form with the TPU's inverse, and with bf16 WY products (FLA's rounding)."""
+  """The GPU form with the TPU's inverse, with bf16 WY products (FLA's rounding), and with
+  the forward's states kept for the backward."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   _compare(args, jnp.bfloat16, platform="gpu", segment_ids=segment_ids, options=options)
+
+
+def test_plan_options_reach_the_kernels_from_op_and_layer():
+  """lte_jax.ops.chunk_gated_delta_rule(plan_options=...) and GDNConfig.plan_options: a
+  bad field is refused by name, options need 'pallas', and keep_states changes nothing."""
+  from flax import nnx
+
+  from lte_jax.layers.gated_deltanet import GatedDeltaNet
+  from lte_jax.ops import chunk_gated_delta_rule
+  args = _inputs(1, 40, 2, 16, 16, jnp.float32, seed=2)[:5]
+  base = chunk_gated_delta_rule(*args, implementation="pallas", chunk_size=16)[0]
+  kept = chunk_gated_delta_rule(*args, implementation="pallas", chunk_size=16,
+                                plan_options={"keep_states": True, "block_v": 16})[0]
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(kept))
+  with pytest.raises(ValueError, match="only accepted with implementation='pallas'"):
+    chunk_gated_delta_rule(*args, implementation="xla", plan_options={"block_v": 16})
+  with pytest.raises(ValueError, match=r"GDNConfig.plan_options='chunk=16'.*unknown plan option"):
+    GatedDeltaNet(configs.GDNConfig(plan_options="chunk=16"), 32, num_layers=1, init_std=0.02,
+                  rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("platform,form", [("gpu", None), ("tpu", None), ("gpu", "doubling")])

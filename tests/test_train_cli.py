@@ -64,8 +64,10 @@ def test_model_overrides_reach_the_model_config():
   config.model.num_layers = 6
   config.model.lte_dropout = 0.0
   config.model.implementation = "reference"
+  config.model.gdn_plan_options = "keep_states=True"
   config.size = "tiny"
   exp = experiment.resolve(config)
+  assert exp.model.gdn.plan_options == "keep_states=True"
   assert exp.model.layers == ("gdn", "lte") * 3
   assert exp.model.lte.dropout == 0.0
   assert {exp.model.gdn.implementation, exp.model.lte.implementation,

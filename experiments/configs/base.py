@@ -36,6 +36,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.scan_layers = False      # lax.scan over the layer cycle: compile time flat in depth
   config.model.lte_dropout = config_dict.placeholder(float)
   config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
+  # GDN 'pallas' kernel options 'name=value;...' (GDNConfig.plan_options), e.g.
+  # 'keep_states=True;wy_operands=input'.
+  config.model.gdn_plan_options = config_dict.placeholder(str)
   # A ModelConfig JSON (e.g. WORKDIR/converted_model.json from experiments.convert) used
   # instead of arch/size and the shape fields above.
   config.model.from_file = config_dict.placeholder(str)

@@ -5,6 +5,6 @@ chunk_math (in-kernel algebra), inverse / prepare / state / output / backward
 (one kernel stage each), api (glue and the custom VJP).
 """
 from lte_jax.kernels.gated_delta_rule.api import chunk_gated_delta_rule_pallas
-from lte_jax.kernels.gated_delta_rule.backend import PLATFORMS, Plan
+from lte_jax.kernels.gated_delta_rule.backend import PLATFORMS, Plan, parse_options
 
-__all__ = ["PLATFORMS", "Plan", "chunk_gated_delta_rule_pallas"]
+__all__ = ["PLATFORMS", "Plan", "chunk_gated_delta_rule_pallas", "parse_options"]

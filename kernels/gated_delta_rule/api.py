@@ -6,7 +6,8 @@ Pipeline (kernel modules in brackets), per (batch*head, chunk):
   backward: recompute W, U and the per-chunk states, dV_local [output], reverse
             recurrence [state], per-chunk input gradients [backward].
 The backward keeps the inputs and T (C values per token); it recomputes the
-per-chunk states rather than keeping them or any per-token intermediate.
+per-chunk states rather than keeping them or any per-token intermediate, unless
+Plan.keep_states asks to keep W, h and V_new (no recomputation, more memory).
 
 The glue here is plain jnp, almost all on [B, T, H] scalars (cheap next to the
 [B, T, H, D] tensors): padding, the chunk layout [B*H, N, C] of the scalars,
@@ -78,14 +79,16 @@ def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
 
 
 def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
+  """-> (o, final state, (T, W, h, V_new))."""
   t = _inverse(cfg, k, beta, g_cum, seg)
-  _, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
-  return _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new), h_last, t
+  w, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  return _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new), h_last, (t, w, h, v_new)
 
 
 def _core_fwd(cfg, *args):
-  o, h_last, t = _forward(cfg, *args)
-  return (o, h_last), (t, args)
+  o, h_last, (t, *states) = _forward(cfg, *args)
+  # Plan.keep_states: the backward reuses W, h, V_new instead of recomputing them.
+  return (o, h_last), (t, tuple(states) if cfg.plan.keep_states else None, args)
 
 
 def _dv_local(cfg, args, d_o):
@@ -109,10 +112,13 @@ def _input_grads(cfg, args, t, h, dh, v_new, dv_new, d_o):
 
 
 def _core_bwd(cfg, residuals, cotangents):
-  t, args = residuals
+  t, states, args = residuals
   _, k, v, beta, _, seg, qd, kd, hd, h0 = args
   d_o, dh_last = cotangents
-  w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  if states is None:
+    w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  else:
+    w, h, v_new = states
   dv_local = _dv_local(cfg, args, d_o)
   dh, dv_new, dh0 = _state_grads(cfg, args, w, d_o, dv_local, dh_last)
   dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = _input_grads(cfg, args, t, h, dh, v_new,
@@ -218,7 +224,7 @@ def stage_functions(cfg: _Static) -> dict:
 
   def backward_(*args_rest):
     *args, t, d_o, dh_last = args_rest
-    return _core_bwd(cfg, (t, tuple(args)), (d_o, dh_last))
+    return _core_bwd(cfg, (t, None, tuple(args)), (d_o, dh_last))
 
   n = 10   # core arguments
   return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_,

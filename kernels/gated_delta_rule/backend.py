@@ -62,6 +62,11 @@ class Plan:
     recompute_w_u and WY backward). fp32 inputs always take 'fp32'. Errors against the
     fp32 reference (1x512x2x64 bf16, interpreted): o 3.8e-3 and grads <= 3.8e-3 with
     'input', against 3.3e-3 and <= 3.4e-3 with 'fp32'. Not yet timed on a GPU.
+  keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
+    [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
+    transform and the state recurrence (FLA recomputes them; on the H200 that stage took
+    0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)). Costs 134 + 2 x 67 MB there in
+    bf16. Not yet timed on a GPU.
   """
   platform: str
   interpret: bool = False
@@ -73,6 +78,7 @@ class Plan:
   inverse_precision: str | None = None
   inverse_form: str | None = None
   wy_operands: str = "fp32"
+  keep_states: bool = False
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -82,6 +88,8 @@ class Plan:
     if self.inverse_form not in forms:
       raise ValueError(f"inverse_form must be one of {forms} on {self.platform}, "
                        f"got {self.inverse_form!r}")
+    if not isinstance(self.keep_states, bool):
+      raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
     if self.wy_operands not in ("fp32", "input"):
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
     # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
@@ -114,6 +122,12 @@ class Plan:
     """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
     Triton stages in shared memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
+
+
+def parse_options(text: str) -> dict:
+  """'keep_states=True;block_v=32' -> Plan keyword arguments (configs and flags); the chunk
+  comes from the op's chunk_size."""
+  return lowering.parse_options(text, Plan, exclude=("chunk",))
 
 
 def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],

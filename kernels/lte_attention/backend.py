@@ -21,10 +21,6 @@ from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  
 # TPU: 128-row tiles fill the MXU.
 _DEFAULT_BLOCKS = {"gpu": 64, "tpu": 128}
 _DEFAULT_VMEM_MIB = 48
-_INT_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "num_warps", "num_stages",
-               "vmem_limit_mib")
-
-
 # The folder's pallas_calls, by the names they carry (profiles, Plan.launch).
 KERNELS = ("lte_attention_fwd", "lte_attention_dq", "lte_attention_dkv_band",
            "lte_attention_dkv_far")
@@ -116,19 +112,7 @@ def make_plan(platform: str | None = None, interpret: bool | None = None,
 
 def parse_options(text: str) -> dict:
   """'block_q=64;block_k=32;num_warps=4' -> {'block_q': 64, ...} (for benchmark flags)."""
-  options = {}
-  for item in filter(None, (s.strip() for s in text.split(";"))):
-    name, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"plan options must look like 'name=value;...', got {item!r}")
-    name = name.strip()
-    if name == "launch":
-      options[name] = value.strip()
-      continue
-    if name not in _INT_FIELDS:
-      raise ValueError(f"unknown plan option {name!r}; allowed: {_INT_FIELDS + ('launch',)}")
-    options[name] = int(value)
-  return options
+  return lowering.parse_options(text, Plan)
 
 
 def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],

@@ -19,6 +19,7 @@ from flax import nnx
 from lte_jax import _checks
 from lte_jax import sharding as sh
 from lte_jax.configs import GDNConfig
+from lte_jax.kernels.gated_delta_rule import parse_options
 from lte_jax.layers.common import linear, output_std, partitioned
 from lte_jax.layers.norm import GatedRMSNorm
 from lte_jax.layers.short_conv import ShortConv
@@ -68,6 +69,10 @@ class GatedDeltaNet(nnx.Module):
     _checks.check_positive_int("d_model", d_model)
     _checks.check_positive_int("num_layers", num_layers)
     self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
+    try:
+      self._plan_options
+    except ValueError as err:
+      raise ValueError(f"GDNConfig.plan_options={cfg.plan_options!r}: {err}") from None
     h, dk, dv = cfg.num_heads, cfg.head_dim, cfg.head_v_dim
     self.num_heads, self.head_k_dim, self.head_v_dim = h, dk, dv
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -123,6 +128,12 @@ class GatedDeltaNet(nnx.Module):
 
   # ---- mixer protocol ----
 
+
+  @property
+  def _plan_options(self) -> dict | None:
+    """GDNConfig.plan_options as the op's plan_options (None when empty)."""
+    return parse_options(self.cfg.plan_options) if self.cfg.plan_options else None
+
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """x [B, T, D] -> (y [B, T, D], {}). ``positions`` is unused (no RoPE here)."""
@@ -138,7 +149,8 @@ class GatedDeltaNet(nnx.Module):
     o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=self.scale, initial_state=None,
                                   output_final_state=False, segment_ids=segment_ids,
                                   chunk_size=self.cfg.chunk_size,
-                                  implementation=self.cfg.implementation)
+                                  implementation=self.cfg.implementation,
+                                  plan_options=self._plan_options)
     return self._output(o, x), {}
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> dict:
@@ -180,7 +192,8 @@ class GatedDeltaNet(nnx.Module):
     o, state = chunk_gated_delta_rule(q, k, v, g, beta, scale=self.scale,
                                       initial_state=cache["state"], output_final_state=True,
                                       segment_ids=None, chunk_size=self.cfg.chunk_size,
-                                      implementation=self.cfg.implementation)
+                                      implementation=self.cfg.implementation,
+                                      plan_options=self._plan_options)
     new_cache = {"conv_q": cq, "conv_k": ck, "conv_v": cv, "state": state.astype(jnp.float32),
                  "pos": cache["pos"] + x.shape[1]}
     return self._output(o, x), new_cache

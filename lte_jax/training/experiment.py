@@ -67,6 +67,7 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
   overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
   lte_dropout = overrides.pop("lte_dropout", None)
   implementation = overrides.pop("implementation", None)
+  gdn_plan_options = overrides.pop("gdn_plan_options", None)
   from_file = overrides.pop("from_file", None)
   if from_file is None:
     model = configs_lib.get_config(config.arch, config.size, **overrides)
@@ -78,6 +79,9 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
     model = configs_lib.replace(model, **{
         name: configs_lib.replace(getattr(model, name), implementation=implementation)
         for name in _MIXER_CONFIGS})
+  if gdn_plan_options is not None:
+    model = configs_lib.replace(model, gdn=configs_lib.replace(model.gdn,
+                                                               plan_options=gdn_plan_options))
   return model
 
 

@@ -44,18 +44,6 @@ def resolve_scale(scale, head_dim: int) -> float:
   return float(scale)
 
 
-def check_plan_options(plan_options, implementation) -> None:
-  """Kernel tuning options (lte_jax.kernels.lte_attention.Plan fields) go with 'pallas' only."""
-  if plan_options is None:
-    return
-  if implementation != "pallas":
-    raise ValueError(f"plan_options is only accepted with implementation='pallas', got "
-                     f"implementation={implementation!r}")
-  if not isinstance(plan_options, dict):
-    raise ValueError(f"plan_options must be None or a dict of Plan fields, got "
-                     f"{type(plan_options).__name__}")
-
-
 def check_implementation(implementation, available) -> None:
   """Unknown names and not-yet-available kernels raise, listing what can be used."""
   if implementation is None or implementation in available:
@@ -139,7 +127,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: int | No
   _checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
   scale = resolve_scale(scale, q.shape[-1])
   check_implementation(implementation, IMPLEMENTATIONS)
-  check_plan_options(plan_options, implementation)
+  _checks.check_plan_options(plan_options, implementation)
   if implementation is None:
     supported = cudnn_unsupported_reason(q, k, v, segment_ids) is None
     implementation = "cudnn" if supported else "xla"

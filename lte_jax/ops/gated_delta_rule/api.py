@@ -5,7 +5,7 @@ from typing import Callable
 
 import jax
 
-from lte_jax._checks import check_positive_int
+from lte_jax._checks import check_plan_options, check_positive_int
 from lte_jax.ops.gated_delta_rule.pallas import chunk_gated_delta_rule_pallas
 from lte_jax.ops.gated_delta_rule.reference import recurrent_gated_delta_rule
 from lte_jax.ops.gated_delta_rule.validation import validate_args
@@ -40,12 +40,12 @@ def default_implementation(backend: str | None = None) -> str:
   return DEFAULT_IMPLEMENTATIONS.get(backend or jax.default_backend(), "xla")
 
 
-def _resolve(implementation: str | None) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
+def _resolve(implementation: str | None) -> str:
   name = default_implementation() if implementation is None else implementation
   available = tuple(IMPLEMENTATIONS)
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {available} (or None), got {name!r}")
-  return IMPLEMENTATIONS[name]
+  return name
 
 
 def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
@@ -53,7 +53,8 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
                            initial_state: jax.Array | None = None,
                            output_final_state: bool = False,
                            segment_ids: jax.Array | None = None, chunk_size: int = 64,
-                           implementation: str | None = None
+                           implementation: str | None = None,
+                           plan_options: dict | None = None
                            ) -> tuple[jax.Array, jax.Array | None]:
   """Gated delta rule over a whole sequence (training / prefill).
 
@@ -69,15 +70,20 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
       power of two >= 16 for 'pallas'; T need not be a multiple of it).
     implementation: 'pallas' (Pallas kernels; interpreted on CPU), 'xla' (chunked
       plain JAX) or 'reference' (recurrent scan); None: `default_implementation()`.
+    plan_options: when the implementation (after None is resolved) is 'pallas', fields of
+      lte_jax.kernels.gated_delta_rule.Plan, e.g. {'keep_states': True, 'block_v': 32}
+      (`parse_options('keep_states=True;block_v=32')` builds it from a string).
 
   Returns:
     o [B, T, H, Dv] in v.dtype; final state [B, H, Dk, Dv] float32 or None.
   """
-  fn = _resolve(implementation)
+  name = _resolve(implementation)
+  check_plan_options(plan_options, name)
+  extra = {} if plan_options is None else {"plan_options": plan_options}
   _, _, _, dk, _ = validate_args(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                  segment_ids=segment_ids)
   check_positive_int("chunk_size", chunk_size)
   scale = dk ** -0.5 if scale is None else scale
-  return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, segment_ids=segment_ids,
-            chunk_size=int(chunk_size))
+  return IMPLEMENTATIONS[name](q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, segment_ids=segment_ids,
+                              chunk_size=int(chunk_size), **extra)

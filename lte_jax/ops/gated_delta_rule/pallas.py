@@ -17,13 +17,15 @@ from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas as _k
 
 
 def chunk_gated_delta_rule_pallas(q, k, v, g, beta, *, scale, initial_state,
-                                  output_final_state, segment_ids, chunk_size):
-  """Arguments as lte_jax.ops.chunk_gated_delta_rule (validated there)."""
+                                  output_final_state, segment_ids, chunk_size,
+                                  plan_options=None):
+  """Arguments as lte_jax.ops.chunk_gated_delta_rule (validated there); plan_options:
+  Plan fields."""
   if chunk_size < 16 or chunk_size & (chunk_size - 1):
     raise ValueError("chunk_size must be a power of two >= 16 for implementation 'pallas', "
                      f"got {chunk_size}")
   op = functools.partial(_kernel_op, scale=scale, output_final_state=output_final_state,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, **(plan_options or {}))
   shards = sh.kernel_shards(q.shape[0], q.shape[2])
   if shards is None:
     return op(q, k, v, g, beta, initial_state=initial_state, segment_ids=segment_ids)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import jax
 
 from lte_jax import _checks
-from lte_jax.ops.attention.api import (check_implementation, check_plan_options, check_qkv,
-                                       check_window_size, resolve_scale)
+from lte_jax.ops.attention.api import (check_implementation, check_qkv, check_window_size,
+                                       resolve_scale)
 from lte_jax.ops.lte_attention import pallas, reference, xla
 
 IMPLEMENTATIONS = {
@@ -77,7 +77,7 @@ def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *
   _checks.check_segment_ids(segment_ids, batch, time)
   scale = resolve_scale(scale, q.shape[-1])
   check_implementation(implementation, IMPLEMENTATIONS)
-  check_plan_options(plan_options, implementation)
+  _checks.check_plan_options(plan_options, implementation)
   fn = IMPLEMENTATIONS[default_implementation() if implementation is None else implementation]
   extra = {} if plan_options is None else {"plan_options": plan_options}
   return fn(q, k, v, scores, sink_size=sink_size, window_size=window_size, budget=budget,
