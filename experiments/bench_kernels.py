@@ -38,7 +38,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "bench_kernels.json", "Where to write the JSON results.")
 flags.DEFINE_list("implementations", ["pallas", "xla"],
                   "lte_jax implementations to time; 'pallas:k=v;k=v' sets fields of the "
-                  "kernels' backend.Plan (block_v, num_warps, num_stages, inverse_precision).")
+                  "kernels' backend.Plan (block_v, num_warps, num_stages, launch as "
+                  "'kernel=w/s+kernel=w/s', inverse_precision, inverse_form, wy_operands, "
+                  "keep_states).")
 flags.DEFINE_list("shapes", ["4x4096x16x128", "1x16384x16x128", "4x4096x8x256"],
                   "BxTxHxD shapes to time (Dk = Dv = D).")
 flags.DEFINE_string("check_shape", "1x1024x4x128",
@@ -179,12 +181,13 @@ def _time_stages(options: dict, args, only=None) -> dict:
   w, h, v_new, h_last = fns["states"](*core, t)
   o = fns["output"](*core, h, v_new)
   d_o, dh_last = jnp.ones_like(o), jnp.zeros_like(h_last)
+  kept = (w, h, v_new) if cfg.plan.keep_states else ()    # the forward's residuals then
   dv_local = fns["dv_local"](*core, d_o)
   dh, dv_new, _ = fns["state_grads"](*core, w, d_o, dv_local, dh_last)
   calls = {"inverse": lambda: fns["inverse"](*core),
            "states": lambda: fns["states"](*core, t),
            "output": lambda: fns["output"](*core, h, v_new),
-           "backward": lambda: fns["backward"](*core, t, d_o, dh_last),
+           "backward": lambda: fns["backward"](*core, t, d_o, dh_last, *kept),
            "dv_local": lambda: fns["dv_local"](*core, d_o),
            "state_grads": lambda: fns["state_grads"](*core, w, d_o, dv_local, dh_last),
            "input_grads": lambda: fns["input_grads"](*core, t, h, dh, v_new, dv_new, d_o)}
@@ -218,13 +221,15 @@ def tune(args, table: dict, kernels, launches, budget_s: float, on_row) -> list[
   return rows
 
 
-def best_launch(rows: list[dict]) -> str:
-  """The fastest launch of every swept kernel, as a Plan.launch string."""
-  best = {}
+def best_launch(rows: list[dict], table: dict | None = None) -> str:
+  """The whole launch table with each swept kernel at its fastest launch, as a Plan.launch
+  string (`table`: the entries in force for the kernels not swept)."""
+  best, entries = {}, {k: f"{w}/{s}" for k, (w, s) in (table or {}).items()}
   for r in rows:
     if r["kernel"] not in best or r["stage_ms"] < best[r["kernel"]]["stage_ms"]:
       best[r["kernel"]] = r
-  return "+".join(f"{k}={r['launch']}" for k, r in sorted(best.items()))
+  entries.update({k: r["launch"] for k, r in best.items()})
+  return "+".join(f"{k}={v}" for k, v in sorted(entries.items()))
 
 
 def _load_fla():
@@ -284,7 +289,8 @@ def main(argv):
                  FLAGS.tune_seconds, lambda r: _write(env, checks, rows, fla, stages, r))
     if tuned:
       bench_common.print_table(tuned, ["kernel", "launch", "stage", "stage_ms"])
-      print(f"best launch at {FLAGS.shapes[0]}: {best_launch(tuned)}", flush=True)
+      print(f"best launch at {FLAGS.shapes[0]}: {best_launch(tuned, gdn_backend.GPU_LAUNCH)}",
+            flush=True)
   timed_shapes = FLAGS.shapes if FLAGS.implementations or fla is not None else []
   for shape in timed_shapes:
     dims = _parse(shape)
@@ -327,11 +333,16 @@ def main(argv):
   _write(env, checks, rows, fla, stages, tuned)
 
 
+def _gpu_launch() -> dict:
+  from lte_jax.kernels.gated_delta_rule import backend as gdn_backend
+  return gdn_backend.GPU_LAUNCH
+
+
 def _write(env, checks, rows, fla, stages, tuned=()):
   """Written after every shape too, so a run cut short keeps what it measured."""
   bench_common.write_json(FLAGS.out, dict(
       env=env, checks=checks, rows=rows, stages=stages, tune=list(tuned),
-      best_launch=best_launch(tuned) if tuned else None,
+      best_launch=best_launch(tuned, _gpu_launch()) if tuned else None,
       notes=dict(fla_triton_guard_lifted=fla is not None, roofline=dict(
           bytes_per_s=H200_BYTES_PER_S, flops_per_s=H200_BF16_FLOPS))))
 

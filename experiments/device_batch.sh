@@ -63,5 +63,10 @@ if (( $(stat -c %s /tmp/cache_full.tgz) > 40000000 )); then
   tar czf /tmp/cache_full.tgz -C .cache -T /tmp/cache_keep.txt
   echo "== cache over 40 MB: kept JAX/XLA caches and FLA autotune verdicts only" >>"$log"
 fi
+if (( $(stat -c %s /tmp/cache_full.tgz) > 40000000 )); then
+  (cd .cache && find ./triton -name '*.autotune.json' 2>/dev/null) > /tmp/cache_keep.txt
+  tar czf /tmp/cache_full.tgz -C .cache -T /tmp/cache_keep.txt
+  echo "== still over 40 MB: dropped the JAX/XLA caches too" >>"$log"
+fi
 split -b 15M /tmp/cache_full.tgz "$out/cache.tgz."
 grep -v -i -e "warning" -e "libtpu" "$log" | tail -n 60

@@ -69,7 +69,8 @@ def parse_launch(value: Any, kernels: Sequence[str]) -> Launch:
       except ValueError:
         raise ValueError(f"launch warps and stages must be integers, got {item!r}") from None
   elif isinstance(value, dict):
-    entries = [(name, *ws) for name, ws in value.items()]
+    entries = [(name, *ws) if isinstance(ws, (tuple, list)) else (name, ws)
+               for name, ws in value.items()]
   else:
     entries = [tuple(e) for e in value]
   out = []
@@ -86,6 +87,28 @@ def parse_launch(value: Any, kernels: Sequence[str]) -> Launch:
   return tuple(sorted(dict((n, (n, w, s)) for n, w, s in out).values()))
 
 
+DEFAULT_WARPS, DEFAULT_STAGES = 4, 2
+
+
+def resolve_launch(plan: Any, kernels: Sequence[str], table: dict) -> None:
+  """Fill a frozen Plan's num_warps / num_stages / launch in place.
+
+  The measured per-kernel `table` applies only when the plan asks for nothing: launch,
+  num_warps and num_stages all None, on a real (not interpreted) GPU. A uniform
+  num_warps / num_stages given alone applies to every kernel (the table would otherwise
+  override it silently); the unset one defaults to 4 warps / 2 stages.
+  """
+  launch = plan.launch
+  if launch is None:
+    untouched = plan.num_warps is None and plan.num_stages is None
+    launch = table if untouched and plan.platform == "gpu" and not plan.interpret else ()
+  for name, default in (("num_warps", DEFAULT_WARPS), ("num_stages", DEFAULT_STAGES)):
+    if getattr(plan, name) is None:
+      object.__setattr__(plan, name, default)
+  check_counts(plan, "num_warps", "num_stages")
+  object.__setattr__(plan, "launch", parse_launch(launch, kernels))
+
+
 def launch_params(plan: Any, name: str) -> tuple[int, int]:
   """(num_warps, num_stages) of kernel `name`: its entry in plan.launch, else the plan's
   num_warps / num_stages."""
@@ -93,6 +116,16 @@ def launch_params(plan: Any, name: str) -> tuple[int, int]:
     if kernel == name:
       return warps, stages
   return plan.num_warps, plan.num_stages
+
+
+def check_option_keys(options: dict, plan_cls: Any, exclude: Sequence[str] = ()) -> None:
+  """Plan keyword arguments from a caller: only fields other than platform, interpret and
+  `exclude` (fields the op sets from its own arguments)."""
+  allowed = sorted(f.name for f in dataclasses.fields(plan_cls)
+                   if f.name not in ("platform", "interpret", *exclude))
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"plan_options has unknown keys {unknown}; allowed: {allowed}")
 
 
 def parse_options(text: str, plan_cls: Any, exclude: Sequence[str] = ()) -> dict:

@@ -106,22 +106,41 @@ def test_plan_variants_match_reference(options):
 
 
 def test_plan_options_reach_the_kernels_from_op_and_layer():
-  """lte_jax.ops.chunk_gated_delta_rule(plan_options=...) and GDNConfig.plan_options: a
-  bad field is refused by name, options need 'pallas', and keep_states changes nothing."""
+  """lte_jax.ops.chunk_gated_delta_rule(plan_options=...) and GDNConfig.plan_options reach
+  the kernels' Plan (a bad value fails there); keep_states changes no gradient; options
+  need 'pallas' at the op, while the layer drops them where another implementation runs."""
   from flax import nnx
 
   from lte_jax.layers.gated_deltanet import GatedDeltaNet
   from lte_jax.ops import chunk_gated_delta_rule
   args = _inputs(1, 40, 2, 16, 16, jnp.float32, seed=2)[:5]
-  base = chunk_gated_delta_rule(*args, implementation="pallas", chunk_size=16)[0]
-  kept = chunk_gated_delta_rule(*args, implementation="pallas", chunk_size=16,
-                                plan_options={"keep_states": True, "block_v": 16})[0]
-  np.testing.assert_array_equal(np.asarray(base), np.asarray(kept))
+
+  def grads(**options):
+    loss = lambda *a: jnp.sum(jnp.sin(chunk_gated_delta_rule(
+        *a, implementation="pallas", chunk_size=16, **options)[0]))
+    return jax.grad(loss, argnums=tuple(range(5)))(*args)
+
+  for a, b in zip(grads(), grads(plan_options={"keep_states": True})):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="wy_operands must be"):
+    chunk_gated_delta_rule(*args, implementation="pallas", plan_options={"wy_operands": "x"})
+  with pytest.raises(ValueError, match=r"unknown keys \['blokc_v'\]"):
+    chunk_gated_delta_rule(*args, implementation="pallas", plan_options={"blokc_v": 16})
+  with pytest.raises(ValueError, match=r"unknown keys \['scale'\]"):
+    chunk_gated_delta_rule(*args, implementation="pallas", plan_options={"scale": 1.0})
   with pytest.raises(ValueError, match="only accepted with implementation='pallas'"):
     chunk_gated_delta_rule(*args, implementation="xla", plan_options={"block_v": 16})
   with pytest.raises(ValueError, match=r"GDNConfig.plan_options='chunk=16'.*unknown plan option"):
     GatedDeltaNet(configs.GDNConfig(plan_options="chunk=16"), 32, num_layers=1, init_std=0.02,
                   rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 24, 32), jnp.float32)
+  layer = lambda impl: GatedDeltaNet(
+      configs.GDNConfig(num_heads=2, head_dim=16, implementation=impl,
+                        plan_options="wy_operands=x"), 32, num_layers=1, init_std=0.02,
+      rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="wy_operands must be"):
+    layer("pallas")(x)
+  layer(None)(x)     # CPU: 'xla' runs; the GPU kernels' options do not apply
 
 
 @pytest.mark.parametrize("platform,form", [("gpu", None), ("tpu", None), ("gpu", "doubling")])

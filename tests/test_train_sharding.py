@@ -137,3 +137,55 @@ def test_sharded_step_equals_single_device_step(sharded_runs, mesh):
           "fsdp_scan": "P(None, 'fsdp')"}
   assert sharded["embed_spec"] == want[mesh]
   assert sharded["embed_shards"] == 8
+
+
+_TWO_PROCESSES = textwrap.dedent("""
+    import sys, jax
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import numpy as np
+    from lte_jax import configs
+    from lte_jax.training import mesh as mesh_lib, optimizer, train_state
+    cfg = configs.get_config("GDN", "tiny", num_layers=1)
+    model_def = train_state.make_model_def(cfg)
+    tx, _ = optimizer.make_optimizer(
+        optimizer.OptimizerConfig(learning_rate=1e-3, warmup_steps=0), total_steps=10)
+    abstract = jax.eval_shape(lambda: train_state.init_train_state(model_def, tx, seed=0))
+    mesh = mesh_lib.make_mesh(data=1, fsdp=2, devices=jax.devices())
+    shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
+    with jax.set_mesh(mesh):
+      state = train_state.create_train_state(model_def, tx, 0, shardings, on_host=True)
+    emb = state.params["embed"]["embedding"]
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    full = np.asarray(jax.jit(lambda: train_state.init_params(cfg, 0), out_shardings=local)()
+                      ["embed"]["embedding"])
+    for shard in emb.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+    print("RESULT", pid, float(np.asarray(emb.addressable_shards[0].data, np.float64).sum()),
+          flush=True)
+""")
+
+
+def test_host_init_places_shards_on_two_processes(tmp_path):
+  """create_train_state under jax.distributed: each process draws on its own CPU and keeps
+  its shards (jax.devices('cpu') would name the other process's CPU for one of them)."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = str(sock.getsockname()[1])
+  script = tmp_path / "two.py"
+  script.write_text(_TWO_PROCESSES)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), port], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  results = {}
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    line = next(l for l in out.splitlines() if l.startswith("RESULT"))
+    _, pid, *rest = line.split(" ", 2)
+    results[int(pid)] = rest[0]
+  # Each process holds its own half of the same embedding (FSDP over the two processes).
+  assert results[0] != results[1], results

@@ -142,6 +142,7 @@ def core_inputs(q, k, v, g, beta, *, scale: float, initial_state=None, segment_i
   """The kernels' static config and the chunk-layout arguments of `_core` (arguments as
   `chunk_gated_delta_rule_pallas`). Public so benchmarks can time the stages one by one
   (`stage_functions`)."""
+  backend.check_plan_options(plan_options)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   plan = backend.Plan(platform or backend.default_platform(), interpret=interpret,
@@ -205,7 +206,8 @@ def core_inputs(q, k, v, g, beta, *, scale: float, initial_state=None, segment_i
 def stage_functions(cfg: _Static) -> dict:
   """name -> f(*core args, *extra) for timing each stage on its own (jit them):
   'inverse' (args) -> T; 'states' (args, T) -> (W, h, V_new, h_last) [prepare + recurrence];
-  'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last) -> input grads; and the
+  'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last[, W, h, V_new: what
+  Plan.keep_states keeps]) -> input grads; and the
   backward's own kernels: 'dv_local' (args, d_o); 'state_grads' (args, W, d_o, dV_local,
   dh_last) -> (dh, dV_new, dh0); 'input_grads' (args, T, h, dh, V_new, dV_new, d_o)."""
   def inverse(*args):
@@ -222,11 +224,12 @@ def stage_functions(cfg: _Static) -> dict:
     q, k, v, _, g_cum, seg, qd, *_ = args
     return _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new)
 
-  def backward_(*args_rest):
-    *args, t, d_o, dh_last = args_rest
-    return _core_bwd(cfg, (t, None, tuple(args)), (d_o, dh_last))
-
   n = 10   # core arguments
+
+  def backward_(*args_rest):
+    args, (t, d_o, dh_last, *states) = args_rest[:n], args_rest[n:]
+    return _core_bwd(cfg, (t, tuple(states) or None, tuple(args)), (d_o, dh_last))
+
   return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_,
           "dv_local": lambda *a: _dv_local(cfg, a[:n], *a[n:]),
           "state_grads": lambda *a: _state_grads(cfg, a[:n], *a[n:]),

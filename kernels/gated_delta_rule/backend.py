@@ -45,9 +45,11 @@ class Plan:
     platform still decides the kernels' form (loop or sequential grid).
   chunk: tokens per chunk (power of two, >= 16: Triton dots need dims >= 16).
   block_v: value columns per program of the GPU recurrences (power of two).
-  num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry.
+  num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
+    (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
-    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a GPU, else none.
+    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a real GPU when
+    num_warps and num_stages are None too, else none (lowering.resolve_launch).
   inverse_precision: products of the (I + A)^-1 doubling: 'highest' (fp32) or,
     GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32). None: 'tf32x3'
     on a GPU, else 'highest'. On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 /
@@ -72,8 +74,8 @@ class Plan:
   interpret: bool = False
   chunk: int = 64
   block_v: int = 64
-  num_warps: int = 4
-  num_stages: int = 2
+  num_warps: int | None = None
+  num_stages: int | None = None
   launch: Any = None
   inverse_precision: str | None = None
   inverse_form: str | None = None
@@ -102,11 +104,7 @@ class Plan:
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
     lowering.check_block_sizes(self, "chunk", "block_v")
-    lowering.check_counts(self, "num_warps", "num_stages")
-    launch = self.launch
-    if launch is None:
-      launch = GPU_LAUNCH if self.platform == "gpu" and not self.interpret else ()
-    object.__setattr__(self, "launch", lowering.parse_launch(launch, KERNELS))
+    lowering.resolve_launch(self, KERNELS, GPU_LAUNCH)
 
   @property
   def sequential_in_grid(self) -> bool:
@@ -122,6 +120,12 @@ class Plan:
     """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
     Triton stages in shared memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
+
+
+def check_plan_options(options: dict) -> None:
+  """Caller-given Plan fields: not platform / interpret (arguments of their own) nor chunk
+  (the op's chunk_size)."""
+  lowering.check_option_keys(options, Plan, exclude=("chunk",))
 
 
 def parse_options(text: str) -> dict:

@@ -123,7 +123,7 @@ def chunk_input_grads(plan: backend.Plan, layout: backend.Layout, t, q, k, v, be
   return backend.call(
       functools.partial(_kernel, scale=scale, block_v=plan.value_block(dvd),
                         precision=plan.inverse_dot_precision,
-                        low=plan.wy_operands == "input" and q.dtype != jnp.float32), plan,
+                        low=plan.wy_operands == "input" and k.dtype != jnp.float32), plan,
       grid=(bh, n),
       in_specs=[chunk(c, c), tokens(dk), tokens(dk), tokens(dvd), col, col, row, col, row,
                 col, col, chunk(dk, dvd), chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd),

@@ -44,9 +44,11 @@ class Plan:
     (powers of two >= 16: Triton dots need every dim >= 16). None: 64 on GPU,
     128 on TPU.
   block_q_dkv, block_k_dkv: the same for the dk/dv kernels (None: block_q, block_k).
-  num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry.
+  num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
+    (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'lte_attention_fwd=8/3'
-    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a GPU, else none.
+    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a real GPU when
+    num_warps and num_stages are None too, else none (lowering.resolve_launch).
   vmem_limit_mib: Mosaic's scoped VMEM limit; the TPU kernels keep one (batch,
     head)'s whole sequence of K/V (or Q/dO) in VMEM, more than the 16-32 MiB default
     at T = 4096 with grouped heads.
@@ -57,8 +59,8 @@ class Plan:
   block_k: int | None = None
   block_q_dkv: int | None = None
   block_k_dkv: int | None = None
-  num_warps: int = 4
-  num_stages: int = 2
+  num_warps: int | None = None
+  num_stages: int | None = None
   launch: Any = None
   vmem_limit_mib: int = _DEFAULT_VMEM_MIB
 
@@ -71,11 +73,8 @@ class Plan:
       if getattr(self, name) is None:
         object.__setattr__(self, name, fallback)
     lowering.check_block_sizes(self, "block_q", "block_k", "block_q_dkv", "block_k_dkv")
-    lowering.check_counts(self, "num_warps", "num_stages", "vmem_limit_mib")
-    launch = self.launch
-    if launch is None:
-      launch = GPU_LAUNCH if self.platform == "gpu" and not self.interpret else ()
-    object.__setattr__(self, "launch", lowering.parse_launch(launch, KERNELS))
+    lowering.check_counts(self, "vmem_limit_mib")
+    lowering.resolve_launch(self, KERNELS, GPU_LAUNCH)
 
   @property
   def native_layout(self) -> bool:
@@ -101,10 +100,7 @@ def make_plan(platform: str | None = None, interpret: bool | None = None,
   for name in ("platform", "interpret"):
     if name in options:
       raise ValueError(f"plan_options must not set {name!r} (pass it as its own argument)")
-  fields = {f.name for f in dataclasses.fields(Plan)} - {"platform", "interpret"}
-  unknown = sorted(set(options) - fields)
-  if unknown:
-    raise ValueError(f"plan_options has unknown keys {unknown}; allowed: {sorted(fields)}")
+  lowering.check_option_keys(options, Plan)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   return Plan(platform or default_platform(), interpret=interpret, **options)

@@ -23,7 +23,8 @@ from lte_jax.kernels.gated_delta_rule import parse_options
 from lte_jax.layers.common import linear, output_std, partitioned
 from lte_jax.layers.norm import GatedRMSNorm
 from lte_jax.layers.short_conv import ShortConv
-from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from lte_jax.ops.gated_delta_rule import (chunk_gated_delta_rule, default_implementation,
+                                          recurrent_gated_delta_rule)
 
 # Decay initialisation of the reference (Mamba-2 style).
 A_INIT_RANGE = (0.0, 16.0)
@@ -131,8 +132,13 @@ class GatedDeltaNet(nnx.Module):
 
   @property
   def _plan_options(self) -> dict | None:
-    """GDNConfig.plan_options as the op's plan_options (None when empty)."""
-    return parse_options(self.cfg.plan_options) if self.cfg.plan_options else None
+    """GDNConfig.plan_options as the op's plan_options: None when empty or when this
+    backend runs another implementation (a GPU-tuned config still evaluates on CPU)."""
+    if not self.cfg.plan_options:
+      return None
+    options = parse_options(self.cfg.plan_options)
+    name = self.cfg.implementation or default_implementation()
+    return options if name == "pallas" else None
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> tuple[jax.Array, dict]:

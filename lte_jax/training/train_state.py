@@ -145,9 +145,11 @@ def create_train_state(model_def: ModelDef, tx: optax.GradientTransformation, se
   on_host: draw it on the host CPU and copy each array's shards into place (None: when
   the default backend is not the CPU and a CPU device exists). Why: on the H200, XLA's GPU
   compiler had not finished compiling the 0.4B init after 47 s (it stalled the training
-  benchmark for minutes in earlier runs) while the CPU compiles it in 7 s; the values are
-  the same (threefry draws do not depend on the backend). Every process computes the whole
-  state and keeps only its own shards, so this works on multi-host meshes too.
+  benchmark for minutes in earlier runs) while the CPU compiles it in 7 s. The random bits
+  are the same on every backend (threefry); normal draws pass them through log / erf_inv,
+  whose last bit may differ between backends, so a host-drawn and a device-drawn state can
+  differ by an ulp. Every process computes the whole state on its own CPU and keeps only
+  its own shards, so this works on multi-host meshes too.
   """
   init = lambda: init_train_state(model_def, tx, seed)
   if on_host is None:
@@ -169,7 +171,9 @@ def create_train_state(model_def: ModelDef, tx: optax.GradientTransformation, se
 
 
 def _cpu_devices() -> list:
+  # This process's own: under jax.distributed, jax.devices("cpu") lists every process's
+  # CPUs and the first may belong to another host.
   try:
-    return jax.devices("cpu")
+    return jax.local_devices(backend="cpu")
   except RuntimeError:   # JAX_PLATFORMS without the CPU
     return []

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from lte_jax import sharding as sh
 from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas as _kernel_op
+from lte_jax.kernels.gated_delta_rule.backend import check_plan_options
 
 
 def chunk_gated_delta_rule_pallas(q, k, v, g, beta, *, scale, initial_state,
@@ -24,6 +25,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, *, scale, initial_state,
   if chunk_size < 16 or chunk_size & (chunk_size - 1):
     raise ValueError("chunk_size must be a power of two >= 16 for implementation 'pallas', "
                      f"got {chunk_size}")
+  check_plan_options(plan_options or {})
   op = functools.partial(_kernel_op, scale=scale, output_final_state=output_final_state,
                          chunk_size=chunk_size, **(plan_options or {}))
   shards = sh.kernel_shards(q.shape[0], q.shape[2])
