@@ -172,26 +172,42 @@ STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
 def _time_stages(options: dict, args, only=None) -> dict:
   """ms per Pallas stage (`only`: a subset), each jitted alone on the chunk-layout inputs
   (where the time goes): the forward's three, the whole backward, and the backward's
-  three kernels (it also recomputes 'states'). `options`: Plan fields."""
+  three kernels (it also recomputes 'states' unless keep_states). `options`: Plan fields.
+  Only the stages a timed one needs inputs from run (the --tune sweep times one stage)."""
   from lte_jax.kernels.gated_delta_rule import api as kernel_api
   q = args[0]
   cfg, core = kernel_api.core_inputs(*args, scale=q.shape[-1] ** -0.5, **options)
   fns = {name: jax.jit(fn) for name, fn in kernel_api.stage_functions(cfg).items()}
-  t = fns["inverse"](*core)
-  w, h, v_new, h_last = fns["states"](*core, t)
-  o = fns["output"](*core, h, v_new)
-  d_o, dh_last = jnp.ones_like(o), jnp.zeros_like(h_last)
-  kept = (w, h, v_new) if cfg.plan.keep_states else ()    # the forward's residuals then
-  dv_local = fns["dv_local"](*core, d_o)
-  dh, dv_new, _ = fns["state_grads"](*core, w, d_o, dv_local, dh_last)
-  calls = {"inverse": lambda: fns["inverse"](*core),
-           "states": lambda: fns["states"](*core, t),
-           "output": lambda: fns["output"](*core, h, v_new),
-           "backward": lambda: fns["backward"](*core, t, d_o, dh_last, *kept),
-           "dv_local": lambda: fns["dv_local"](*core, d_o),
-           "state_grads": lambda: fns["state_grads"](*core, w, d_o, dv_local, dh_last),
-           "input_grads": lambda: fns["input_grads"](*core, t, h, dh, v_new, dv_new, d_o)}
-  return {name: bench_common.time_jax(fn, reps=FLAGS.reps) for name, fn in calls.items()
+  d_o = jnp.ones_like(core[2])            # o has v's (padded) layout and dtype
+  dh_last = jnp.zeros_like(core[9])       # like h0 [BH, Dk, Dv] fp32
+  memo = {}
+
+  def get(name):  # intermediates, computed once and only when a timed stage needs them
+    if name not in memo:
+      memo[name] = {
+          "t": lambda: fns["inverse"](*core),
+          "states": lambda: fns["states"](*core, get("t")),
+          "dv_local": lambda: fns["dv_local"](*core, d_o),
+          "state_grads": lambda: fns["state_grads"](*core, get("states")[0], d_o,
+                                                    get("dv_local"), dh_last),
+      }[name]()
+    return memo[name]
+
+  def kept():     # the forward's residuals under keep_states
+    return get("states")[:3] if cfg.plan.keep_states else ()
+
+  calls = {"inverse": lambda: (lambda: fns["inverse"](*core)),
+           "states": lambda: (lambda t=get("t"): fns["states"](*core, t)),
+           "output": lambda: (lambda st=get("states"): fns["output"](*core, st[1], st[2])),
+           "backward": lambda: (lambda t=get("t"), k=kept(): fns["backward"](
+               *core, t, d_o, dh_last, *k)),
+           "dv_local": lambda: (lambda: fns["dv_local"](*core, d_o)),
+           "state_grads": lambda: (lambda w=get("states")[0], dvl=get("dv_local"):
+                                   fns["state_grads"](*core, w, d_o, dvl, dh_last)),
+           "input_grads": lambda: (lambda t=get("t"), st=get("states"), sg=get("state_grads"):
+                                   fns["input_grads"](*core, t, st[1], sg[0], st[2], sg[1],
+                                                      d_o))}
+  return {name: bench_common.time_jax(make(), reps=FLAGS.reps) for name, make in calls.items()
           if only is None or name in only}
 
 
