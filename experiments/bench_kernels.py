@@ -182,33 +182,40 @@ def _time_stages(options: dict, args, only=None) -> dict:
   dh_last = jnp.zeros_like(core[9])       # like h0 [BH, Dk, Dv] fp32
   memo = {}
 
-  def get(name):  # intermediates, computed once and only when a timed stage needs them
+  def get(name):  # an intermediate, computed once and only when a timed stage needs it
     if name not in memo:
       memo[name] = {
           "t": lambda: fns["inverse"](*core),
-          "states": lambda: fns["states"](*core, get("t")),
+          "states": lambda: fns["states"](*core, get("t")),          # (W, h, V_new, h_last)
           "dv_local": lambda: fns["dv_local"](*core, d_o),
           "state_grads": lambda: fns["state_grads"](*core, get("states")[0], d_o,
-                                                    get("dv_local"), dh_last),
+                                                    get("dv_local"), dh_last),  # (dh, dV_new, dh0)
       }[name]()
     return memo[name]
 
-  def kept():     # the forward's residuals under keep_states
-    return get("states")[:3] if cfg.plan.keep_states else ()
+  def extra_args(name):  # what stage `name` takes after the core arguments
+    if name == "inverse":
+      return ()
+    if name == "states":
+      return (get("t"),)
+    if name == "output":
+      return get("states")[1:3]
+    if name == "backward":    # with keep_states, the forward's W, h, V_new as residuals
+      return (get("t"), d_o, dh_last, *(get("states")[:3] if cfg.plan.keep_states else ()))
+    if name == "dv_local":
+      return (d_o,)
+    if name == "state_grads":
+      return (get("states")[0], d_o, get("dv_local"), dh_last)
+    (_, h, v_new, _), (dh, dv_new, _) = get("states"), get("state_grads")
+    return (get("t"), h, dh, v_new, dv_new, d_o)        # input_grads
 
-  calls = {"inverse": lambda: (lambda: fns["inverse"](*core)),
-           "states": lambda: (lambda t=get("t"): fns["states"](*core, t)),
-           "output": lambda: (lambda st=get("states"): fns["output"](*core, st[1], st[2])),
-           "backward": lambda: (lambda t=get("t"), k=kept(): fns["backward"](
-               *core, t, d_o, dh_last, *k)),
-           "dv_local": lambda: (lambda: fns["dv_local"](*core, d_o)),
-           "state_grads": lambda: (lambda w=get("states")[0], dvl=get("dv_local"):
-                                   fns["state_grads"](*core, w, d_o, dvl, dh_last)),
-           "input_grads": lambda: (lambda t=get("t"), st=get("states"), sg=get("state_grads"):
-                                   fns["input_grads"](*core, t, st[1], sg[0], st[2], sg[1],
-                                                      d_o))}
-  return {name: bench_common.time_jax(make(), reps=FLAGS.reps) for name, make in calls.items()
-          if only is None or name in only}
+  times = {}
+  for name, fn in fns.items():
+    if only is None or name in only:
+      extra = extra_args(name)
+      times[name] = bench_common.time_jax(lambda fn=fn, extra=extra: fn(*core, *extra),
+                                          reps=FLAGS.reps)
+  return times
 
 
 def tune(args, table: dict, kernels, launches, budget_s: float, on_row) -> list[dict]:

@@ -34,7 +34,8 @@ flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
                   "What each lte_jax block keeps for the backward pass (ModelConfig.remat).")
 flags.DEFINE_bool("scan_layers", True,
-                  "Compile the lte_jax blocks as a scan over the layer cycle (ModelConfig.scan_layers).")
+                  "Compile the lte_jax blocks as a scan over the layer cycle "
+                  "(ModelConfig.scan_layers).")
 flags.DEFINE_string("implementation", None,
                     "Op implementation for the lte_jax mixers that have it (config.model."
                     "implementation); None: each op's default for the backend.")
@@ -243,6 +244,10 @@ def main(argv):
   passthrough = [a for a in sys.argv[1:]
                  if not a.startswith(("--worker=", "--worker_timeout", "--out", "--archs"))]
   workers = (["fla"] if FLAGS.fla else []) + list(FLAGS.archs)
+  env = bench_common.environment()
+  run_flags = {name: FLAGS[name].value for name in (
+      "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
+      "gdn_implementation", "gdn_plan_options")}
   rows = []
   for worker in workers:
     rows.append(_spawn(worker, passthrough))
@@ -252,15 +257,7 @@ def main(argv):
       if anchor and r.get("tokens_per_s"):
         r["vs_fla"] = r["tokens_per_s"] / anchor
     # Written after every model so a run cut short keeps what it measured.
-    bench_common.write_json(FLAGS.out, dict(environment=bench_common.environment(),
-                                            flags=dict(size=FLAGS.size, batch=FLAGS.batch,
-                                                       seq_len=FLAGS.seq_len, steps=FLAGS.steps,
-                                                       remat=FLAGS.remat,
-                                                       scan_layers=FLAGS.scan_layers,
-                                                       implementation=FLAGS.implementation,
-                                                       gdn_implementation=FLAGS.gdn_implementation,
-                                                       gdn_plan_options=FLAGS.gdn_plan_options),
-                                            results=rows))
+    bench_common.write_json(FLAGS.out, dict(environment=env, flags=run_flags, results=rows))
   print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
   bench_common.print_table(rows, ["model", "params", "devices", "step_s", "tokens_per_s",
                                   "vs_fla", "peak_mem_gib", "mfu", "compile_s", "final_loss"])

@@ -53,9 +53,9 @@ def parse_launch(value: Any, kernels: Sequence[str]) -> Launch:
   """Per-kernel Triton launch parameters, normalised to ((name, num_warps, num_stages), ...).
 
   `value`: '' / () (none), a string 'name=warps/stages+name=warps/stages' (what benchmark
-  flags pass; ',' also separates), a mapping name -> (warps, stages), or the normalised tuple. `kernels`: the
-  folder's kernel names; anything else is refused with the list, so a typo cannot
-  silently time the defaults.
+  flags pass; ',' also separates), a mapping name -> (warps, stages), or the normalised
+  tuple. `kernels`: the folder's kernel names; anything else is refused with the list, so
+  a typo cannot silently time the defaults.
   """
   if isinstance(value, str):
     entries = []
@@ -118,11 +118,16 @@ def launch_params(plan: Any, name: str) -> tuple[int, int]:
   return plan.num_warps, plan.num_stages
 
 
+def _option_fields(plan_cls: Any, exclude: Sequence[str]) -> list[str]:
+  """The Plan fields a caller may set: all but platform, interpret and `exclude`."""
+  return sorted(f.name for f in dataclasses.fields(plan_cls)
+                if f.name not in ("platform", "interpret", *exclude))
+
+
 def check_option_keys(options: dict, plan_cls: Any, exclude: Sequence[str] = ()) -> None:
   """Plan keyword arguments from a caller: only fields other than platform, interpret and
   `exclude` (fields the op sets from its own arguments)."""
-  allowed = sorted(f.name for f in dataclasses.fields(plan_cls)
-                   if f.name not in ("platform", "interpret", *exclude))
+  allowed = _option_fields(plan_cls, exclude)
   unknown = sorted(set(options) - set(allowed))
   if unknown:
     raise ValueError(f"plan_options has unknown keys {unknown}; allowed: {allowed}")
@@ -133,8 +138,7 @@ def parse_options(text: str, plan_cls: Any, exclude: Sequence[str] = ()) -> dict
   config strings). Values: integers, True/False/None, else the string itself (the Plan
   validates them); keys must be fields of `plan_cls` other than platform, interpret and
   `exclude` (fields the op sets from its own arguments)."""
-  allowed = sorted(f.name for f in dataclasses.fields(plan_cls)
-                   if f.name not in ("platform", "interpret", *exclude))
+  allowed = _option_fields(plan_cls, exclude)
   options = {}
   for item in filter(None, (s.strip() for s in text.split(";"))):
     name, sep, value = item.partition("=")

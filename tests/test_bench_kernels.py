@@ -37,7 +37,8 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
 
 
 def test_best_launch_takes_each_kernels_fastest():
-  rows = [dict(kernel="a", launch="1/1", stage_ms=2.0), dict(kernel="a", launch="4/2", stage_ms=1.0),
+  rows = [dict(kernel="a", launch="1/1", stage_ms=2.0),
+          dict(kernel="a", launch="4/2", stage_ms=1.0),
           dict(kernel="b", launch="8/3", stage_ms=0.5)]
   assert bench_kernels.best_launch(rows) == "a=4/2+b=8/3"
   # Kernels not swept keep their entry of the table in force.

@@ -71,7 +71,7 @@ class GatedDeltaNet(nnx.Module):
     _checks.check_positive_int("num_layers", num_layers)
     self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
     try:
-      self._plan_options
+      parse_options(cfg.plan_options)    # a bad field fails here, not at the first call
     except ValueError as err:
       raise ValueError(f"GDNConfig.plan_options={cfg.plan_options!r}: {err}") from None
     h, dk, dv = cfg.num_heads, cfg.head_dim, cfg.head_v_dim
@@ -127,18 +127,16 @@ class GatedDeltaNet(nnx.Module):
   def scale(self) -> float:
     return self.head_k_dim ** -0.5
 
-  # ---- mixer protocol ----
-
-
   @property
   def _plan_options(self) -> dict | None:
     """GDNConfig.plan_options as the op's plan_options: None when empty or when this
     backend runs another implementation (a GPU-tuned config still evaluates on CPU)."""
     if not self.cfg.plan_options:
       return None
-    options = parse_options(self.cfg.plan_options)
     name = self.cfg.implementation or default_implementation()
-    return options if name == "pallas" else None
+    return parse_options(self.cfg.plan_options) if name == "pallas" else None
+
+  # ---- mixer protocol ----
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
