@@ -10,9 +10,17 @@ from typing import Any, Callable
 import jax
 
 
-def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20) -> float:
-  """Median wall time in ms of a jitted call, synchronising on its outputs."""
-  for _ in range(warmup):
+def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20,
+             label: str | None = None) -> float:
+  """Median wall time in ms of a jitted call, synchronising on its outputs. With a
+  `label`, the first call's seconds (compilation, mostly) are printed as it ends: on a
+  GPU a kernel's Triton compile can take minutes, and a run cut by its time limit must
+  still say where it was."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  if label is not None:
+    print(f"{label}: first call (compile + run) {time.perf_counter() - start:.1f} s", flush=True)
+  for _ in range(warmup - 1):
     jax.block_until_ready(fn())
   times = []
   for _ in range(reps):

@@ -19,6 +19,7 @@ the chunked algorithm's flops over 989 TFLOP/s (dense bf16).
 from __future__ import annotations
 
 import os
+import time
 
 # JAX and PyTorch share the GPU here: without this JAX takes 75% of its memory
 # at start and FLA runs out.
@@ -138,7 +139,10 @@ def check(shape: str) -> list[dict]:
   for impl in FLAGS.implementations:
     fwd, fwdbwd = _lte_jax_fns(impl)
     try:
-      _, grads = fwdbwd(*args, d_o)
+      start = time.perf_counter()
+      _, grads = jax.block_until_ready(fwdbwd(*args, d_o))
+      print(f"check {impl}: fwd+bwd compiled and ran in {time.perf_counter() - start:.1f} s",
+            flush=True)
     except Exception as e:  # noqa: BLE001  (reported, and the other implementations go on)
       print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
       rows.append(dict(shape=shape, impl=f"lte_jax/{impl}", ok=False, worst="error",
@@ -158,8 +162,10 @@ def check(shape: str) -> list[dict]:
 def _time_lte_jax(impl, args):
   fwd, fwdbwd = _lte_jax_fns(impl)
   d_o = jnp.ones(args[2].shape, jnp.float32)
-  return (bench_common.time_jax(lambda: fwd(*args), reps=FLAGS.reps),
-          bench_common.time_jax(lambda: fwdbwd(*args, d_o), reps=FLAGS.reps))
+  label = f"{'x'.join(map(str, args[0].shape))} lte_jax/{impl}"
+  return (bench_common.time_jax(lambda: fwd(*args), reps=FLAGS.reps, label=f"{label} fwd"),
+          bench_common.time_jax(lambda: fwdbwd(*args, d_o), reps=FLAGS.reps,
+                                label=f"{label} fwd+bwd"))
 
 
 # The stage (kernel_api.stage_functions) that runs each kernel, for the --tune sweep.
@@ -214,7 +220,7 @@ def _time_stages(options: dict, args, only=None) -> dict:
     if only is None or name in only:
       extra = extra_args(name)
       times[name] = bench_common.time_jax(lambda fn=fn, extra=extra: fn(*core, *extra),
-                                          reps=FLAGS.reps)
+                                          reps=FLAGS.reps, label=f"stage {name}")
   return times
 
 

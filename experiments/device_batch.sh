@@ -34,9 +34,9 @@ export TRITON_CACHE_DIR="$PWD/.cache/triton" JAX_COMPILATION_CACHE_DIR="$PWD/.ca
 export PYTHONUNBUFFERED=1
 # XLA's GEMM/fusion autotuning dominates first compiles of big models on the GPU; its
 # results persist per fusion in .cache/xla_autotune when this XLA knows the flag (an
-# unknown XLA flag aborts every process, hence the probe).
+# unknown XLA flag aborts every process, hence the probe). XLA_AUTOTUNE_CACHE=0: off.
 autotune="--xla_gpu_per_fusion_autotune_cache_dir=$PWD/.cache/xla_autotune"
-if XLA_FLAGS="$autotune ${XLA_FLAGS:-}" python3 -c "import jax; jax.devices()" >/dev/null 2>&1; then
+if [[ "${XLA_AUTOTUNE_CACHE:-1}" != 0 ]] && XLA_FLAGS="$autotune ${XLA_FLAGS:-}" python3 -c "import jax; jax.devices()" >/dev/null 2>&1; then
   export XLA_FLAGS="$autotune ${XLA_FLAGS:-}"
   echo "== XLA autotune cache on" >>"$log"
 fi

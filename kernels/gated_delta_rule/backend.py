@@ -33,6 +33,10 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
     "gdn_wy_transform": (4, 1),     # states stage 1.00 -> 0.80
     "gdn_chunk_states": (4, 3),     # states stage 1.00 -> 0.83
     "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32
+    # Fourth session, wy_operands='input' (BENCHMARKS.md): the backward's recurrence and
+    # its per-chunk input gradients, 4/2 -> here.
+    "gdn_chunk_state_grads": (8, 2),   # 0.56 -> 0.54
+    "gdn_chunk_input_grads": (4, 3),   # 2.96 -> 2.82
 }
 
 
@@ -57,18 +61,22 @@ class Plan:
     fp32 reference (1x1024x4x128: o 3.7e-3, grads <= 3.6e-3).
   inverse_form: 'blocked' (16 x 16 blocks by forward substitution; None on GPU) or
     'doubling' (full C x C masked doubling, log2(C) levels of two C x C products; None on
-    TPU, where 16-lane blocks fit the (8, 128) tiles badly). inverse.py says more.
+    TPU, where 16-lane blocks fit the (8, 128) tiles badly). inverse.py says more. On the
+    H200 (triton 3.6) 'doubling' takes over 4 minutes of Triton compilation per jit.
   wy_operands: the products with T (the forward's WY transform, the backward's dT, dA and
     T^T dV, T^T dW): 'fp32' (T and the operands in fp32 at inverse_precision) or 'input'
     (both rounded to the inputs' dtype, bf16 operands on the tensor cores, as FLA's
-    recompute_w_u and WY backward). fp32 inputs always take 'fp32'. Errors against the
-    fp32 reference (1x512x2x64 bf16, interpreted): o 3.8e-3 and grads <= 3.8e-3 with
-    'input', against 3.3e-3 and <= 3.4e-3 with 'fp32'. Not yet timed on a GPU.
+    recompute_w_u and WY backward; the default). fp32 inputs always take 'fp32'. Errors
+    against the fp32 reference (1x512x2x64 bf16, interpreted): o 3.8e-3 and grads <= 3.8e-3
+    with 'input', against 3.3e-3 and <= 3.4e-3 with 'fp32'; on the H200 (1x512x4x128) o
+    4.0e-3, grads <= 4.1e-3. H200, (4, 4096, 16, 128): 1.40 / 6.05 ms fwd / fwd+bwd with
+    'fp32', 0.92 / 4.33 with 'input'.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
     0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)). Costs 134 + 2 x 67 MB there in
-    bf16. Not yet timed on a GPU.
+    bf16. H200: fwd+bwd 4.33 -> 4.06 ms there (with wy_operands='input'); off by default
+    (memory), on through plan_options.
   """
   platform: str
   interpret: bool = False
@@ -79,7 +87,7 @@ class Plan:
   launch: Any = None
   inverse_precision: str | None = None
   inverse_form: str | None = None
-  wy_operands: str = "fp32"
+  wy_operands: str = "input"
   keep_states: bool = False
 
   def __post_init__(self):
