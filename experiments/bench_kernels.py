@@ -50,7 +50,7 @@ flags.DEFINE_bool("fla", True, "Time flash-linear-attention's kernel as the anch
 flags.DEFINE_integer("reps", 50, "Timed repetitions (median reported).")
 flags.DEFINE_bool("stages", False, "Also time each Pallas stage on its own (inverse, states = "
                   "WY prepare + recurrence, output, backward, and the backward's dv_local, "
-                  "state_grads, input_grads) for every 'pallas' entry.")
+                  "state_grads, qk_grads, wy_grads) for every 'pallas' entry.")
 
 flags.DEFINE_list("tune", [], "Kernels to sweep (names in backend.KERNELS, or 'all'): each "
                   "launch in --tune_launch is timed on the stage that runs the kernel, at the "
@@ -172,7 +172,7 @@ def _time_lte_jax(impl, args):
 STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
                    "gdn_chunk_states": "states", "gdn_chunk_outputs": "output",
                    "gdn_local_value_grads": "dv_local", "gdn_chunk_state_grads": "state_grads",
-                   "gdn_chunk_input_grads": "input_grads"}
+                   "gdn_chunk_qk_grads": "qk_grads", "gdn_wy_grads": "wy_grads"}
 
 
 def _time_stages(options: dict, args, only=None) -> dict:
@@ -196,6 +196,7 @@ def _time_stages(options: dict, args, only=None) -> dict:
           "dv_local": lambda: fns["dv_local"](*core, d_o),
           "state_grads": lambda: fns["state_grads"](*core, get("states")[0], d_o,
                                                     get("dv_local"), dh_last),  # (dh, dV_new, dh0)
+          "qk_grads": lambda: fns["qk_grads"](*core, *extra_args("qk_grads")),  # (dq, dk_part, dW, ...)
       }[name]()
     return memo[name]
 
@@ -213,7 +214,10 @@ def _time_stages(options: dict, args, only=None) -> dict:
     if name == "state_grads":
       return (get("states")[0], d_o, get("dv_local"), dh_last)
     (_, h, v_new, _), (dh, dv_new, _) = get("states"), get("state_grads")
-    return (get("t"), h, dh, v_new, dv_new, d_o)        # input_grads
+    if name == "qk_grads":
+      return (h, dh, v_new, dv_new, d_o)
+    _, dk_part, dw, *_ = get("qk_grads")
+    return (get("t"), dv_new, dw, dk_part)              # wy_grads
 
   times = {}
   for name, fn in fns.items():

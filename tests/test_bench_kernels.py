@@ -27,7 +27,7 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
   assert {r["impl"] for r in data["rows"]} == {
       "lte_jax/pallas", "lte_jax/pallas:inverse_form=doubling;wy_operands=input;keep_states=True"}
   assert {"inverse", "states", "output", "backward", "dv_local", "state_grads",
-          "input_grads"} <= set(data["stages"][0])
+          "qk_grads", "wy_grads"} <= set(data["stages"][0])
   swept = {(r["kernel"], r["launch"], r["stage"]) for r in data["tune"]}
   assert swept == {("gdn_wy_inverse", "1/1", "inverse"), ("gdn_wy_inverse", "4/2", "inverse"),
                    ("gdn_chunk_state_grads", "1/1", "state_grads"),

@@ -95,14 +95,17 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
 
 
 @pytest.mark.parametrize("options", [(("inverse_form", "doubling"),),
-                                     (("wy_operands", "input"),),
+                                     (("wy_operands", "fp32"),),
+                                     (("block_k", 16),),
                                      (("keep_states", True),)])
 def test_plan_variants_match_reference(options):
-  """The GPU form with the TPU's inverse, with bf16 WY products (FLA's rounding), and with
-  the forward's states kept for the backward."""
+  """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
+  bf16 as FLA), with the backward's key loops in four steps, and with the forward's states
+  kept for the backward; value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
-  _compare(args, jnp.bfloat16, platform="gpu", segment_ids=segment_ids, options=options)
+  _compare(args, jnp.bfloat16, platform="gpu", block_v=32, segment_ids=segment_ids,
+           options=options)
 
 
 def test_plan_options_reach_the_kernels_from_op_and_layer():
@@ -302,7 +305,7 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
           _sds(b, t, dtype=jnp.int32))
   target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
   # Forward: inverse, WY, states, outputs. With gradients: those, then WY and states
-  # again (recomputed from the saved inverse), local dV, reverse states, input gradients.
-  for fn, kernels in ((op, 4), (jax.value_and_grad(op, argnums=tuple(range(6))), 9)):
+  # again (recomputed from the saved inverse), local dV, reverse states, dq/dk/dW, WY grads.
+  for fn, kernels in ((op, 4), (jax.value_and_grad(op, argnums=tuple(range(6))), 10)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
     assert text.count(f"@{target}(") == kernels, (target, text.count(f"@{target}("))

@@ -4,7 +4,8 @@ Pipeline (kernel modules in brackets), per (batch*head, chunk):
   forward:  T = (I + A)^-1 [inverse] -> WY transform [prepare] -> state
             recurrence [state] -> outputs [output]
   backward: recompute W, U and the per-chunk states, dV_local [output], reverse
-            recurrence [state], per-chunk input gradients [backward].
+            recurrence [state], per-chunk dq, dk, dW [qk_grads], WY backward
+            (dv, dbeta, the rest of dk) [wy_grads].
 The backward keeps the inputs and T (C values per token); it recomputes the
 per-chunk states rather than keeping them or any per-token intermediate, unless
 Plan.keep_states asks to keep W, h and V_new (no recomputation, more memory).
@@ -27,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from lte_jax import segments
-from lte_jax.kernels.gated_delta_rule import (backend, backward, inverse, output, prepare,
-                                              state)
+from lte_jax.kernels.gated_delta_rule import (backend, inverse, output, prepare, qk_grads,
+                                              state, wy_grads)
 from lte_jax.kernels.gated_delta_rule.chunk_math import masked_exp
 
 F32 = jnp.float32
@@ -104,11 +105,18 @@ def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
                                  state_dtype=jnp.dtype(cfg.state_dtype))
 
 
-def _input_grads(cfg, args, t, h, dh, v_new, dv_new, d_o):
-  q, k, v, beta, g_cum, seg, qd, kd, _, _ = args
-  return backward.chunk_input_grads(
-      cfg.plan, cfg.layout, t, q, k, v, _col(beta), _col(g_cum), _row(g_cum), _col(seg),
-      _row(seg), _col(qd), _col(kd), h, dh, v_new, dv_new, d_o, scale=cfg.scale)
+def _qk_grads(cfg, args, h, dh, v_new, dv_new, d_o):
+  q, k, _, _, g_cum, seg, qd, kd, _, _ = args
+  low = cfg.plan.wy_operands == "input" and k.dtype != F32
+  return qk_grads.chunk_qk_grads(
+      cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
+      _col(kd), h, dh, v_new, dv_new, d_o, dw_dtype=k.dtype if low else F32, scale=cfg.scale)
+
+
+def _wy_grads(cfg, args, t, dv_new, dw, dk_part):
+  _, k, v, beta, g_cum, seg, qd, *_ = args
+  return wy_grads.wy_grads(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(g_cum),
+                           _row(g_cum), _col(seg), _row(seg), _col(qd), dv_new, dw, dk_part)
 
 
 def _core_bwd(cfg, residuals, cotangents):
@@ -121,11 +129,12 @@ def _core_bwd(cfg, residuals, cotangents):
     w, h, v_new = states
   dv_local = _dv_local(cfg, args, d_o)
   dh, dv_new, dh0 = _state_grads(cfg, args, w, d_o, dv_local, dh_last)
-  dq, dk, dv, dbeta, dg_col, dg_row, dqd, dkd, dhd = _input_grads(cfg, args, t, h, dh, v_new,
-                                                                  dv_new, d_o)
-  return (dq, dk, dv, dbeta[..., 0],
-          dg_col[..., 0] + dg_row[..., 0, :], jnp.zeros_like(seg), dqd[..., 0], dkd[..., 0],
-          dhd, dh0)
+  dq, dk_part, dw, dqd, dkd, dhd, dg_col, dg_row = _qk_grads(cfg, args, h, dh, v_new, dv_new,
+                                                             d_o)
+  dk, dv, dbeta, dqd_wy, dg_col_wy, dg_row_wy = _wy_grads(cfg, args, t, dv_new, dw, dk_part)
+  dg = dg_col[..., 0] + dg_row[..., 0, :] + dg_col_wy[..., 0] + dg_row_wy[..., 0, :]
+  return (dq, dk, dv, dbeta[..., 0], dg, jnp.zeros_like(seg), dqd[..., 0] + dqd_wy[..., 0],
+          dkd[..., 0], dhd, dh0)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -209,7 +218,8 @@ def stage_functions(cfg: _Static) -> dict:
   'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last[, W, h, V_new: what
   Plan.keep_states keeps]) -> input grads; and the
   backward's own kernels: 'dv_local' (args, d_o); 'state_grads' (args, W, d_o, dV_local,
-  dh_last) -> (dh, dV_new, dh0); 'input_grads' (args, T, h, dh, V_new, dV_new, d_o)."""
+  dh_last) -> (dh, dV_new, dh0); 'qk_grads' (args, h, dh, V_new, dV_new, d_o) -> (dq,
+  dk_part, dW, ...); 'wy_grads' (args, T, dV_new, dW, dk_part)."""
   def inverse(*args):
     _, k, _, beta, g_cum, seg, *_ = args
     return _inverse(cfg, k, beta, g_cum, seg)
@@ -233,7 +243,8 @@ def stage_functions(cfg: _Static) -> dict:
   return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_,
           "dv_local": lambda *a: _dv_local(cfg, a[:n], *a[n:]),
           "state_grads": lambda *a: _state_grads(cfg, a[:n], *a[n:]),
-          "input_grads": lambda *a: _input_grads(cfg, a[:n], *a[n:])}
+          "qk_grads": lambda *a: _qk_grads(cfg, a[:n], *a[n:]),
+          "wy_grads": lambda *a: _wy_grads(cfg, a[:n], *a[n:])}
 
 
 def chunk_gated_delta_rule_pallas(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,

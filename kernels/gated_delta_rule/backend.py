@@ -21,7 +21,8 @@ from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  
 
 # The folder's pallas_calls, by the names they carry (profiles, Plan.launch).
 KERNELS = ("gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_outputs",
-           "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_input_grads")
+           "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_qk_grads",
+           "gdn_wy_grads")
 
 
 # Per-kernel launch parameters measured on the H200 at (4, 4096, 16, 128), bf16
@@ -33,10 +34,10 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
     "gdn_wy_transform": (4, 1),     # states stage 1.00 -> 0.80
     "gdn_chunk_states": (4, 3),     # states stage 1.00 -> 0.83
     "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32
-    # Fourth session, wy_operands='input' (BENCHMARKS.md): the backward's recurrence and
-    # its per-chunk input gradients, 4/2 -> here.
+    # Fourth session, wy_operands='input' (BENCHMARKS.md): the backward's recurrence, 4/2 ->
+    # here. (gdn_chunk_qk_grads and gdn_wy_grads, which replaced the one input-gradient
+    # kernel measured then at 2.96 -> 2.82 ms with 4/3, are not measured yet.)
     "gdn_chunk_state_grads": (8, 2),   # 0.56 -> 0.54
-    "gdn_chunk_input_grads": (4, 3),   # 2.96 -> 2.82
 }
 
 
@@ -48,7 +49,10 @@ class Plan:
   interpret: run the kernels with the Pallas interpreter (CPU tests); the
     platform still decides the kernels' form (loop or sequential grid).
   chunk: tokens per chunk (power of two, >= 16: Triton dots need dims >= 16).
-  block_v: value columns per program of the GPU recurrences (power of two).
+  block_v: value columns per program of the GPU recurrences, and per step of the GPU
+    kernels' loops over value columns (power of two).
+  block_k: key columns per step of the backward's loops over key columns (qk_grads,
+    wy_grads; power of two, GPU): bounds their [C, block_k] fp32 accumulators.
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
     (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
@@ -82,6 +86,7 @@ class Plan:
   interpret: bool = False
   chunk: int = 64
   block_v: int = 64
+  block_k: int = 64
   num_warps: int | None = None
   num_stages: int | None = None
   launch: Any = None
@@ -111,7 +116,7 @@ class Plan:
       where = "a GPU" if gpu else f"{self.platform}{' interpreted' * self.interpret}"
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
-    lowering.check_block_sizes(self, "chunk", "block_v")
+    lowering.check_block_sizes(self, "chunk", "block_v", "block_k")
     lowering.resolve_launch(self, KERNELS, GPU_LAUNCH)
 
   @property
@@ -128,6 +133,11 @@ class Plan:
     """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
     Triton stages in shared memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
+
+  def key_block(self, dk: int) -> int:
+    """Key columns per step of the backward's key loops (GPU; TPU: all of Dk, since lane
+    slices narrower than 128 fit Mosaic's tiles badly and VMEM holds the whole chunk)."""
+    return dk if self.platform == "tpu" else min(self.block_k, dk)
 
 
 def check_plan_options(options: dict) -> None:
