@@ -3,12 +3,12 @@
 Pipeline (kernel modules in brackets), per (batch*head, chunk):
   forward:  T = (I + A)^-1 [inverse] -> WY transform [prepare] -> state
             recurrence [state] -> outputs [output]
-  backward: recompute W, U and the per-chunk states, dV_local [output], reverse
-            recurrence [state], per-chunk dq, dk, dW [qk_grads], WY backward
-            (dv, dbeta, the rest of dk) [wy_grads].
-The backward keeps the inputs and T (C values per token); it recomputes the
-per-chunk states rather than keeping them or any per-token intermediate, unless
-Plan.keep_states asks to keep W, h and V_new (no recomputation, more memory).
+  backward: W, U and the per-chunk states (kept from the forward, or recomputed),
+            dV_local [output], reverse recurrence [state], per-chunk dq, dk, dW
+            [qk_grads], WY backward (dv, dbeta, the rest of dk) [wy_grads].
+The backward keeps the inputs and T (C values per token). Plan.keep_states (the GPU
+default) also keeps W, h and V_new, which the forward writes to HBM anyway; without it
+(the TPU default, HBM being scarcer there) the backward recomputes them as FLA does.
 
 The glue here is plain jnp, almost all on [B, T, H] scalars (cheap next to the
 [B, T, H, D] tensors): padding, the chunk layout [B*H, N, C] of the scalars,

@@ -59,8 +59,10 @@ class Plan:
     (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a real GPU when
     num_warps and num_stages are None too, else none (lowering.resolve_launch).
   inverse_precision: products of the (I + A)^-1 doubling: 'highest' (fp32) or,
-    GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32). None: 'tf32x3'
-    on a GPU, else 'highest'. On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 /
+    GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32) or 'tf32' (one
+    pass, about 1e-3 relative: FLA's solve_tril precision; T is rounded to bf16 for the
+    default wy_operands='input' anyway; not timed yet). None: 'tf32x3' on a GPU, else
+    'highest'. On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 /
     33.2 ms fwd / fwd+bwd against 2.0 / 6.4 ms, with the same errors against the
     fp32 reference (1x1024x4x128: o 3.7e-3, grads <= 3.6e-3).
   inverse_form: 'blocked' (16 x 16 blocks by forward substitution; None on GPU) or
@@ -78,9 +80,11 @@ class Plan:
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
-    0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)). Costs 134 + 2 x 67 MB there in
-    bf16. H200: fwd+bwd 4.33 -> 4.06 ms there (with wy_operands='input'); off by default
-    (memory), on through plan_options.
+    0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)). The forward writes them to HBM
+    anyway, so keeping them costs memory only: 134 + 2 x 67 MB there in bf16, held from
+    the forward to the backward (one layer at a time under remat). H200: fwd+bwd 4.33 ->
+    4.06 ms there (with wy_operands='input'). None: True on a GPU, False on TPU (scarcer
+    HBM per chip).
   """
   platform: str
   interpret: bool = False
@@ -93,7 +97,7 @@ class Plan:
   inverse_precision: str | None = None
   inverse_form: str | None = None
   wy_operands: str = "input"
-  keep_states: bool = False
+  keep_states: bool | None = None
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -103,6 +107,8 @@ class Plan:
     if self.inverse_form not in forms:
       raise ValueError(f"inverse_form must be one of {forms} on {self.platform}, "
                        f"got {self.inverse_form!r}")
+    if self.keep_states is None:
+      object.__setattr__(self, "keep_states", self.platform == "gpu")
     if not isinstance(self.keep_states, bool):
       raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
     if self.wy_operands not in ("fp32", "input"):
@@ -111,7 +117,7 @@ class Plan:
     gpu = self.platform == "gpu" and not self.interpret
     if self.inverse_precision is None:
       object.__setattr__(self, "inverse_precision", "tf32x3" if gpu else "highest")
-    allowed = ("highest", "tf32x3") if gpu else ("highest",)
+    allowed = ("highest", "tf32x3", "tf32") if gpu else ("highest",)
     if self.inverse_precision not in allowed:
       where = "a GPU" if gpu else f"{self.platform}{' interpreted' * self.interpret}"
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
@@ -125,9 +131,9 @@ class Plan:
 
   @property
   def inverse_dot_precision(self) -> Any:
-    if self.inverse_precision == "tf32x3":
-      return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    return jax.lax.Precision.HIGHEST
+    return {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+            "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}.get(self.inverse_precision,
+                                                                  jax.lax.Precision.HIGHEST)
 
   def value_block(self, dv: int) -> int:
     """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
