@@ -107,10 +107,10 @@ def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
 
 def _qk_grads(cfg, args, h, dh, v_new, dv_new, d_o):
   q, k, _, _, g_cum, seg, qd, kd, _, _ = args
-  low = cfg.plan.wy_operands == "input" and k.dtype != F32
   return qk_grads.chunk_qk_grads(
       cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
-      _col(kd), h, dh, v_new, dv_new, d_o, dw_dtype=k.dtype if low else F32, scale=cfg.scale)
+      _col(kd), h, dh, v_new, dv_new, d_o, dw_dtype=cfg.plan.wy_dtype(k.dtype),
+      scale=cfg.scale)
 
 
 def _wy_grads(cfg, args, t, dv_new, dw, dk_part):

@@ -135,6 +135,12 @@ class Plan:
             "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}.get(self.inverse_precision,
                                                                   jax.lax.Precision.HIGHEST)
 
+  def wy_dtype(self, input_dtype) -> Any:
+    """Storage and product dtype of T and the WY operands: the inputs' with
+    wy_operands='input' (unless fp32), else fp32."""
+    low = self.wy_operands == "input" and jax.numpy.dtype(input_dtype) != jax.numpy.float32
+    return jax.numpy.dtype(input_dtype) if low else jax.numpy.dtype("float32")
+
   def value_block(self, dv: int) -> int:
     """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
     Triton stages in shared memory; TPU: all of Dv, VMEM holds it)."""

@@ -1,9 +1,9 @@
 """Kernel 0: T = (I + A)^-1 per chunk, parallel over chunks, stored for the later stages.
 
 A = [j < i, same doc] beta_i e^{G_i - G_j} k_i.k_j is strictly lower triangular,
-[C, C] per chunk. T is written to memory in fp32 (C values per token, like a
-C-wide head) and read by the WY transform and the backward, so the backward
-never recomputes it.
+[C, C] per chunk. T is written to memory (C values per token, like a C-wide head; bf16
+when its products run in bf16) and read by the WY transform and the backward, so the
+backward never recomputes it.
 
 Two algorithms (Plan.inverse_form; the default follows the platform):
   'blocked' (GPU): blocks of 16 rows. Each 16 x 16 diagonal block of A comes straight from
@@ -31,7 +31,7 @@ def _full_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_ref,
                  precision):
   _, strict = cm.decay_masks(g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...])
   a = beta_ref[...] * cm.mm(k_ref[...], k_ref[...], tb=True, dtype=dtype) * strict
-  t_ref[...] = cm.unit_lower_inverse(a, precision)
+  t_ref[...] = cm.unit_lower_inverse(a, precision).astype(t_ref.dtype)
 
 
 def _blocked_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_ref, *, dtype,
@@ -59,16 +59,17 @@ def _blocked_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_r
       for m in range(j + 1, i):
         acc = acc + mm(a_row[m], t[m, j])
       t[i, j] = -mm(t[i, i], acc)
-  zeros = jnp.zeros((BLOCK, BLOCK), cm.F32)
+  zeros = jnp.zeros((BLOCK, BLOCK), t_ref.dtype)
   for i in range(num_blocks):
     for j in range(num_blocks):
-      t_ref[rows(i), rows(j)] = t[i, j] if j <= i else zeros
+      t_ref[rows(i), rows(j)] = t[i, j].astype(t_ref.dtype) if j <= i else zeros
 
 
 def wy_inverse(plan: backend.Plan, layout: backend.Layout, k, beta_col, g_col, g_row,
                seg_col, seg_row):
   """k: token tensor (layout) of width Dk; columns [BH, N, C, 1]; rows [BH, N, 1, C]
-  -> T [BH, N, C, C] fp32."""
+  -> T [BH, N, C, C], computed in fp32 and stored in plan.wy_dtype(k.dtype) (bf16 when its
+  products run in bf16 anyway: half the traffic of the later stages' reads)."""
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, k.shape[-1]
   kernel = _blocked_kernel if plan.inverse_form == "blocked" else _full_kernel
   col, row = backend.per_chunk(c, 1), backend.per_chunk(1, c)
@@ -77,6 +78,6 @@ def wy_inverse(plan: backend.Plan, layout: backend.Layout, k, beta_col, g_col, g
       grid=(bh, n),
       in_specs=[layout.block(dk), col, col, row, col, row],
       out_specs=[backend.per_chunk(c, c)],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, c, c), cm.F32)],
+      out_shape=[jax.ShapeDtypeStruct((bh, n, c, c), plan.wy_dtype(k.dtype))],
       name="gdn_wy_inverse",
   )(k, beta_col, g_col, g_row, seg_col, seg_row)[0]

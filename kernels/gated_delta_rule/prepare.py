@@ -35,7 +35,7 @@ def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, 
   col = backend.per_chunk(c, 1)
   return backend.call(
       functools.partial(_kernel, precision=plan.inverse_dot_precision,
-                        low=plan.wy_operands == "input" and k.dtype != jnp.float32),
+                        low=plan.wy_dtype(k.dtype) != jnp.float32),
       plan, grid=(bh, n),
       in_specs=[backend.per_chunk(c, c), layout.block(dk), layout.block(dv), col, col],
       out_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv)],
