@@ -144,19 +144,52 @@ def test_work_follows_the_attended_set():
   lo = sets.band_starts(docs, window)
   far = sets.far_keys(jnp.asarray(keep), None, docs, window)
   bounds = np.asarray(sets.query_bounds(lo, docs, far, window=window, time=time,
-                                        block_q=block, block_k=block)).reshape(-1, 4)
-  band_tiles, far_tiles = bounds[:, 1] - bounds[:, 0], bounds[:, 3] - bounds[:, 2]
+                                        block_q=block, block_k=block)).reshape(-1, 6)
+  band_tiles, far_tiles = bounds[:, 3] - bounds[:, 0], bounds[:, 5] - bounds[:, 4]
   assert band_tiles.max() <= -(-(window + block) // block) + 1
   assert far_tiles.max() == 1 and far_tiles[:8].sum() == 0   # nothing far before 100 + w
   assert int(far.before[0, 0, -1]) == 5
   # The band dk/dv kernel: a key tile is read by the query tiles within w of it.
-  kb = np.asarray(sets.band_key_bounds(docs, window=window, block_q=block,
-                                       block_k=block)).reshape(-1, 2)
-  assert (kb[:, 1] - kb[:, 0]).max() <= -(-(window + block) // block) + 1
+  kb = np.asarray(sets.band_key_bounds(lo, docs, window=window, block_q=block,
+                                       block_k=block)).reshape(-1, 4)
+  assert (kb[:, 3] - kb[:, 0]).max() <= -(-(window + block) // block) + 1
   # Far dk/dv: only the one compact tile holding keys reads queries.
   fb = np.asarray(sets.far_key_bounds(far, window=window, block_q=block,
                                       block_k=block)).reshape(-1, 2)
   assert (fb[1:, 1] - fb[1:, 0]).sum() == 0 and fb[0, 1] > fb[0, 0]
+
+
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 32)])
+def test_unmasked_band_tiles_are_exactly_the_fully_visible_ones(block_q, block_k):
+  """The band ranges that skip masking ([full_lo, full_hi) of both tables) hold exactly
+  the (query tile, key tile) pairs whose every pair (i, j) has lo_i <= j <= i, packed
+  documents, padding rows and a window over several tiles included; they sit inside the
+  band range."""
+  time, padded, window = 150, 160, 60
+  seg = jnp.asarray(np.repeat([1, 2, 3], [90, 50, 10])[None], jnp.int32)
+  docs = sets.documents(seg, 1, time, padded)
+  lo = sets.band_starts(docs, window)
+  lo_np = np.asarray(lo)[0]
+  i = np.arange(padded)
+  visible = (lo_np[:, None] <= i[None, :]) & (i[None, :] <= i[:, None])   # [query, key]
+  nq, nk = padded // block_q, padded // block_k
+  full = visible.reshape(nq, block_q, nk, block_k).all(axis=(1, 3))        # [qt, kt]
+  anything = visible.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
+  qb = np.asarray(sets.query_bounds(lo, docs, None, window=window, time=time,
+                                    block_q=block_q, block_k=block_k)).reshape(nq, 6)
+  kb = np.asarray(sets.band_key_bounds(lo, docs, window=window, block_q=block_q,
+                                       block_k=block_k)).reshape(nk, 4)
+  for qt in range(nq):
+    band_lo, full_lo, full_hi, band_hi = qb[qt, :4]
+    assert band_lo <= full_lo <= full_hi <= band_hi
+    assert set(range(full_lo, full_hi)) == set(np.flatnonzero(full[qt]))
+    assert set(np.flatnonzero(anything[qt])) <= set(range(band_lo, band_hi))
+  for kt in range(nk):
+    q_lo, full_lo, full_hi, q_hi = kb[kt]
+    assert q_lo <= full_lo <= full_hi <= q_hi
+    assert set(range(full_lo, full_hi)) == set(np.flatnonzero(full[:, kt]))
+    assert set(np.flatnonzero(anything[:, kt])) <= set(range(q_lo, q_hi))
+  assert full.any()          # the case exercises the unmasked path
 
 
 def test_short_documents_have_no_far_keys():

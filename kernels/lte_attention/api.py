@@ -115,7 +115,7 @@ def _attend(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, s
       lo=lo,
       query_bounds=sets.query_bounds(lo, docs, far, window=window, time=time,
                                      block_q=plan.block_q, block_k=plan.block_k),
-      band_bounds=sets.band_key_bounds(docs, window=window, block_q=plan.block_q_dkv,
+      band_bounds=sets.band_key_bounds(lo, docs, window=window, block_q=plan.block_q_dkv,
                                        block_k=plan.block_k_dkv),
       far_idx=None if far is None else far.idx,
       far_last=None if far is None else far.last,

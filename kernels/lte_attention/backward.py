@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lte_jax.kernels.lte_attention import backend, tiles
+from lte_jax.kernels.lte_attention import backend, sets, tiles
 from lte_jax.kernels.lte_attention.forward import Static
 
 F32 = jnp.float32
@@ -28,22 +28,26 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
   tokens = cfg.tokens
   bq, bk = cfg.plan.block_q_dkv, cfg.plan.block_k_dkv
   kt = pl.program_id(2)
-  base = kt * 2                      # this (batch, head)'s row of the table is in bounds_ref
-  q_lo, q_hi = bounds_ref[0, base], bounds_ref[0, base + 1]
+  # This (batch, head)'s row of the table is in bounds_ref: band (q_lo, full_lo, full_hi,
+  # q_hi) per key tile, far (q_lo, q_hi).
+  width = sets.BAND_KEY_BOUNDS if band else 2
+  at = lambda n: bounds_ref[0, kt * width + n]
   k, v = k_ref[...], v_ref[...]
   if band:
     j = tiles.iota((bk, 1), 0, kt * bk)
   else:
     idx, last = mask_a_ref[...], mask_b_ref[...]                       # [bk, 1]
 
-  def query_tile(g):
+  def query_tile(g, masked):
     def body(qt, carry):
       start = pl.multiple_of(qt * bq, bq)
       q = tokens.rows(q_ref, start, bq, g)
       d_o = tokens.rows(do_ref, start, bq, g)
       lse, delta = lse_ref[g, qt], delta_ref[g, qt]                   # [1, bq]
       i = tiles.iota((1, bq), 1, start)
-      if band:
+      if not masked:
+        mask = None
+      elif band:
         mask = (mask_a_ref[qt] <= j) & (j <= i)
       else:
         mask = (idx < i - cfg.window) & (i <= last)
@@ -51,7 +55,12 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
     return body
 
   def head(g, carry):
-    return jax.lax.fori_loop(q_lo, q_hi, query_tile(g), carry)
+    if not band:
+      return jax.lax.fori_loop(at(0), at(1), query_tile(g, True), carry)
+    # Query tiles in [full_lo, full_hi) see every key of this tile: no masking there.
+    carry = jax.lax.fori_loop(at(0), at(1), query_tile(g, True), carry)
+    carry = jax.lax.fori_loop(at(1), at(2), query_tile(g, False), carry)
+    return jax.lax.fori_loop(at(2), at(3), query_tile(g, True), carry)
 
   init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
   dk, dv = jax.lax.fori_loop(0, cfg.group, head, init)

@@ -4,7 +4,9 @@ A program walks the key tiles of its band ([band_lo, band_hi)) and then the
 compact far-key tiles it can reach ([far_lo, far_hi)), both read from the
 bounds table; with one online-softmax state the two parts merge for free and,
 as the band takes only i - j <= w and the far part only i - j > w, no key is
-counted twice. dq recomputes the probabilities from the saved log-sum-exp.
+counted twice. Band tiles in [full_lo, full_hi) are visible to every query of the
+tile (the window's interior) and skip the masking. dq recomputes the probabilities
+from the saved log-sum-exp (base 2, tiles.py).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lte_jax.kernels.lte_attention import backend, tiles
+from lte_jax.kernels.lte_attention import backend, sets, tiles
 
 F32 = jnp.float32
 
@@ -49,11 +51,18 @@ def _kv_head(h, group: int):
 
 def _walk(cfg: Static, bounds_ref, band_tile, far_tile, carry):
   """Run band_tile over this program's band key tiles, then far_tile over its compact
-  tiles; both are (tile index, carry) -> carry."""
-  base = pl.program_id(2) * 4       # this (batch, head)'s row of the table is in bounds_ref
-  carry = jax.lax.fori_loop(bounds_ref[0, base], bounds_ref[0, base + 1], band_tile, carry)
+  tiles; both are (tile index, carry, masked) -> carry, masked=False for the band tiles
+  every query of the tile sees."""
+  # This (batch, head)'s row of the table is in bounds_ref: sets.QUERY_BOUNDS per tile.
+  at = lambda n: bounds_ref[0, pl.program_id(2) * sets.QUERY_BOUNDS + n]
+  loop = lambda lo, hi, tile, masked, carry: jax.lax.fori_loop(
+      lo, hi, lambda t, c: tile(t, c, masked), carry)
+  band_lo, full_lo, full_hi, band_hi, far_lo, far_hi = (at(n) for n in range(6))
+  carry = loop(band_lo, full_lo, band_tile, True, carry)
+  carry = loop(full_lo, full_hi, band_tile, False, carry)
+  carry = loop(full_hi, band_hi, band_tile, True, carry)
   if cfg.far:
-    carry = jax.lax.fori_loop(bounds_ref[0, base + 2], bounds_ref[0, base + 3], far_tile, carry)
+    carry = loop(far_lo, far_hi, far_tile, True, carry)
   return carry
 
 
@@ -85,9 +94,9 @@ def _forward_kernel(bounds_ref, lo_ref, q_ref, k_ref, v_ref, *refs, cfg: Static)
   q = q_ref[...]
 
   def step(load):
-    def body(t, carry):
+    def body(t, carry, masked):
       k, v, mask = load(t)
-      return tiles.online_step(carry, q, k, v, mask, cfg.scale)
+      return tiles.online_step(carry, q, k, v, mask if masked else None, cfg.scale)
     return body
 
   init = (jnp.full((bq, 1), tiles.NEG, F32), jnp.zeros((bq, 1), F32),
@@ -96,7 +105,7 @@ def _forward_kernel(bounds_ref, lo_ref, q_ref, k_ref, v_ref, *refs, cfg: Static)
   # Every query reads at least itself, so l > 0 (the guard only keeps padding exact).
   l = jnp.where(l > 0, l, 1.0)
   o_ref[...] = (acc / l).astype(o_ref.dtype)
-  lse_ref[...] = m + jnp.log(l)
+  lse_ref[...] = m + jnp.log2(l)
 
 
 def _dq_kernel(bounds_ref, lo_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs,
@@ -107,9 +116,9 @@ def _dq_kernel(bounds_ref, lo_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_r
   q, d_o, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
   def step(load):
-    def body(t, dq):
+    def body(t, dq, masked):
       k, v, mask = load(t)
-      return tiles.dq_step(dq, q, k, v, d_o, lse, delta, mask, cfg.scale)
+      return tiles.dq_step(dq, q, k, v, d_o, lse, delta, mask if masked else None, cfg.scale)
     return body
 
   dq = _walk(cfg, bounds_ref, step(band), step(far), jnp.zeros(q.shape, F32))
@@ -130,7 +139,7 @@ def _specs(cfg: Static, d: int, dv: int, far):
 
 
 def _bounds(cfg: Static, bounds) -> pl.BlockSpec:
-  """The program's row of sets.query_bounds [B, Hkv or 1, 1, nq * 4]."""
+  """The program's row of sets.query_bounds [B, Hkv or 1, 1, nq * QUERY_BOUNDS]."""
   head = (lambda h: _kv_head(h, cfg.group)) if cfg.far else (lambda h: 0)
   return backend.scalars(cfg.plan, bounds, head)
 
@@ -149,7 +158,7 @@ def attention_forward(cfg: Static, q, k, v, lo, bounds, far):
   """q [layout, Hq heads, D], k [.., Hkv, D], v [.., Hkv, Dv] (Tp rows); lo [B, Tp]
   int32; bounds from sets.query_bounds; far: (kc [B, Hkv, Tp, D], vc [B, Hkv, Tp, Dv],
   idx and last [B, Hkv, Tp / block_k, 1, block_k] int32) or None
-  -> (o like q with Dv, lse [B, Hq, Tp, 1] fp32)."""
+  -> (o like q with Dv, lse [B, Hq, Tp, 1] fp32, base 2)."""
   tokens, plan = cfg.tokens, cfg.plan
   batch, heads = q.shape[0], cfg.heads_kv * cfg.group
   d, dv, bq = q.shape[-1], v.shape[-1], plan.block_q

@@ -95,20 +95,39 @@ def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: i
   return FarKeys(idx, last, before)
 
 
+# Entries per query tile of query_bounds, and per key tile of band_key_bounds.
+QUERY_BOUNDS = 6
+BAND_KEY_BOUNDS = 4
+
+
+def _full_range(lo, hi, full_lo, full_hi):
+  """[full_lo, full_hi) clipped into [lo, hi) (possibly empty, never reversed)."""
+  full_lo = jnp.clip(full_lo, lo, hi)
+  return full_lo, jnp.clip(full_hi, full_lo, hi)
+
+
 def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window: int,
                  time: int, block_q: int, block_k: int) -> jax.Array:
-  """Loop bounds of the query-side kernels (forward, dq), int32 [B, Hb, 1, nq * 4]:
-  (band_lo, band_hi, far_lo, far_hi) per (batch, head, query tile):
-  key tiles [band_lo, band_hi) of the band, compact tiles [far_lo, far_hi) of the far
-  keys. Hb = Hkv with far keys, else 1 (the band does not depend on the head)."""
+  """Loop bounds of the query-side kernels (forward, dq), int32
+  [B, Hb, 1, nq * QUERY_BOUNDS]: (band_lo, full_lo, full_hi, band_hi, far_lo, far_hi) per
+  (batch, head, query tile): key tiles [band_lo, band_hi) of the band, of which
+  [full_lo, full_hi) are visible to every query of the tile (no masking), and compact
+  tiles [far_lo, far_hi) of the far keys. Hb = Hkv with far keys, else 1 (the band does
+  not depend on the head)."""
   batch, padded = lo.shape
   nq = padded // block_q
   first = jnp.arange(nq, dtype=I32) * block_q
   final = first + block_q - 1
   band_lo = lo[:, ::block_q] // block_k                                  # [B, nq]
   band_hi = jnp.broadcast_to(final // block_k + 1, (batch, nq))
+  # lo_i is non-decreasing in i, so the tile's last query has the latest band start; a
+  # key tile is seen by every query if it starts at or after that and ends by the first.
+  full_lo, full_hi = _full_range(band_lo, band_hi, -(-lo[:, block_q - 1::block_q] // block_k),
+                                 (first + 1) // block_k)
+  band = [band_lo, full_lo, full_hi, band_hi]
   if far is None:
-    return jnp.stack([band_lo, band_hi, band_lo, band_lo], axis=-1).reshape(batch, 1, 1, nq * 4)
+    bounds = jnp.stack(band + [band_lo, band_lo], axis=-1)
+    return bounds.reshape(batch, 1, 1, nq * QUERY_BOUNDS)
   heads = far.before.shape[1]
   # Far keys of the tile: index in [start of the first query's document, final - w).
   start = jnp.take_along_axis(far.before, docs.start[:, None, ::block_q], axis=-1)
@@ -116,21 +135,32 @@ def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window:
   real = first < time                                    # padding tiles read no far key
   far_lo = start // block_k
   far_hi = jnp.where(real, jnp.maximum(-(-stop // block_k), far_lo), far_lo)
-  band = lambda x: jnp.broadcast_to(x[:, None], (batch, heads, nq))
-  bounds = jnp.stack([band(band_lo), band(band_hi), far_lo, far_hi], axis=-1)
-  return bounds.reshape(batch, heads, 1, nq * 4)
+  per_head = lambda x: jnp.broadcast_to(x[:, None], (batch, heads, nq))
+  bounds = jnp.stack([per_head(x) for x in band] + [far_lo, far_hi], axis=-1)
+  return bounds.reshape(batch, heads, 1, nq * QUERY_BOUNDS)
 
 
-def band_key_bounds(docs: Documents, *, window: int, block_q: int, block_k: int) -> jax.Array:
-  """Loop bounds of the band dk/dv kernel, int32 [B, 1, 1, nk * 2]: query tiles
-  [q_lo, q_hi) that read key tile kb through the band (queries j .. min(j + w, end_j))."""
-  padded = docs.end.shape[1]
+def band_key_bounds(lo: jax.Array, docs: Documents, *, window: int, block_q: int,
+                    block_k: int) -> jax.Array:
+  """Loop bounds of the band dk/dv kernel, int32 [B, 1, 1, nk * BAND_KEY_BOUNDS]:
+  (q_lo, full_lo, full_hi, q_hi) per key tile kb: query tiles [q_lo, q_hi) read it
+  through the band (queries j .. min(j + w, end_j)); those in [full_lo, full_hi) see all
+  of its keys (no masking). lo: band_starts."""
+  batch, padded = lo.shape
   nk = padded // block_k
   first = jnp.arange(nk, dtype=I32) * block_k
   final = first + block_k - 1
   reach = jnp.minimum(final + window, docs.end[:, final])                # [B, nk]
   q_lo = jnp.broadcast_to(first // block_q, reach.shape)
-  return jnp.stack([q_lo, reach // block_q + 1], axis=-1).reshape(reach.shape[0], 1, 1, nk * 2)
+  q_hi = reach // block_q + 1
+  # Query tile qt sees all of key tile kb iff its first query is at or after the tile's
+  # last key and its last query's band starts at or before the tile's first key (lo is
+  # non-decreasing, so those tiles are a prefix of the ones after the key tile).
+  lo_last = lo[:, block_q - 1::block_q]                                  # [B, nq]
+  prefix = jnp.sum(lo_last[:, None, :] <= first[None, :, None], axis=-1, dtype=I32)
+  full_lo, full_hi = _full_range(q_lo, q_hi, -(-final // block_q), prefix)
+  bounds = jnp.stack([q_lo, full_lo, full_hi, q_hi], axis=-1)
+  return bounds.reshape(batch, 1, 1, nk * BAND_KEY_BOUNDS)
 
 
 def far_key_bounds(far: FarKeys, *, window: int, block_q: int, block_k: int) -> jax.Array:

@@ -5,8 +5,16 @@ are columns [n, 1] or rows [1, n] so that no kernel transposes a vector, which
 Mosaic handles poorly. Masks come from iota and those vectors (no captured
 constants). Products take the inputs' dtype (bf16 operands, fp32 accumulation:
 the tensor cores' rate); logits, softmax statistics and accumulators are fp32.
+
+Logits are kept in base 2 (scaled by scale * log2(e) in one multiply) and exponentiated
+with exp2, so the log-sum-exp the forward saves is base 2 too: at head dim 64 a GPU's
+exponential units are as busy as its tensor cores, and Triton's lowering of exp is
+libdevice's accurate expf (a range reduction around the same ex2 instruction).
+A tile whose every (query, key) pair is visible passes mask=None and skips the masking.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +23,7 @@ F32 = jnp.float32
 # Masked logits: finite, so a tile with no visible key never computes inf - inf;
 # probabilities are zeroed by the mask, not by this value.
 NEG = -1e30
+LOG2E = math.log2(math.e)
 
 
 def mm(a: jax.Array, b: jax.Array, *, tb: bool = False) -> jax.Array:
@@ -28,37 +37,48 @@ def iota(shape: tuple[int, int], axis: int, start) -> jax.Array:
   return start + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def _logits(a, b, mask, scale):
+  """Base-2 logits a b^T * scale * log2(e) [n, m], masked entries NEG (mask None: all seen)."""
+  s = mm(a, b, tb=True) * (scale * LOG2E)
+  return s if mask is None else jnp.where(mask, s, NEG)
+
+
+def _probs(s, ref, mask):
+  """exp2(s - ref), zero where masked: a row that has seen no key yet has ref = NEG."""
+  p = jnp.exp2(s - ref)
+  return p if mask is None else jnp.where(mask, p, 0.0)
+
+
 def online_step(carry, q, k, v, mask, scale):
   """One key tile into the running softmax of a query tile.
 
-  carry: (m [bq, 1] running max, l [bq, 1] running sum, acc [bq, Dv]) fp32;
-  q [bq, D], k [bk, D], v [bk, Dv]; mask [bq, bk] bool.
+  carry: (m [bq, 1] running max (base 2), l [bq, 1] running sum, acc [bq, Dv]) fp32;
+  q [bq, D], k [bk, D], v [bk, Dv]; mask [bq, bk] bool or None (all visible).
   """
   m, l, acc = carry
-  s = jnp.where(mask, mm(q, k, tb=True) * scale, NEG)
+  s = _logits(q, k, mask, scale)
   m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-  alpha = jnp.exp(m - m_new)
-  p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+  alpha = jnp.exp2(m - m_new)
+  p = _probs(s, m_new, mask)
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
   acc = alpha * acc + mm(p.astype(v.dtype), v)
   return m_new, l, acc
 
 
 def dq_step(dq, q, k, v, d_o, lse, delta, mask, scale):
-  """dq [bq, D] fp32 += dS K for one key tile; lse, delta [bq, 1] (delta = rowsum(dO * O))."""
-  s = jnp.where(mask, mm(q, k, tb=True) * scale, NEG)
-  p = jnp.where(mask, jnp.exp(s - lse), 0.0)
+  """dq [bq, D] fp32 += dS K for one key tile; lse (base 2), delta [bq, 1]
+  (delta = rowsum(dO * O))."""
+  p = _probs(_logits(q, k, mask, scale), lse, mask)
   ds = p * (mm(d_o, v, tb=True) - delta)
   return dq + mm(ds.astype(k.dtype), k)
 
 
 def dkv_step(carry, k, v, q, d_o, lse, delta, mask, scale):
   """(dk [bk, D], dv [bk, Dv]) fp32 += one query tile, in the transposed form:
-  logits^T [bk, bq] so that lse and delta are rows [1, bq] and no product needs a
-  transposed left operand. mask [bk, bq]."""
+  logits^T [bk, bq] so that lse (base 2) and delta are rows [1, bq] and no product needs
+  a transposed left operand. mask [bk, bq] or None."""
   dk, dv = carry
-  s_t = jnp.where(mask, mm(k, q, tb=True) * scale, NEG)
-  p_t = jnp.where(mask, jnp.exp(s_t - lse), 0.0)
+  p_t = _probs(_logits(k, q, mask, scale), lse, mask)
   dv = dv + mm(p_t.astype(d_o.dtype), d_o)
   ds_t = p_t * (mm(v, d_o, tb=True) - delta)
   dk = dk + mm(ds_t.astype(q.dtype), q)
