@@ -51,9 +51,16 @@ def _row(x):   # [BH, N, C] -> [BH, N, 1, C]
   return x[..., None, :]
 
 
+def _decays(g_cum, seg):
+  """What every kernel takes to build its in-chunk decays: G as columns and rows, in base
+  2 (chunk_math.decay_masks uses exp2; the kernels' dG outputs are still d/dG, being
+  dD * D sums, so nothing converts back), and the document index likewise."""
+  g2 = g_cum * math.log2(math.e)
+  return _col(g2), _row(g2), _col(seg), _row(seg)
+
+
 def _inverse(cfg, k, beta, g_cum, seg):
-  return inverse.wy_inverse(cfg.plan, cfg.layout, k, _col(beta), _col(g_cum), _row(g_cum),
-                            _col(seg), _row(seg))
+  return inverse.wy_inverse(cfg.plan, cfg.layout, k, _col(beta), *_decays(g_cum, seg))
 
 
 def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
@@ -66,8 +73,8 @@ def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
 
 
 def _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new):
-  return output.chunk_outputs(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg),
-                              _row(seg), _col(qd), h, v_new, scale=cfg.scale, out_dtype=v.dtype)
+  return output.chunk_outputs(cfg.plan, cfg.layout, q, k, *_decays(g_cum, seg), _col(qd), h,
+                              v_new, scale=cfg.scale, out_dtype=v.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -94,8 +101,8 @@ def _core_fwd(cfg, *args):
 
 def _dv_local(cfg, args, d_o):
   q, k, _, _, g_cum, seg, *_ = args
-  return output.local_value_grads(cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum),
-                                  _col(seg), _row(seg), d_o, scale=cfg.scale)
+  return output.local_value_grads(cfg.plan, cfg.layout, q, k, *_decays(g_cum, seg), d_o,
+                                  scale=cfg.scale)
 
 
 def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
@@ -108,15 +115,14 @@ def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
 def _qk_grads(cfg, args, h, dh, v_new, dv_new, d_o):
   q, k, _, _, g_cum, seg, qd, kd, _, _ = args
   return qk_grads.chunk_qk_grads(
-      cfg.plan, cfg.layout, q, k, _col(g_cum), _row(g_cum), _col(seg), _row(seg), _col(qd),
-      _col(kd), h, dh, v_new, dv_new, d_o, dw_dtype=cfg.plan.wy_dtype(k.dtype),
-      scale=cfg.scale)
+      cfg.plan, cfg.layout, q, k, *_decays(g_cum, seg), _col(qd), _col(kd), h, dh, v_new,
+      dv_new, d_o, dw_dtype=cfg.plan.wy_dtype(k.dtype), scale=cfg.scale)
 
 
 def _wy_grads(cfg, args, t, dv_new, dw, dk_part):
   _, k, v, beta, g_cum, seg, qd, *_ = args
-  return wy_grads.wy_grads(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(g_cum),
-                           _row(g_cum), _col(seg), _row(seg), _col(qd), dv_new, dw, dk_part)
+  return wy_grads.wy_grads(cfg.plan, cfg.layout, t, k, v, _col(beta), *_decays(g_cum, seg),
+                           _col(qd), dv_new, dw, dk_part)
 
 
 def _core_bwd(cfg, residuals, cotangents):

@@ -32,6 +32,12 @@ def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+def masked_exp2(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """2^x where mask, else 0 (in-kernel decays: exp2 is the GPU's native exponential,
+  while Triton lowers exp to libdevice's accurate expf around it)."""
+  return jnp.where(mask, jnp.exp2(jnp.where(mask, x, 0.0)), 0.0)
+
+
 def _iota(chunk: int, axis: int) -> jax.Array:
   return jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), axis)
 
@@ -41,13 +47,13 @@ def decay_masks(g_col: jax.Array, g_row: jax.Array, seg_col: jax.Array,
   """In-chunk decays [C, C]: causal[i, j] = e^{G_i - G_j} for j <= i in the same
   document, strict the same for j < i; zero elsewhere.
 
-  g_*: cumulative log decay G; seg_*: document index inside the chunk.
+  g_*: cumulative log decay in base 2, G log2(e) (api.py converts); seg_*: document
+  index inside the chunk. One exponential per entry serves both masks.
   """
   chunk = g_col.shape[0]
   i, j = _iota(chunk, 0), _iota(chunk, 1)
-  same_doc = seg_col == seg_row
-  diff = g_col - g_row
-  return masked_exp(diff, (i >= j) & same_doc), masked_exp(diff, (i > j) & same_doc)
+  causal = masked_exp2(g_col - g_row, (i >= j) & (seg_col == seg_row))
+  return causal, jnp.where(i > j, causal, 0.0)
 
 
 def strict_lower(x: jax.Array) -> jax.Array:

@@ -46,7 +46,7 @@ def _blocked_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_r
     """A's block (i, j), i >= j: [16, 16]."""
     same_doc = seg_ref[rows(i), :] == seg_row_ref[:, rows(j)]
     mask = same_doc & (i_iota > j_iota) if i == j else same_doc
-    decay = cm.masked_exp(g_ref[rows(i), :] - g_row_ref[:, rows(j)], mask)
+    decay = cm.masked_exp2(g_ref[rows(i), :] - g_row_ref[:, rows(j)], mask)
     return beta_ref[rows(i), :] * cm.mm(k[i], k[j], tb=True, dtype=dtype) * decay
 
   mm = functools.partial(cm.mm, precision=precision)
