@@ -401,8 +401,10 @@ def bench_train(setup: Setup, torch, record: Callable[[dict], None]) -> None:
     def run_jax(label, op, argnums):
       try:
         fwd, grad = _fns(op, argnums)
-        f = bench_common.time_jax(lambda: fwd(q, k, v, scores), reps=setup.reps)
-        fb = bench_common.time_jax(lambda: grad(q, k, v, scores, d_o), reps=setup.reps)
+        f = bench_common.time_jax(lambda: fwd(q, k, v, scores), reps=setup.reps,
+                                  label=f"{shape} {label} fwd")
+        fb = bench_common.time_jax(lambda: grad(q, k, v, scores, d_o), reps=setup.reps,
+                                   label=f"{shape} {label} fwd+bwd")
         record(dict(base, impl=label, fwd_ms=f, fwdbwd_ms=fb))
       except Exception as e:  # noqa: BLE001
         record(dict(base, impl=label, error=_error(f"{shape} {label}", e)))
