@@ -50,9 +50,16 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
     rows = pl.ds(k_start, block_k)
     d_t = d_t + cm.mm(dw_ref[:, rows], bq * k_ref[:, rows].astype(cm.F32), tb=True,
                       dtype=dtype)
-  d_a = -mm_t(mm_t(t, d_t, ta=True), t, tb=True)
-  e = beta * d_a * strict                                          # dL/d(K K^T)
-  b, k_t_dw = zeros(chunk, chunk), zeros(chunk, 1)
+  d_a = -mm_t(mm_t(t, d_t, ta=True), t, tb=True) * strict
+  # A = beta (B * Ds) with B = K K^T: everything needing B and dA first, so that only
+  # dL/dB stays live through the dk loop below.
+  b = cm.mm(k_ref[...], k_ref[...], tb=True, dtype=dtype)
+  dbeta = dbeta + _rowsum(d_a * b)
+  e = beta * d_a                                                   # dL/dB
+  z = cm.strict_lower(e * b)                                       # dDs * Ds
+  dg_ref[...] = _rowsum(z)
+  dg_row_ref[...] = -jnp.sum(z, axis=0, keepdims=True)
+  k_t_dw = zeros(chunk, 1)
   for k_start in range(0, dk_dim, block_k):
     rows = pl.ds(k_start, block_k)
     k = k_ref[:, rows]
@@ -61,13 +68,8 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
     dk = (dk_part_ref[:, rows] + bq * t_dw + cm.mm(e, k, dtype=dtype)
           + cm.mm(e, k, ta=True, dtype=dtype))
     dk_ref[:, rows] = dk.astype(dk_ref.dtype)
-    b = b + cm.mm(k, k, tb=True, dtype=dtype)
-  dbeta = dbeta + qd * k_t_dw + _rowsum(d_a * strict * b)
-  z = cm.strict_lower(e * b)                                       # dDs * Ds
-  dbeta_ref[...] = dbeta
+  dbeta_ref[...] = dbeta + qd * k_t_dw
   dqd_ref[...] = beta * k_t_dw
-  dg_ref[...] = _rowsum(z)
-  dg_row_ref[...] = -jnp.sum(z, axis=0, keepdims=True)
 
 
 def wy_grads(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, g_col, g_row,
