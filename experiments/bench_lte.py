@@ -57,7 +57,9 @@ from lte_jax.ops.lte_decode import lte_decode_attention  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "bench_lte.json", "Where to write the JSON results.")
-flags.DEFINE_list("sections", ["check", "train", "decode"], "Which parts to run.")
+flags.DEFINE_list("sections", ["check", "train", "decode"],
+                  "Which parts to run: check, train, stages (the Pallas LTE op's parts, each "
+                  "jitted alone, per 'pallas' entry of --implementations), decode.")
 flags.DEFINE_list("implementations", ["pallas", "xla"],
                   "lte_attention implementations; 'pallas:k=v;k=v' passes plan_options.")
 flags.DEFINE_list("attention_implementations", ["pallas", "xla", "cudnn"],
@@ -426,6 +428,55 @@ def bench_train(setup: Setup, torch, record: Callable[[dict], None]) -> None:
       torch.cuda.empty_cache()
 
 
+def lte_stage_times(options: dict | None, q, k, v, scores, *, sinks: int, window: int,
+                    reps: int) -> dict:
+  """ms of each part of the Pallas LTE op alone (kernels.lte_attention.api.stage_functions):
+  'prepare' (padding, documents, far-key sets and loop bounds: plain JAX), 'forward' (far-key
+  compaction + kernel), 'delta', 'dq', 'dkv_band', 'dkv_far' (+ compaction) and the whole
+  'backward' (+ the scatter of the far keys' gradients)."""
+  from lte_jax.kernels.lte_attention import api as kernel_api, make_plan
+  from lte_jax.ops.lte_attention.pallas import far_keys
+  plan = make_plan(None, None, options)
+
+  def prepare(q, k, v, scores):
+    keep, last = far_keys(scores, None, sink_size=sinks, window_size=window, budget=None)
+    return kernel_api.core_inputs(plan, q, k, v, keep, last, None, window,
+                                  q.shape[-1] ** -0.5)
+
+  cfg, core, sets_ = prepare(q, k, v, scores)           # eager once: the static config
+  fns = {name: jax.jit(fn) for name, fn in kernel_api.stage_functions(cfg).items()}
+  o, lse = fns["forward"](*core, sets_)
+  d_o = jnp.ones_like(o)
+  delta = fns["delta"](*core, sets_, d_o, o)
+  extra = {"forward": (), "delta": (d_o, o), "dq": (d_o, lse, delta),
+           "dkv_band": (d_o, lse, delta), "dkv_far": (d_o, lse, delta),
+           "backward": (o, lse, d_o)}
+  prepare_jit = jax.jit(lambda *a: prepare(*a)[1:])
+  times = {"prepare": bench_common.time_jax(lambda: prepare_jit(q, k, v, scores), reps=reps,
+                                            label="stage prepare")}
+  for name, fn in fns.items():
+    times[name] = bench_common.time_jax(lambda fn=fn, e=extra[name]: fn(*core, sets_, *e),
+                                        reps=reps, label=f"stage {name}")
+  return times
+
+
+def bench_stages(setup: Setup, record: Callable[[dict], None]) -> None:
+  """Where the Pallas LTE op's time goes, per 'pallas' entry of --implementations."""
+  for shape in setup.shapes:
+    np_args = train_inputs(*_shape(shape), sinks=setup.sinks, retained=setup.retained)
+    q, k, v, scores, _ = _jax_train(np_args)
+    for entry in FLAGS.implementations:
+      name, options = bench_common.parse_implementation(entry)
+      if name != "pallas":
+        continue
+      try:
+        ms = lte_stage_times(options, q, k, v, scores, sinks=setup.sinks,
+                             window=setup.window, reps=setup.reps)
+        record(dict(shape=shape, impl=f"lte_jax/{entry}", **ms))
+      except Exception as e:  # noqa: BLE001  (reported; the other entries go on)
+        record(dict(shape=shape, impl=f"lte_jax/{entry}", error=_error(f"{shape} {entry}", e)))
+
+
 def bench_train_torch(torch, np_args, base, record, *, sinks, window):
   f = torch.nn.functional
   tq, tk, tv = (_torch_bhtd(torch, x, grad=True) for x in np_args[:3])
@@ -536,7 +587,7 @@ def main(argv):
                  flags=dict(implementations=FLAGS.implementations,
                             attention_implementations=FLAGS.attention_implementations,
                             decode_implementations=FLAGS.decode_implementations),
-                 checks=[], train=[], decode=[])
+                 checks=[], train=[], stages=[], decode=[])
   if torch is not None:
     results["env"]["torch_cuda"] = torch.version.cuda
     results["env"]["cudnn"] = torch.backends.cudnn.version()
@@ -558,12 +609,18 @@ def main(argv):
     write()
   if "train" in FLAGS.sections:
     bench_train(setup, torch, recorder("train"))
+  if "stages" in FLAGS.sections:
+    bench_stages(setup, recorder("stages"))
   if "decode" in FLAGS.sections:
     bench_decode(setup, torch, recorder("decode"))
 
   if results["train"]:
     print("\ntraining attention (median ms)")
     bench_common.print_table(results["train"], ["shape", "impl", "fwd_ms", "fwdbwd_ms"])
+  if results["stages"]:
+    print("\nPallas LTE stages, each jitted alone (median ms)")
+    bench_common.print_table(results["stages"], ["shape", "impl", "prepare", "forward", "delta",
+                                                 "dq", "dkv_band", "dkv_far", "backward"])
   if results["decode"]:
     print("\ndecode, one query per sequence (median ms per step)")
     bench_common.print_table(results["decode"], ["heads", "cache", "impl", "ms", "gb_per_s"])

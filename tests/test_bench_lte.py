@@ -30,3 +30,17 @@ def test_smoke_run_writes_every_section(tmp_path):
   decode = {(r["impl"], r["cache"]) for r in data["decode"] if "ms" in r}
   assert ("lte_jax/decode-pallas", "LTE 17+8") in decode
   assert ("jax/einsum", "full 256") in decode
+
+
+def test_stages_section_times_every_part_of_the_pallas_op(tmp_path):
+  out = tmp_path / "bench_lte.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_lte", "--smoke", f"--out={out}",
+       "--sections=stages", "--implementations=pallas:block_q=16;block_k=16,xla"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads(out.read_text())["stages"]         # the xla entry has no stages
+  assert row["impl"] == "lte_jax/pallas:block_q=16;block_k=16"
+  parts = ("prepare", "forward", "delta", "dq", "dkv_band", "dkv_far", "backward")
+  assert all(row[p] > 0 for p in parts), row

@@ -69,24 +69,47 @@ def _core(cfg: forward.Static, q, k, v, s: _Sets):
   return _core_fwd(cfg, q, k, v, s)[0]
 
 
+def _forward(cfg, q, k, v, s):
+  """-> (o, lse)."""
+  return forward.attention_forward(cfg, q, k, v, s.lo, s.query_bounds,
+                                   _far_inputs(cfg, k, v, s))
+
+
 def _core_fwd(cfg, q, k, v, s):
-  o, lse = forward.attention_forward(cfg, q, k, v, s.lo, s.query_bounds,
-                                     _far_inputs(cfg, k, v, s))
+  o, lse = _forward(cfg, q, k, v, s)
   return o, (q, k, v, s, o, lse)
+
+
+def _delta(cfg, d_o, o):
+  """delta_i = rowsum(dO_i * O_i) in fp32, as a column [B, Hq, Tp, 1] like lse."""
+  delta = jnp.sum(d_o.astype(F32) * o.astype(F32), axis=-1)
+  return (delta.transpose(0, 2, 1) if cfg.plan.native_layout else delta)[..., None]
+
+
+def _dq(cfg, q, k, v, s, d_o, lse, delta):
+  return forward.attention_dq(cfg, q, k, v, d_o, lse, delta, s.lo, s.query_bounds,
+                              _far_inputs(cfg, k, v, s))
+
+
+def _band_key_grads(cfg, q, k, v, s, d_o, lse, delta):
+  return backward.band_key_grads(cfg, q, k, v, d_o, lse, delta, s.lo, s.band_bounds)
+
+
+def _far_key_grads(cfg, q, k, v, s, d_o, lse, delta):
+  """(dkc, dvc) of the compact far keys (the caller scatters them back)."""
+  kc, vc, *_ = _far_inputs(cfg, k, v, s)
+  return backward.far_key_grads(cfg, q, d_o, lse, delta, kc, vc, s.far_idx, s.far_last,
+                                s.far_bounds)
 
 
 def _core_bwd(cfg, residuals, d_o):
   q, k, v, s, o, lse = residuals
   d_o = d_o.astype(o.dtype)
-  # delta_i = rowsum(dO_i * O_i) in fp32, as a column [B, Hq, Tp, 1] like lse.
-  delta = jnp.sum(d_o.astype(F32) * o.astype(F32), axis=-1)
-  delta = (delta.transpose(0, 2, 1) if cfg.plan.native_layout else delta)[..., None]
-  far = _far_inputs(cfg, k, v, s)
-  dq = forward.attention_dq(cfg, q, k, v, d_o, lse, delta, s.lo, s.query_bounds, far)
-  dk, dv = backward.band_key_grads(cfg, q, k, v, d_o, lse, delta, s.lo, s.band_bounds)
+  delta = _delta(cfg, d_o, o)
+  dq = _dq(cfg, q, k, v, s, d_o, lse, delta)
+  dk, dv = _band_key_grads(cfg, q, k, v, s, d_o, lse, delta)
   if cfg.far:
-    dkc, dvc = backward.far_key_grads(cfg, q, d_o, lse, delta, far[0], far[1], s.far_idx,
-                                      s.far_last, s.far_bounds)
+    dkc, dvc = _far_key_grads(cfg, q, k, v, s, d_o, lse, delta)
     dk = _scatter_add(cfg, dk, s.far_idx, dkc)
     dv = _scatter_add(cfg, dv, s.far_idx, dvc)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -100,9 +123,11 @@ def _dim_for_kernels(d: int) -> int:
   return max(16, 1 << (d - 1).bit_length())
 
 
-def _attend(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, scale):
-  """Band (i - w <= j <= i) plus far keys (keep [B, T, Hkv] bool, last [B, T, Hkv] int32
-  or None; keep None: none). Shapes as the public functions."""
+def core_inputs(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, scale
+                ) -> tuple[forward.Static, tuple, _Sets]:
+  """The kernels' static config, q, k, v padded into the kernel layout, and the integer
+  sets (arguments as `_attend`). Public so benchmarks can time the stages one by one
+  (`stage_functions`)."""
   batch, time, num_heads, d = q.shape
   num_kv_heads, dv = k.shape[2], v.shape[-1]
   # A window of T or more is the whole causal range (and keeps int32 sums small).
@@ -130,8 +155,33 @@ def _attend(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, s
   cfg = forward.Static(plan=plan, scale=float(scale), window=window, time=time, padded=padded,
                        heads_kv=num_kv_heads, group=num_heads // num_kv_heads,
                        far=far is not None)
-  o = _core(cfg, prep(q, dk_pad), prep(k, dk_pad), prep(v, dv_pad), s)
-  return tokens.from_kernel(o)[:, :time, :, :dv]
+  return cfg, (prep(q, dk_pad), prep(k, dk_pad), prep(v, dv_pad)), s
+
+
+def _attend(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_size, scale):
+  """Band (i - w <= j <= i) plus far keys (keep [B, T, Hkv] bool, last [B, T, Hkv] int32
+  or None; keep None: none). Shapes as the public functions."""
+  cfg, args, s = core_inputs(plan, q, k, v, keep, last, segment_ids, window_size, scale)
+  o = _core(cfg, *args, s)
+  return cfg.tokens.from_kernel(o)[:, :cfg.time, :, :v.shape[-1]]
+
+
+def stage_functions(cfg: forward.Static) -> dict:
+  """name -> f(q, k, v, s, *extra) on core_inputs' outputs, for timing each part of the
+  op alone (jit them): 'forward' () -> (o, lse) [far-key compaction + kernel]; 'dq',
+  'dkv_band', 'dkv_far' (d_o, lse, delta) -> that kernel's gradients ['dkv_far' with the
+  compaction, without the scatter back]; 'delta' (d_o, o) -> rowsum(dO * O); 'backward'
+  (o, lse, d_o) -> (dq, dk, dv)."""
+  stages = {
+      "forward": functools.partial(_forward, cfg),
+      "dq": functools.partial(_dq, cfg),
+      "dkv_band": functools.partial(_band_key_grads, cfg),
+      "delta": lambda q, k, v, s, d_o, o: _delta(cfg, d_o, o),
+      "backward": lambda q, k, v, s, o, lse, d_o: _core_bwd(cfg, (q, k, v, s, o, lse), d_o)[:3],
+  }
+  if cfg.far:
+    stages["dkv_far"] = functools.partial(_far_key_grads, cfg)
+  return stages
 
 
 def attention_with_far_keys(q: jax.Array, k: jax.Array, v: jax.Array, *, keep: jax.Array,
