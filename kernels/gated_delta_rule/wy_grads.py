@@ -50,12 +50,12 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
     rows = pl.ds(k_start, block_k)
     d_t = d_t + cm.mm(dw_ref[:, rows], bq * k_ref[:, rows].astype(cm.F32), tb=True,
                       dtype=dtype)
-  d_a = -mm_t(mm_t(t, d_t, ta=True), t, tb=True) * strict
-  # A = beta (B * Ds) with B = K K^T: everything needing B and dA first, so that only
-  # dL/dB stays live through the dk loop below.
+  # A = beta (B * Ds) with B = K K^T and Ds the strict decays: everything needing B and dA
+  # first, so that only dL/dB stays live through the dk loop below.
+  d_a_ds = -mm_t(mm_t(t, d_t, ta=True), t, tb=True) * strict      # dA * Ds
   b = cm.mm(k_ref[...], k_ref[...], tb=True, dtype=dtype)
-  dbeta = dbeta + _rowsum(d_a * b)
-  e = beta * d_a                                                   # dL/dB
+  dbeta = dbeta + _rowsum(d_a_ds * b)
+  e = beta * d_a_ds                                                # dL/dB
   z = cm.strict_lower(e * b)                                       # dDs * Ds
   dg_ref[...] = _rowsum(z)
   dg_row_ref[...] = -jnp.sum(z, axis=0, keepdims=True)
