@@ -33,7 +33,8 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
     "gdn_wy_inverse": (1, 1),       # 1.16 -> 0.52
     "gdn_wy_transform": (4, 1),     # states stage 1.00 -> 0.80
     "gdn_chunk_states": (4, 3),     # states stage 1.00 -> 0.83
-    "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32
+    "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32 (then a grid over value blocks; since
+                                    # one program per chunk loops over them: re-measure)
     # Fourth session, wy_operands='input' (BENCHMARKS.md): the backward's recurrence, 4/2 ->
     # here. (gdn_chunk_qk_grads and gdn_wy_grads, which replaced the one input-gradient
     # kernel measured then at 2.96 -> 2.82 ms with 4/3, are not measured yet.)
@@ -142,8 +143,9 @@ class Plan:
     return jax.numpy.dtype(input_dtype) if low else jax.numpy.dtype("float32")
 
   def value_block(self, dv: int) -> int:
-    """Value columns per program (GPU: bounds the [Dk, block] fp32 state tiles that
-    Triton stages in shared memory; TPU: all of Dv, VMEM holds it)."""
+    """Value columns per program of the recurrences and per step of the other kernels'
+    value loops (GPU: bounds the [Dk, block] fp32 state tiles that Triton stages in shared
+    memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
 
   def key_block(self, dk: int) -> int:
@@ -188,12 +190,6 @@ def per_chunk(*tail: int) -> pl.BlockSpec:
                       lambda b, n, *_: (b, n) + (0,) * len(tail))
 
 
-def per_chunk_value_block(rows: int, block: int) -> pl.BlockSpec:
-  """Block [rows, block] of one chunk of a [BH, N, rows, Dv] array on a (BH, N, Dv
-  blocks) grid."""
-  return pl.BlockSpec((pl.squeezed, pl.squeezed, rows, block), lambda b, n, j: (b, n, 0, j))
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where one chunk's rows of a token tensor (q, k, v, o and their gradients) live.
@@ -225,14 +221,6 @@ class Layout:
     h = self.heads
     return pl.BlockSpec((pl.squeezed, self.chunk, pl.squeezed, d),
                         lambda b, n, *_: (b // h, n, b % h, 0))
-
-  def value_block(self, block: int) -> pl.BlockSpec:
-    """A chunk's [C, block] rows on a (B*H, N, Dv blocks) grid."""
-    if not self.native:
-      return per_chunk_value_block(self.chunk, block)
-    h = self.heads
-    return pl.BlockSpec((pl.squeezed, self.chunk, pl.squeezed, block),
-                        lambda b, n, j: (b // h, n, b % h, j))
 
   def sequence(self, d: int, block: int | None = None) -> pl.BlockSpec:
     """All rows [T, d] (or [T, block] of value block j) on a (B*H, Dv blocks) grid,

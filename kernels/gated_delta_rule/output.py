@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.experimental import pallas as pl
 
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
@@ -19,22 +20,28 @@ def _attention(q, k, g_col, g_row, seg_col, seg_row, dtype):
 
 
 def _output_kernel(q_ref, k_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref, h_ref,
-                   v_new_ref, o_ref, *, scale):
+                   v_new_ref, o_ref, *, scale, block_v):
   q = q_ref[...]
   dtype = q.dtype
   p = _attention(q, k_ref[...], g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...],
                  dtype)
-  o = cm.mm(qd_ref[...] * q.astype(cm.F32), h_ref[...], dtype=dtype)
-  o = o + cm.mm(p, v_new_ref[...], dtype=dtype)
-  o_ref[...] = (scale * o).astype(o_ref.dtype)
+  q_in = qd_ref[...] * q.astype(cm.F32)
+  # The scores once per chunk, then value blocks in turn: only a [Dk, block_v] state tile
+  # and a [C, block_v] accumulator live at a time.
+  for start in range(0, v_new_ref.shape[-1], block_v):
+    cols = pl.ds(start, block_v)
+    o = cm.mm(q_in, h_ref[:, cols], dtype=dtype) + cm.mm(p, v_new_ref[:, cols], dtype=dtype)
+    o_ref[:, cols] = (scale * o).astype(o_ref.dtype)
 
 
 def _dv_local_kernel(q_ref, k_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, do_ref, dv_ref,
-                     *, scale):
+                     *, scale, block_v):
   q = q_ref[...]
   p = _attention(q, k_ref[...], g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...],
                  q.dtype)
-  dv_ref[...] = scale * cm.mm(p, do_ref[...], ta=True, dtype=q.dtype)
+  for start in range(0, do_ref.shape[-1], block_v):
+    cols = pl.ds(start, block_v)
+    dv_ref[:, cols] = scale * cm.mm(p, do_ref[:, cols], ta=True, dtype=q.dtype)
 
 
 def _common_specs(layout, dk):
@@ -43,8 +50,9 @@ def _common_specs(layout, dk):
   return [layout.block(dk), layout.block(dk), col, row, col, row]
 
 
-# Both kernels run on a (BH, N, Dv blocks) grid: value columns are independent,
-# and the scores are cheap to recompute per block next to a [Dk, Dv] state tile.
+# Both kernels run one program per chunk (B*H*N of them, plenty): the [C, C] scores and
+# their decays are computed once, not once per value block as a grid over value blocks
+# would.
 
 def chunk_outputs(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_row, seg_col,
                   seg_row, qd_col, h, v_new, *, scale: float, out_dtype):
@@ -52,13 +60,12 @@ def chunk_outputs(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_row
   -> o, a token tensor of width Dv."""
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dv = v_new.shape[-1]
-  bv = plan.value_block(dv)
-  by_value = backend.per_chunk_value_block
   return backend.call(
-      functools.partial(_output_kernel, scale=scale), plan, grid=(bh, n, dv // bv),
-      in_specs=_common_specs(layout, dk) + [backend.per_chunk(c, 1), by_value(dk, bv),
-                                            by_value(c, bv)],
-      out_specs=[layout.value_block(bv)],
+      functools.partial(_output_kernel, scale=scale, block_v=plan.value_block(dv)), plan,
+      grid=(bh, n),
+      in_specs=_common_specs(layout, dk) + [backend.per_chunk(c, 1), backend.per_chunk(dk, dv),
+                                            backend.per_chunk(c, dv)],
+      out_specs=[layout.block(dv)],
       out_shape=[jax.ShapeDtypeStruct(layout.shape(dv), out_dtype)],
       name="gdn_chunk_outputs",
   )(q, k, g_col, g_row, seg_col, seg_row, qd_col, h, v_new)[0]
@@ -69,11 +76,11 @@ def local_value_grads(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g
   """dO, a token tensor (layout) of width Dv -> dV_local [BH, N, C, Dv] fp32."""
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dv = d_o.shape[-1]
-  bv = plan.value_block(dv)
   return backend.call(
-      functools.partial(_dv_local_kernel, scale=scale), plan, grid=(bh, n, dv // bv),
-      in_specs=_common_specs(layout, dk) + [layout.value_block(bv)],
-      out_specs=[backend.per_chunk_value_block(c, bv)],
+      functools.partial(_dv_local_kernel, scale=scale, block_v=plan.value_block(dv)), plan,
+      grid=(bh, n),
+      in_specs=_common_specs(layout, dk) + [layout.block(dv)],
+      out_specs=[backend.per_chunk(c, dv)],
       out_shape=[jax.ShapeDtypeStruct((bh, n, c, dv), cm.F32)],
       name="gdn_local_value_grads",
   )(q, k, g_col, g_row, seg_col, seg_row, d_o)[0]
