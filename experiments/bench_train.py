@@ -14,12 +14,14 @@ Reports step time (median), tokens/s, peak device memory and MFU
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 from absl import app, flags
 
@@ -49,6 +51,11 @@ flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")
 flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
+flags.DEFINE_integer("profile_steps", 0,
+                     "After timing, trace this many lte_jax steps with the JAX profiler and "
+                     "report the device time per kernel (experiments.profile_summary); the "
+                     "trace stays in --profile_dir/<arch>. 0: off.")
+flags.DEFINE_string("profile_dir", "bench_train_profile", "Where --profile_steps traces go.")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
 
@@ -136,6 +143,13 @@ def _run_lte_jax(arch: str) -> dict:
       jax.block_until_ready(m["loss"])
       times.append(time.perf_counter() - start)
       print(f"{arch}: step {times[-1]:.3f} s", file=sys.stderr, flush=True)
+    carried = [state]          # the step donates its state: each call takes the last one
+
+    def one_step():
+      carried[0], metrics_ = step_fn(carried[0], batch)
+      return metrics_["loss"]
+
+    profile = _profile(arch, one_step)
   n = train_state.num_params(model_def)
   step_s = _median(times)
   peak = metrics.peak_flops(jax.devices()[0])
@@ -149,7 +163,22 @@ def _run_lte_jax(arch: str) -> dict:
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
               mfu=flops / (peak * jax.device_count()) if peak else None,
-              xla_temp_gib=temp_gib, final_loss=float(m["loss"]))
+              xla_temp_gib=temp_gib, final_loss=float(m["loss"]), profile=profile)
+
+
+def _profile(arch: str, step: Callable[[], Any]) -> list[dict] | None:
+  """--profile_steps traced calls of `step` -> the top kernels by device time per step
+  (printed too), or None when profiling is off."""
+  if FLAGS.profile_steps <= 0:
+    return None
+  from experiments import bench_common, profile_summary
+  path = profile_summary.trace_calls(step, FLAGS.profile_steps,
+                                     os.path.join(FLAGS.profile_dir, arch))
+  rows = profile_summary.per_call(profile_summary.op_times(path), FLAGS.profile_steps, 30)
+  print(f"{arch}: device time per step by kernel ({path}):", file=sys.stderr, flush=True)
+  with contextlib.redirect_stdout(sys.stderr):
+    bench_common.print_table(rows, ["name", "hlo_op", "ms_per_call", "count", "share"])
+  return rows
 
 
 def _run_fla() -> dict:

@@ -1,0 +1,51 @@
+"""experiments/profile_summary.py and bench_train --profile_steps, on the CPU.
+
+The CPU has no device planes, so the kernel sums are checked on the host plane's XLA
+lines (the same reading code; a GPU's stream lines differ only by name); bench_train's
+wiring runs end to end at the tiny preset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from experiments import profile_summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_op_times_sums_the_traced_calls(tmp_path):
+  x = jnp.ones((256, 256))
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  f(x).block_until_ready()
+  path = profile_summary.trace_calls(lambda: f(x), 3, str(tmp_path))
+  assert path.endswith(".xplane.pb")
+  rows = profile_summary.op_times(path, plane_prefix="/host:CPU",
+                                  line_filter=lambda name: name.startswith("tf_XLA"))
+  assert rows and all(r["total_ms"] >= 0 and r["count"] >= 1 for r in rows)
+  assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
+  top = profile_summary.per_call(rows, 3, 2)
+  assert len(top) == min(2, len(rows))
+  assert abs(top[0]["ms_per_call"] * 3 - top[0]["total_ms"]) < 1e-9
+  assert 0 < sum(r["share"] for r in profile_summary.per_call(rows, 3, len(rows))) < 1 + 1e-9
+  # No accelerator here: no device plane, so nothing to sum (not an error).
+  assert profile_summary.op_times(path) == []
+
+
+def test_bench_train_profiles_its_steps(tmp_path):
+  out = tmp_path / "bench_train.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--nofla", "--archs=GDN",
+       "--size=tiny", "--batch=1", "--seq_len=64", "--steps=1", "--warmup=0",
+       "--profile_steps=1", f"--profile_dir={tmp_path / 'profile'}", f"--out={out}"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["tokens_per_s"] > 0 and row["profile"] == []    # CPU: no device plane
+  assert list((tmp_path / "profile" / "GDN").rglob("*.xplane.pb"))
