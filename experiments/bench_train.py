@@ -46,7 +46,7 @@ flags.DEFINE_string("gdn_implementation", None,
                     "--implementation for the GDN layers.")
 flags.DEFINE_string("gdn_plan_options", None,
                     "GDN Pallas kernel options 'name=value;...' (GDNConfig.plan_options), e.g. "
-                    "'keep_states=False;block_k=32'.")
+                    "'keep_states=True;block_k=32'.")
 flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")

@@ -49,7 +49,7 @@ class GDNConfig:
   chunk_size: int = 64
   implementation: str | None = None  # None: best available for the backend
   # 'pallas' kernel Plan fields as 'name=value;...' (lte_jax.kernels.gated_delta_rule.
-  # parse_options), e.g. 'keep_states=False;block_v=32'; '' keeps the kernels' defaults.
+  # parse_options), e.g. 'keep_states=True;block_v=32'; '' keeps the kernels' defaults.
   plan_options: str = ""
 
   def __post_init__(self):

@@ -97,12 +97,11 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
 @pytest.mark.parametrize("options", [(("inverse_form", "doubling"),),
                                      (("wy_operands", "fp32"),),
                                      (("block_k", 16),),
-                                     (("keep_states", False),)])
+                                     (("keep_states", True),)])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
-  bf16 as FLA), with the backward's key loops in four steps, and with the backward
-  recomputing the forward's states (the GPU default keeps them); value loops in two steps
-  throughout."""
+  bf16 as FLA), with the backward's key loops in four steps, and with the forward's states
+  kept for the backward; value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   _compare(args, jnp.bfloat16, platform="gpu", block_v=32, segment_ids=segment_ids,
@@ -205,8 +204,8 @@ def test_plan_inverse_precision_default_per_target():
   from lte_jax.kernels.gated_delta_rule.backend import Plan
   assert Plan("gpu").inverse_precision == "tf32x3"      # tensor cores: 6.6x faster forward
   assert Plan("gpu", interpret=True).inverse_precision == "highest"
-  # The forward's W, h, V_new are kept for the backward on a GPU (no recompute), not on TPU.
-  assert Plan("gpu").keep_states and not Plan("tpu").keep_states
+  # The backward recomputes W, h, V_new unless asked to keep them (issue 5, as FLA).
+  assert not Plan("gpu").keep_states and not Plan("tpu").keep_states
   assert Plan("tpu").inverse_precision == "highest"
 
 
@@ -293,7 +292,7 @@ _sds = helpers.sds
 @pytest.mark.parametrize("platform,lowering,options", [
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
-    ("gpu", "cuda", dict(keep_states=False))])
+    ("gpu", "cuda", dict(keep_states=True))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
@@ -311,9 +310,9 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
           _sds(b, t, dtype=jnp.int32))
   target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
   # Forward: inverse, WY, states, outputs. With gradients: those, then WY and states
-  # again (recomputed from the saved inverse, unless kept: the GPU default), local dV,
+  # again (recomputed from the saved inverse, unless kept), local dV,
   # reverse states, dq/dk/dW, WY grads.
-  kept = options.get("keep_states", platform == "gpu")
+  kept = options.get("keep_states", False)
   for fn, kernels in ((op, 4), (jax.value_and_grad(op, argnums=tuple(range(6))),
                                 8 if kept else 10)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()

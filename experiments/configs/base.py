@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.lte_dropout = config_dict.placeholder(float)
   config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
   # GDN 'pallas' kernel options 'name=value;...' (GDNConfig.plan_options), e.g.
-  # 'keep_states=False;block_k=32'.
+  # 'keep_states=True;block_k=32'.
   config.model.gdn_plan_options = config_dict.placeholder(str)
   # A ModelConfig JSON (e.g. WORKDIR/converted_model.json from experiments.convert) used
   # instead of arch/size and the shape fields above.

@@ -6,9 +6,9 @@ Pipeline (kernel modules in brackets), per (batch*head, chunk):
   backward: W, U and the per-chunk states (kept from the forward, or recomputed),
             dV_local [output], reverse recurrence [state], per-chunk dq, dk, dW
             [qk_grads], WY backward (dv, dbeta, the rest of dk) [wy_grads].
-The backward keeps the inputs and T (C values per token). Plan.keep_states (the GPU
-default) also keeps W, h and V_new, which the forward writes to HBM anyway; without it
-(the TPU default, HBM being scarcer there) the backward recomputes them as FLA does.
+The backward keeps the inputs and T (C values per token) and recomputes W, h and V_new
+as FLA does; Plan.keep_states (opt-in) keeps those instead, which the forward writes to
+HBM anyway (memory for time).
 
 The glue here is plain jnp, almost all on [B, T, H] scalars (cheap next to the
 [B, T, H, D] tensors): padding, the chunk layout [B*H, N, C] of the scalars,

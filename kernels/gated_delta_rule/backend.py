@@ -84,8 +84,9 @@ class Plan:
     0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)). The forward writes them to HBM
     anyway, so keeping them costs memory only: 134 + 2 x 67 MB there in bf16, held from
     the forward to the backward (one layer at a time under remat). H200: fwd+bwd 4.33 ->
-    4.06 ms there (with wy_operands='input'). None: True on a GPU, False on TPU (scarcer
-    HBM per chip).
+    4.06 ms there (with wy_operands='input'). Off by default: like FLA, the backward
+    recomputes rather than keep per-token intermediates (issue 5's contract); on through
+    plan_options.
   """
   platform: str
   interpret: bool = False
@@ -98,7 +99,7 @@ class Plan:
   inverse_precision: str | None = None
   inverse_form: str | None = None
   wy_operands: str = "input"
-  keep_states: bool | None = None
+  keep_states: bool = False
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -108,8 +109,6 @@ class Plan:
     if self.inverse_form not in forms:
       raise ValueError(f"inverse_form must be one of {forms} on {self.platform}, "
                        f"got {self.inverse_form!r}")
-    if self.keep_states is None:
-      object.__setattr__(self, "keep_states", self.platform == "gpu")
     if not isinstance(self.keep_states, bool):
       raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
     if self.wy_operands not in ("fp32", "input"):

@@ -71,8 +71,8 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
     implementation: 'pallas' (Pallas kernels; interpreted on CPU), 'xla' (chunked
       plain JAX) or 'reference' (recurrent scan); None: `default_implementation()`.
     plan_options: when the implementation (after None is resolved) is 'pallas', fields of
-      lte_jax.kernels.gated_delta_rule.Plan, e.g. {'keep_states': False, 'block_v': 32}
-      (`parse_options('keep_states=False;block_v=32')` builds it from a string).
+      lte_jax.kernels.gated_delta_rule.Plan, e.g. {'keep_states': True, 'block_v': 32}
+      (`parse_options('keep_states=True;block_v=32')` builds it from a string).
 
   Returns:
     o [B, T, H, Dv] in v.dtype; final state [B, H, Dk, Dv] float32 or None.
