@@ -156,15 +156,16 @@ def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
 
 
 def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, kd_col, hd, w,
-                      d_o, dv_local, dh_last, *, scale: float, state_dtype=jnp.float32):
+                      d_o, dv_local, dh_last, *, scale: float, state_dtype=jnp.float32,
+                      dv_dtype=jnp.float32):
   """Reverse recurrence. q, k, d_o token tensors (layout); w [BH, N, C, Dk];
   dv_local [BH, N, C, Dv]; dh_last [BH, Dk, Dv] (gradient of the final state)
-  -> (dh of the state leaving each chunk [BH, N, Dk, Dv], total dV_new
-  [BH, N, C, Dv] fp32, dh0 [BH, Dk, Dv])."""
+  -> (dh of the state leaving each chunk [BH, N, Dk, Dv] in state_dtype, total dV_new
+  [BH, N, C, Dv] in dv_dtype, dh0 [BH, Dk, Dv] fp32)."""
   bh, n, c, dk = w.shape
   dv = d_o.shape[-1]
   out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
-               jax.ShapeDtypeStruct((bh, n, c, dv), jnp.float32),
+               jax.ShapeDtypeStruct((bh, n, c, dv), dv_dtype),
                jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
   args = (q, qd_col, k, kd_col, hd, w, d_o, dv_local, dh_last)
   if plan.sequential_in_grid:
