@@ -62,6 +62,20 @@ def strict_lower(x: jax.Array) -> jax.Array:
   return jnp.where(_iota(chunk, 0) > _iota(chunk, 1), x, 0.0)
 
 
+def rowsum(x: jax.Array) -> jax.Array:
+  """[n, m] -> [n, 1]."""
+  return jnp.sum(x, axis=1, keepdims=True)
+
+
+def decay_grads(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Z = dD * D [C, C] for a decay matrix D[i, j] = e^{G_i - G_j} -> dG's parts: rows
+  [C, 1] (+rowsum) and columns [1, C] (-colsum); the caller adds the two. The diagonal
+  decay is a constant e^0: its O(1) terms would enter dG_i twice with opposite signs and
+  leave only rounding noise, swamping tiny true gradients, so it is left out."""
+  z = strict_lower(z)
+  return rowsum(z), -jnp.sum(z, axis=0, keepdims=True)
+
+
 def unit_lower_inverse(a: jax.Array, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """(I + a)^-1 for strictly lower-triangular a [C, C], C a power of two.
 

@@ -17,10 +17,6 @@ from jax.experimental import pallas as pl
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 
-def _rowsum(x):
-  return jnp.sum(x, axis=1, keepdims=True)
-
-
 def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
             dv_ref, dw_ref, dk_part_ref,
             dk_ref, dvin_ref, dbeta_ref, dqd_ref, dg_ref, dg_row_ref, *,
@@ -43,7 +39,7 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
     dv, vf = dv_ref[:, cols], v_ref[:, cols].astype(cm.F32)
     t_du = mm_t(t, dv, ta=True)
     dvin_ref[:, cols] = (beta * t_du).astype(dvin_ref.dtype)
-    dbeta = dbeta + _rowsum(vf * t_du)
+    dbeta = dbeta + cm.rowsum(vf * t_du)
     d_t = d_t + cm.mm(dv, beta * vf, tb=True, dtype=dtype)
   # W = T (beta qd K): dT needs every key column before dA exists, so two passes.
   for k_start in range(0, dk_dim, block_k):
@@ -54,17 +50,15 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   # first, so that only dL/dB stays live through the dk loop below.
   d_a_ds = -mm_t(mm_t(t, d_t, ta=True), t, tb=True) * strict      # dA * Ds
   b = cm.mm(k_ref[...], k_ref[...], tb=True, dtype=dtype)
-  dbeta = dbeta + _rowsum(d_a_ds * b)
+  dbeta = dbeta + cm.rowsum(d_a_ds * b)
   e = beta * d_a_ds                                                # dL/dB
-  z = cm.strict_lower(e * b)                                       # dDs * Ds
-  dg_ref[...] = _rowsum(z)
-  dg_row_ref[...] = -jnp.sum(z, axis=0, keepdims=True)
+  dg_ref[...], dg_row_ref[...] = cm.decay_grads(e * b)            # Z = dDs * Ds
   k_t_dw = zeros(chunk, 1)
   for k_start in range(0, dk_dim, block_k):
     rows = pl.ds(k_start, block_k)
     k = k_ref[:, rows]
     t_dw = mm_t(t, dw_ref[:, rows], ta=True)                        # [C, block_k]
-    k_t_dw = k_t_dw + _rowsum(k.astype(cm.F32) * t_dw)
+    k_t_dw = k_t_dw + cm.rowsum(k.astype(cm.F32) * t_dw)
     dk = (dk_part_ref[:, rows] + bq * t_dw + cm.mm(e, k, dtype=dtype)
           + cm.mm(e, k, ta=True, dtype=dtype))
     dk_ref[:, rows] = dk.astype(dk_ref.dtype)
