@@ -178,7 +178,7 @@ STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
 def _time_stages(options: dict, args, only=None) -> dict:
   """ms per Pallas stage (`only`: a subset), each jitted alone on the chunk-layout inputs
   (where the time goes): the forward's three, the whole backward, and the backward's
-  three kernels (it also recomputes 'states' unless keep_states). `options`: Plan fields.
+  four kernels (it also recomputes 'states' unless keep_states). `options`: Plan fields.
   Only the stages a timed one needs inputs from run (the --tune sweep times one stage)."""
   from lte_jax.kernels.gated_delta_rule import api as kernel_api
   q = args[0]
@@ -188,36 +188,31 @@ def _time_stages(options: dict, args, only=None) -> dict:
   dh_last = jnp.zeros_like(core[9])       # like h0 [BH, Dk, Dv] fp32
   memo = {}
 
-  def get(name):  # an intermediate, computed once and only when a timed stage needs it
+  def get(name):  # a stage's outputs, computed once and only when a timed stage needs them
     if name not in memo:
-      memo[name] = {
-          "t": lambda: fns["inverse"](*core),
-          "states": lambda: fns["states"](*core, get("t")),          # (W, h, V_new, h_last)
-          "dv_local": lambda: fns["dv_local"](*core, d_o),
-          "state_grads": lambda: fns["state_grads"](*core, get("states")[0], d_o,
-                                                    get("dv_local"), dh_last),  # (dh, dV_new, dh0)
-          "qk_grads": lambda: fns["qk_grads"](*core, *extra_args("qk_grads")),  # (dq, dk_part, dW, ...)
-      }[name]()
+      memo[name] = fns[name](*core, *extra_args(name))
     return memo[name]
 
   def extra_args(name):  # what stage `name` takes after the core arguments
     if name == "inverse":
       return ()
-    if name == "states":
-      return (get("t"),)
-    if name == "output":
-      return get("states")[1:3]
-    if name == "backward":    # with keep_states, the forward's W, h, V_new as residuals
-      return (get("t"), d_o, dh_last, *(get("states")[:3] if cfg.plan.keep_states else ()))
     if name == "dv_local":
       return (d_o,)
+    t = get("inverse")
+    if name == "states":
+      return (t,)
+    w, h, v_new, _ = get("states")
+    if name == "output":
+      return (h, v_new)
+    if name == "backward":    # with keep_states, the forward's W, h, V_new as residuals
+      return (t, d_o, dh_last, *((w, h, v_new) if cfg.plan.keep_states else ()))
     if name == "state_grads":
-      return (get("states")[0], d_o, get("dv_local"), dh_last)
-    (_, h, v_new, _), (dh, dv_new, _) = get("states"), get("state_grads")
+      return (w, d_o, get("dv_local"), dh_last)
+    dh, dv_new, _ = get("state_grads")
     if name == "qk_grads":
       return (h, dh, v_new, dv_new, d_o)
     _, dk_part, dw, *_ = get("qk_grads")
-    return (get("t"), dv_new, dw, dk_part)              # wy_grads
+    return (t, dv_new, dw, dk_part)                     # wy_grads
 
   times = {}
   for name, fn in fns.items():
@@ -233,12 +228,11 @@ def tune(args, table: dict, kernels, launches, budget_s: float, on_row) -> list[
   the stage that runs it while every other kernel keeps its entry in `table` (a launch
   table, name -> (warps, stages)). Stops when `budget_s` is spent; `on_row(rows)` after
   every measurement."""
-  import time as time_lib
-  start, rows = time_lib.perf_counter(), []
+  start, rows = time.perf_counter(), []
   for kernel in kernels:
     stage = STAGE_OF_KERNEL[kernel]
     for launch in launches:
-      if time_lib.perf_counter() - start > budget_s:
+      if time.perf_counter() - start > budget_s:
         print(f"tune: budget of {budget_s:.0f} s spent; stopping", flush=True)
         return rows
       warps, stages = (int(x) for x in launch.split("/"))
@@ -316,13 +310,11 @@ def main(argv):
       raise app.UsageError(f"--tune: unknown kernels {unknown}; allowed: all, "
                            f"{', '.join(STAGE_OF_KERNEL)}")
     # Swept on top of the launch table now in force, so one kernel moves at a time.
-    from lte_jax.kernels.gated_delta_rule import backend as gdn_backend
-    tuned = tune(_inputs(*_parse(FLAGS.shapes[0])), gdn_backend.GPU_LAUNCH, kernels,
-                 FLAGS.tune_launch,
+    tuned = tune(_inputs(*_parse(FLAGS.shapes[0])), _gpu_launch(), kernels, FLAGS.tune_launch,
                  FLAGS.tune_seconds, lambda r: _write(env, checks, rows, fla, stages, r))
     if tuned:
       bench_common.print_table(tuned, ["kernel", "launch", "stage", "stage_ms"])
-      print(f"best launch at {FLAGS.shapes[0]}: {best_launch(tuned, gdn_backend.GPU_LAUNCH)}",
+      print(f"best launch at {FLAGS.shapes[0]}: {best_launch(tuned, _gpu_launch())}",
             flush=True)
   timed_shapes = FLAGS.shapes if FLAGS.implementations or fla is not None else []
   for shape in timed_shapes:

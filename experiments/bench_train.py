@@ -132,23 +132,21 @@ def _run_lte_jax(arch: str) -> dict:
     temp_gib = getattr(mem, "temp_size_in_bytes", 0) / 2**30
     print(f"{arch}: compiled in {compile_s:.1f} s, XLA temp buffers {temp_gib:.1f} GiB",
           file=sys.stderr, flush=True)
-    state, m = step_fn(state, batch)
-    for _ in range(FLAGS.warmup):
-      state, m = step_fn(state, batch)
-    jax.block_until_ready(m["loss"])
-    times = []
-    for _ in range(FLAGS.steps):
-      start = time.perf_counter()
-      state, m = step_fn(state, batch)
-      jax.block_until_ready(m["loss"])
-      times.append(time.perf_counter() - start)
-      print(f"{arch}: step {times[-1]:.3f} s", file=sys.stderr, flush=True)
     carried = [state]          # the step donates its state: each call takes the last one
 
     def one_step():
       carried[0], metrics_ = step_fn(carried[0], batch)
       return metrics_["loss"]
 
+    for _ in range(1 + FLAGS.warmup):
+      loss = one_step()
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(FLAGS.steps):
+      start = time.perf_counter()
+      loss = jax.block_until_ready(one_step())
+      times.append(time.perf_counter() - start)
+      print(f"{arch}: step {times[-1]:.3f} s", file=sys.stderr, flush=True)
     profile = _profile(arch, one_step)
   n = train_state.num_params(model_def)
   step_s = _median(times)
@@ -163,7 +161,7 @@ def _run_lte_jax(arch: str) -> dict:
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
               mfu=flops / (peak * jax.device_count()) if peak else None,
-              xla_temp_gib=temp_gib, final_loss=float(m["loss"]), profile=profile)
+              xla_temp_gib=temp_gib, final_loss=float(loss), profile=profile)
 
 
 def _profile(arch: str, step: Callable[[], Any]) -> list[dict] | None:
