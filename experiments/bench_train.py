@@ -50,6 +50,10 @@ flags.DEFINE_string("gdn_plan_options", None,
 flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")
+flags.DEFINE_string("mesh", None,
+                    "lte_jax device mesh 'data,fsdp,tensor' (-1: the devices left over), e.g. "
+                    "'1,-1,1' for FSDP over every visible GPU; None: the config's (data over "
+                    "all). CUDA_VISIBLE_DEVICES picks the GPUs; --batch stays global.")
 flags.DEFINE_string("out", "bench_train.json", "Where to write the JSON results.")
 flags.DEFINE_integer("profile_steps", 0,
                      "After timing, trace this many lte_jax steps with the JAX profiler and "
@@ -92,6 +96,11 @@ def _run_lte_jax(arch: str) -> dict:
     config.model.implementation = FLAGS.implementation
   if FLAGS.gdn_plan_options:
     config.model.gdn_plan_options = FLAGS.gdn_plan_options
+  if FLAGS.mesh:
+    sizes = [int(x) for x in FLAGS.mesh.split(",")]
+    if len(sizes) != 3:
+      raise ValueError(f"--mesh takes 'data,fsdp,tensor' (three integers), got {FLAGS.mesh!r}")
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
   exp = experiment.resolve(config)
   if FLAGS.gdn_implementation:
     gdn = dataclasses.replace(exp.model.gdn, implementation=FLAGS.gdn_implementation)
@@ -157,6 +166,8 @@ def _run_lte_jax(arch: str) -> dict:
   if exp.model.gdn.plan_options:
     impl += f" {exp.model.gdn.plan_options}"
   name = f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat}, scan {FLAGS.scan_layers})"
+  if jax.device_count() > 1:
+    name += f", mesh {dict(mesh.shape)}"
   return dict(model=name, params=n, devices=jax.device_count(),
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
@@ -274,7 +285,7 @@ def main(argv):
   env = bench_common.environment()
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
-      "gdn_implementation", "gdn_plan_options")}
+      "gdn_implementation", "gdn_plan_options", "mesh")}
   rows = []
   for worker in workers:
     rows.append(_spawn(worker, passthrough))
