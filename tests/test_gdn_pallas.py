@@ -202,11 +202,15 @@ def test_default_implementation_per_backend():
 
 def test_plan_inverse_precision_default_per_target():
   from lte_jax.kernels.gated_delta_rule.backend import Plan
-  assert Plan("gpu").inverse_precision == "tf32x3"      # tensor cores: 6.6x faster forward
-  assert Plan("gpu", interpret=True).inverse_precision == "highest"
+  # Tensor cores: TF32 when T is rounded to bf16 anyway, three TF32 passes for fp32 inputs.
+  assert Plan("gpu").inverse_precision_for(jnp.bfloat16) == "tf32"
+  assert Plan("gpu").inverse_precision_for(jnp.float32) == "tf32x3"
+  assert Plan("gpu", wy_operands="fp32").inverse_precision_for(jnp.bfloat16) == "tf32x3"
+  assert Plan("gpu", inverse_precision="highest").inverse_precision_for(jnp.bfloat16) == "highest"
+  assert Plan("gpu", interpret=True).inverse_precision_for(jnp.bfloat16) == "highest"
   # The backward recomputes W, h, V_new unless asked to keep them (issue 5, as FLA).
   assert not Plan("gpu").keep_states and not Plan("tpu").keep_states
-  assert Plan("tpu").inverse_precision == "highest"
+  assert Plan("tpu").inverse_precision_for(jnp.bfloat16) == "highest"
 
 
 def test_plan_launch_table():

@@ -200,7 +200,32 @@ def test_short_documents_have_no_far_keys():
   assert int(far.before[:, :, -1].max()) == 0
 
 
+@pytest.mark.parametrize("compaction", sets.FAR_COMPACTIONS)
+def test_far_keys_compact_kept_tokens_in_time_order(compaction):
+  """Compact slots hold the far keys (kept, last reader beyond the window, inside the
+  document) in time order with their last readers; the rest of each row is empty."""
+  batch, time, padded, heads, window = 2, 70, 80, 3, 8
+  rng = np.random.default_rng(1)
+  keep = rng.random((batch, time, heads)) < 0.4
+  last = rng.integers(0, time + 5, (batch, time, heads)).astype(np.int32)
+  seg = np.repeat([1, 2], [45, 25])[None].repeat(batch, 0)
+  docs = sets.documents(jnp.asarray(seg, jnp.int32), batch, time, padded)
+  far = sets.far_keys(jnp.asarray(keep), jnp.asarray(last), docs, window, compaction)
+  end = np.where(np.arange(time) < 45, 44, time - 1)
+  for b in range(batch):
+    for h in range(heads):
+      reader = np.minimum(last[b, :, h], end)
+      want = np.flatnonzero(keep[b, :, h] & (reader > np.arange(time) + window))
+      n = len(want)
+      np.testing.assert_array_equal(np.asarray(far.idx[b, h, :n]), want)
+      np.testing.assert_array_equal(np.asarray(far.last[b, h, :n]), reader[want])
+      assert (np.asarray(far.idx[b, h, n:]) == padded).all()
+      assert (np.asarray(far.last[b, h, n:]) == -1).all()
+      assert int(far.before[b, h, -1]) == n
+
+
 @pytest.mark.parametrize("options,needle", [
+    (dict(far_compaction="radix"), "far_compaction must be one of"),
     (dict(block_q=24), "block_q must be a power of two >= 16"),
     (dict(block_k_dkv=8), "block_k_dkv must be a power of two >= 16"),
     (dict(num_warps=0), "num_warps must be an integer >= 1"),

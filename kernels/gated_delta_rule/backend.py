@@ -36,9 +36,13 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
     "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32 (then a grid over value blocks; since
                                     # one program per chunk loops over them: re-measure)
     # Fourth session, wy_operands='input' (BENCHMARKS.md): the backward's recurrence, 4/2 ->
-    # here. (gdn_chunk_qk_grads and gdn_wy_grads, which replaced the one input-gradient
-    # kernel measured then at 2.96 -> 2.82 ms with 4/3, are not measured yet.)
+    # here.
     "gdn_chunk_state_grads": (8, 2),   # 0.56 -> 0.54
+    # Fifth session, one sweep of 4/1, 4/2, 4/3, 8/2 (ms): gdn_wy_grads 0.53 / 0.58 / 0.61 /
+    # 0.72; gdn_chunk_qk_grads 0.87 / 0.88 / 0.87 / 0.95, gdn_local_value_grads 0.24 / 0.23
+    # / 0.25 / 0.28 and gdn_chunk_outputs 0.31 / 0.34 / 0.32 / 0.46 stay as they are (within
+    # the run-to-run spread of about 0.03 ms).
+    "gdn_wy_grads": (4, 1),
 }
 
 
@@ -59,13 +63,17 @@ class Plan:
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
     (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a real GPU when
     num_warps and num_stages are None too, else none (lowering.resolve_launch).
-  inverse_precision: products of the (I + A)^-1 doubling: 'highest' (fp32) or,
+  inverse_precision: products of the (I + A)^-1 inverse: 'highest' (fp32) or,
     GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32) or 'tf32' (one
-    pass, about 1e-3 relative: FLA's solve_tril precision; T is rounded to bf16 for the
-    default wy_operands='input' anyway; not timed yet). None: 'tf32x3' on a GPU, else
-    'highest'. On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 /
-    33.2 ms fwd / fwd+bwd against 2.0 / 6.4 ms, with the same errors against the
-    fp32 reference (1x1024x4x128: o 3.7e-3, grads <= 3.6e-3).
+    pass, about 1e-3 relative: FLA's solve_tril precision). None: on a GPU 'tf32' when T
+    is stored in bf16/fp16 anyway (wy_operands='input' with such inputs: its rounding
+    is coarser than TF32's), else 'tf32x3'; 'highest' elsewhere (`inverse_precision_for`).
+    On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 / 33.2 ms fwd / fwd+bwd against
+    2.0 / 6.4 ms for 'tf32x3' (then fp32 WY operands), same errors against the fp32
+    reference (1x1024x4x128: o 3.7e-3, grads <= 3.6e-3). Fifth session, bf16 WY operands:
+    the inverse stage 0.47 ms with 'tf32x3', 0.21 with 'tf32'; fwd / fwd+bwd 1.05 / 2.57
+    -> 0.70 / 2.50 ms; errors on the H200 (1x512x4x128) unchanged: o 4.0e-3, grads
+    <= 4.0e-3.
   inverse_form: 'blocked' (16 x 16 blocks by forward substitution; None on GPU) or
     'doubling' (full C x C masked doubling, log2(C) levels of two C x C products; None on
     TPU, where 16-lane blocks fit the (8, 128) tiles badly). inverse.py says more. On the
@@ -115,10 +123,8 @@ class Plan:
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
     # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
     gpu = self.platform == "gpu" and not self.interpret
-    if self.inverse_precision is None:
-      object.__setattr__(self, "inverse_precision", "tf32x3" if gpu else "highest")
     allowed = ("highest", "tf32x3", "tf32") if gpu else ("highest",)
-    if self.inverse_precision not in allowed:
+    if self.inverse_precision is not None and self.inverse_precision not in allowed:
       where = "a GPU" if gpu else f"{self.platform}{' interpreted' * self.interpret}"
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
@@ -129,11 +135,19 @@ class Plan:
   def sequential_in_grid(self) -> bool:
     return self.platform == "tpu"
 
-  @property
-  def inverse_dot_precision(self) -> Any:
+  def inverse_precision_for(self, input_dtype) -> str:
+    """The inverse's product precision for inputs of `input_dtype` (see the field)."""
+    if self.inverse_precision is not None:
+      return self.inverse_precision
+    if self.platform != "gpu" or self.interpret:
+      return "highest"
+    return "tf32" if self.wy_dtype(input_dtype) != jax.numpy.float32 else "tf32x3"
+
+  def inverse_dot_precision(self, input_dtype) -> Any:
+    """`inverse_precision_for` as a dot precision argument."""
     return {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-            "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}.get(self.inverse_precision,
-                                                                  jax.lax.Precision.HIGHEST)
+            "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}.get(
+                self.inverse_precision_for(input_dtype), jax.lax.Precision.HIGHEST)
 
   def wy_dtype(self, input_dtype) -> Any:
     """Storage and product dtype of T and the WY operands: the inputs' with

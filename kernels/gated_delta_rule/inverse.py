@@ -74,7 +74,8 @@ def wy_inverse(plan: backend.Plan, layout: backend.Layout, k, beta_col, g_col, g
   kernel = _blocked_kernel if plan.inverse_form == "blocked" else _full_kernel
   col, row = backend.per_chunk(c, 1), backend.per_chunk(1, c)
   return backend.call(
-      functools.partial(kernel, dtype=k.dtype, precision=plan.inverse_dot_precision), plan,
+      functools.partial(kernel, dtype=k.dtype, precision=plan.inverse_dot_precision(k.dtype)),
+      plan,
       grid=(bh, n),
       in_specs=[layout.block(dk), col, col, row, col, row],
       out_specs=[backend.per_chunk(c, c)],

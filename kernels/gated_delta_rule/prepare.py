@@ -34,7 +34,7 @@ def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, 
   dv = v.shape[-1]
   col = backend.per_chunk(c, 1)
   return backend.call(
-      functools.partial(_kernel, precision=plan.inverse_dot_precision,
+      functools.partial(_kernel, precision=plan.inverse_dot_precision(k.dtype),
                         low=plan.wy_dtype(k.dtype) != jnp.float32),
       plan, grid=(bh, n),
       in_specs=[backend.per_chunk(c, c), layout.block(dk), layout.block(dv), col, col],

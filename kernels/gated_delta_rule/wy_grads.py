@@ -78,7 +78,7 @@ def wy_grads(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, g_co
   scalar_shapes = [(c, 1), (c, 1), (c, 1), (1, c)]
   return backend.call(
       functools.partial(_kernel, block_k=plan.key_block(dk), block_v=plan.value_block(dvd),
-                        precision=plan.inverse_dot_precision,
+                        precision=plan.inverse_dot_precision(k.dtype),
                         low=plan.wy_dtype(k.dtype) != jnp.float32), plan,
       grid=(bh, n),
       in_specs=[chunk(c, c), tokens(dk), tokens(dvd), col, col, row, col, row, col,

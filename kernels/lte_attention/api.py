@@ -135,7 +135,7 @@ def core_inputs(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_siz
   padded = -(-time // plan.time_multiple) * plan.time_multiple
   docs = sets.documents(segment_ids, batch, time, padded)
   lo = sets.band_starts(docs, window)
-  far = None if keep is None else sets.far_keys(keep, last, docs, window)
+  far = None if keep is None else sets.far_keys(keep, last, docs, window, plan.far_compaction)
   s = _Sets(
       lo=lo,
       query_bounds=sets.query_bounds(lo, docs, far, window=window, time=time,

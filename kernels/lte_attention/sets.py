@@ -69,9 +69,14 @@ def band_starts(docs: Documents, window: int) -> jax.Array:
   return jnp.maximum(t - window, docs.start)
 
 
-def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: int) -> FarKeys:
+FAR_COMPACTIONS = ("scatter", "sort")
+
+
+def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: int,
+             compaction: str = "scatter") -> FarKeys:
   """keep [B, T, Hkv] bool (sinks and retained tokens); last [B, T, Hkv] int32, the last
-  query a budget lets keep each token (None: no budget) -> FarKeys.
+  query a budget lets keep each token (None: no budget) -> FarKeys. compaction: one of
+  FAR_COMPACTIONS (the same result; backend.Plan.far_compaction).
 
   A kept token whose last reader is within w of it is never far: it is left out,
   so short documents add no far keys.
@@ -85,14 +90,23 @@ def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: i
   pad = ((0, 0), (0, 0), (0, padded - time))
   keep = jnp.pad(jnp.transpose(keep, (0, 2, 1)), pad)                 # [B, H, Tp]
   last = jnp.pad(jnp.transpose(last.astype(I32), (0, 2, 1)), pad, constant_values=-1)
-  # Stable: kept tokens first, in time order.
-  order = jnp.argsort(jnp.logical_not(keep).astype(I32), axis=-1, stable=True).astype(I32)
-  count = jnp.sum(keep, axis=-1, keepdims=True, dtype=I32)
-  filled = jnp.arange(padded, dtype=I32) < count
-  idx = jnp.where(filled, order, padded)
-  last = jnp.where(filled, jnp.take_along_axis(last, order, axis=-1), -1)
   before = jnp.pad(jnp.cumsum(keep, axis=-1, dtype=I32), ((0, 0), (0, 0), (1, 0)))
-  return FarKeys(idx, last, before)
+  if compaction == "sort":
+    # Stable: kept tokens first, in time order.
+    order = jnp.argsort(jnp.logical_not(keep).astype(I32), axis=-1, stable=True).astype(I32)
+    filled = jnp.arange(padded, dtype=I32) < before[..., -1:]
+    idx = jnp.where(filled, order, padded)
+    last = jnp.where(filled, jnp.take_along_axis(last, order, axis=-1), -1)
+    return FarKeys(idx, last, before)
+  # Kept token t goes to slot before[t] (kept tokens first, in time order), the others
+  # nowhere: one scatter with distinct targets.
+  slot = jnp.where(keep, before[..., :-1], padded)
+  b = jnp.arange(batch)[:, None, None]
+  h = jnp.arange(keep.shape[1])[None, :, None]
+  compact = lambda x, fill: jnp.full(keep.shape, fill, I32).at[b, h, slot].set(
+      x, mode="drop", unique_indices=True)
+  t_all = jnp.broadcast_to(jnp.arange(padded, dtype=I32), keep.shape)
+  return FarKeys(compact(t_all, padded), compact(last, -1), before)
 
 
 # Entries per query tile of query_bounds, and per key tile of band_key_bounds.
