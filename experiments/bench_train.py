@@ -47,6 +47,8 @@ flags.DEFINE_string("gdn_implementation", None,
 flags.DEFINE_string("gdn_plan_options", None,
                     "GDN Pallas kernel options 'name=value;...' (GDNConfig.plan_options), e.g. "
                     "'keep_states=True;block_k=32'.")
+flags.DEFINE_enum("lte_scorer_dtype", None, ["float32", "bfloat16"],
+                  "LTE scorer matmul operands (LTEConfig.scorer_dtype); None: the config's.")
 flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")
@@ -96,6 +98,8 @@ def _run_lte_jax(arch: str) -> dict:
     config.model.implementation = FLAGS.implementation
   if FLAGS.gdn_plan_options:
     config.model.gdn_plan_options = FLAGS.gdn_plan_options
+  if FLAGS.lte_scorer_dtype:
+    config.model.lte_scorer_dtype = FLAGS.lte_scorer_dtype
   if FLAGS.mesh:
     sizes = [int(x) for x in FLAGS.mesh.split(",")]
     if len(sizes) != 3:
@@ -166,6 +170,8 @@ def _run_lte_jax(arch: str) -> dict:
   if exp.model.gdn.plan_options:
     impl += f" {exp.model.gdn.plan_options}"
   name = f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat}, scan {FLAGS.scan_layers})"
+  if FLAGS.lte_scorer_dtype:
+    name += f", LTE scorer {FLAGS.lte_scorer_dtype}"
   if jax.device_count() > 1:
     name += f", mesh {dict(mesh.shape)}"
   return dict(model=name, params=n, devices=jax.device_count(),
@@ -285,7 +291,7 @@ def main(argv):
   env = bench_common.environment()
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
-      "gdn_implementation", "gdn_plan_options", "mesh")}
+      "gdn_implementation", "gdn_plan_options", "mesh", "lte_scorer_dtype")}
   rows = []
   for worker in workers:
     rows.append(_spawn(worker, passthrough))

@@ -91,6 +91,10 @@ class AttentionConfig:
       _positive(self, "window_size")
 
 
+# Operand dtypes of the LTE scorer CNN's matmuls (LTEConfig.scorer_dtype).
+SCORER_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class LTEConfig:
   """LTE sparse attention mixer (PAPER.md section 3).
@@ -98,7 +102,10 @@ class LTEConfig:
   Query i sees key j iff j <= i and (j < sink_size or i - j <= window_size or
   the CNN retains j). ``budget`` retained slots per KV head at inference
   (sinks included); ``target_kept`` is the controller's target count of kept
-  tokens per sequence of ``target_seq_len`` during training.
+  tokens per sequence of ``target_seq_len`` during training. ``scorer_dtype``: operand
+  dtype of the scorer CNN's matmuls ('float32': fp32 at full precision; 'bfloat16': bf16
+  operands and results, tensor-core / MXU GEMMs, as a PyTorch scorer under bf16 autocast
+  runs). Bias, SiLU and the activations between layers stay fp32 either way.
   """
   num_heads: int = 16
   num_kv_heads: int = 16
@@ -114,10 +121,13 @@ class LTEConfig:
   target_seq_len: int = 4096
   rope_theta: float = 10000.0
   implementation: str | None = None
+  scorer_dtype: str = "float32"
 
   def __post_init__(self):
     _positive(self, "num_heads", "num_kv_heads", "head_dim", "window_size", "budget",
               "target_kept", "target_seq_len")
+    _require(self.scorer_dtype in SCORER_DTYPES, "LTEConfig.scorer_dtype",
+             f"one of {SCORER_DTYPES}", self.scorer_dtype)
     _require(isinstance(self.sink_size, int) and self.sink_size >= 0, "LTEConfig.sink_size",
              "an integer >= 0", self.sink_size)
     _require(self.num_heads % self.num_kv_heads == 0, "LTEConfig.num_kv_heads",

@@ -84,6 +84,22 @@ def _grouped_conv_scorer(scorer, k, v):
   return jax.nn.sigmoid(logit) - 0.5
 
 
+def test_bf16_scorer_operands_stay_close_to_fp32():
+  """scorer_dtype='bfloat16' (bf16 operands and products) on the same parameters:
+  scores within bf16 rounding of the fp32 scorer's, still fp32 out; a bad name is refused."""
+  fp32 = _tiny_scorer()
+  bf16 = LTEScorer(_cfg(scorer_dtype="bfloat16"), rngs=nnx.Rngs(params=1, dropout=2))
+  nnx.update(bf16, nnx.state(fp32, nnx.Param))
+  fp32.eval(), bf16.eval()
+  k, v = _kv(3, 2, 33)
+  want, got = _score(fp32, k, v), _score(bf16, k, v)
+  assert got.dtype == jnp.float32
+  assert not np.array_equal(got, want)             # the operands really are rounded
+  np.testing.assert_allclose(got, want, atol=2e-2)
+  with pytest.raises(ValueError, match="LTEConfig.scorer_dtype"):
+    _cfg(scorer_dtype="float16")
+
+
 def test_scorer_shapes_init_and_zero_input():
   scorer = _tiny_scorer()
   scorer.eval()

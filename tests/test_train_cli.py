@@ -63,6 +63,7 @@ def test_model_overrides_reach_the_model_config():
   config = get_config()
   config.model.num_layers = 6
   config.model.lte_dropout = 0.0
+  config.model.lte_scorer_dtype = "bfloat16"
   config.model.implementation = "reference"
   config.model.gdn_plan_options = "keep_states=True"
   config.size = "tiny"
@@ -70,6 +71,7 @@ def test_model_overrides_reach_the_model_config():
   assert exp.model.gdn.plan_options == "keep_states=True"
   assert exp.model.layers == ("gdn", "lte") * 3
   assert exp.model.lte.dropout == 0.0
+  assert exp.model.lte.scorer_dtype == "bfloat16"
   assert {exp.model.gdn.implementation, exp.model.lte.implementation,
           exp.model.attn.implementation} == {"reference"}
   assert exp.data.model_vocab_size == exp.model.vocab_size

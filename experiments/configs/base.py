@@ -35,6 +35,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.remat = "none"           # none | full | dots (lte_jax.configs.REMAT_POLICIES)
   config.model.scan_layers = False      # lax.scan over the layer cycle: compile time flat in depth
   config.model.lte_dropout = config_dict.placeholder(float)
+  # LTE scorer matmul operands: float32 | bfloat16 (lte_jax.configs.LTEConfig.scorer_dtype).
+  config.model.lte_scorer_dtype = config_dict.placeholder(str)
   config.model.implementation = config_dict.placeholder(str)  # op implementation for all mixers
   # GDN 'pallas' kernel options 'name=value;...' (GDNConfig.plan_options), e.g.
   # 'keep_states=True;block_k=32'.

@@ -110,6 +110,16 @@ class LTEScorer(nnx.Module):
     bias_init = partitioned(nnx.initializers.constant(cfg.score_bias_init), (sh.KV_HEADS,))
     self.proj_bias = nnx.Param(bias_init(rngs.params(), (h,), param_dtype))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.operand_dtype = jnp.dtype(cfg.scorer_dtype)
+
+  def _matmul(self, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """fp32 einsum of operands in `operand_dtype` (fp32: full precision; bf16: tensor-core /
+    MXU products whose result is rounded to bf16, as under PyTorch's bf16 autocast; XLA's
+    CPU dots do not take bf16 operands with an fp32 result)."""
+    if self.operand_dtype == jnp.float32:
+      return jnp.einsum(spec, x, w.astype(jnp.float32), precision=_HIGHEST)
+    low = self.operand_dtype
+    return jnp.einsum(spec, x.astype(low), w.astype(low)).astype(jnp.float32)
 
   def _conv(self, x, kernel, bias, dilation, doc):
     """Centred dilated conv over time, per head. x [B,T,H,Cin] -> [B,T,H,Cout]."""
@@ -121,7 +131,7 @@ class LTEScorer(nnx.Module):
       if doc is not None and offset != 0:
         same_doc = _shift(doc, offset, -1) == doc  # [B, T]
         xs = xs * same_doc[:, :, None, None].astype(xs.dtype)
-      y = jnp.einsum("bthc,hcd->bthd", xs, kernel[tap].astype(jnp.float32), precision=_HIGHEST)
+      y = self._matmul("bthc,hcd->bthd", xs, kernel[tap])
       out = y if out is None else out + y
     return out + bias.astype(jnp.float32)
 
@@ -148,6 +158,6 @@ class LTEScorer(nnx.Module):
       x = jax.nn.silu(self._conv(x, kernel[...], bias[...], dilation, doc))
       if keep is not None:
         x = x * keep
-    logit = jnp.einsum("bthc,hc->bth", x, self.proj_kernel[...].astype(jnp.float32),
-                       precision=_HIGHEST) + self.proj_bias[...].astype(jnp.float32)
+    logit = (self._matmul("bthc,hc->bth", x, self.proj_kernel[...])
+             + self.proj_bias[...].astype(jnp.float32))
     return jax.nn.sigmoid(logit) - 0.5

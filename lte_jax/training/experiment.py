@@ -66,6 +66,7 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
   """
   overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
   lte_dropout = overrides.pop("lte_dropout", None)
+  lte_scorer_dtype = overrides.pop("lte_scorer_dtype", None)
   implementation = overrides.pop("implementation", None)
   gdn_plan_options = overrides.pop("gdn_plan_options", None)
   from_file = overrides.pop("from_file", None)
@@ -75,6 +76,9 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
     model = _model_from_file(from_file, overrides)
   if lte_dropout is not None:
     model = configs_lib.replace(model, lte=configs_lib.replace(model.lte, dropout=lte_dropout))
+  if lte_scorer_dtype is not None:
+    model = configs_lib.replace(model, lte=configs_lib.replace(model.lte,
+                                                               scorer_dtype=lte_scorer_dtype))
   if implementation is not None:
     model = configs_lib.replace(model, **{
         name: configs_lib.replace(getattr(model, name), implementation=implementation)
