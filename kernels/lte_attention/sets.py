@@ -99,13 +99,13 @@ def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: i
     last = jnp.where(filled, jnp.take_along_axis(last, order, axis=-1), -1)
     return FarKeys(idx, last, before)
   # Kept token t goes to slot before[t] (kept tokens first, in time order), the others
-  # nowhere: one scatter with distinct targets.
-  slot = jnp.where(keep, before[..., :-1], padded)
+  # out of bounds at padded + t (dropped): every target distinct, as unique_indices says.
+  t_all = jnp.broadcast_to(jnp.arange(padded, dtype=I32), keep.shape)
+  slot = jnp.where(keep, before[..., :-1], padded + t_all)
   b = jnp.arange(batch)[:, None, None]
   h = jnp.arange(keep.shape[1])[None, :, None]
   compact = lambda x, fill: jnp.full(keep.shape, fill, I32).at[b, h, slot].set(
       x, mode="drop", unique_indices=True)
-  t_all = jnp.broadcast_to(jnp.arange(padded, dtype=I32), keep.shape)
   return FarKeys(compact(t_all, padded), compact(last, -1), before)
 
 
