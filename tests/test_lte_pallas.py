@@ -49,7 +49,9 @@ def _assert_matches(got, want, dtype):
 # (batch, T, Hq, Hkv, D, Dv, sink, window, budget, documents, retained, dtype, platform,
 #  plan options). T of 70 and 130 (no block multiple), GQA and not, D of 48 (padded to
 # 64 on GPU), windows below and above T, budgets, all / none retained (none: the far
-# part is empty, sliding-window attention with sinks), dk/dv tiles unlike the forward's.
+# part is empty, sliding-window attention with sinks), dk/dv tiles unlike the forward's,
+# far tiles every query of a tile reads (unmasked; test_unmasked_far_tiles_... checks the
+# sets).
 CASES = [
     (2, 70, 4, 2, 32, 16, 2, 5, None, True, "random", jnp.float32, "gpu", SMALL),
     (1, 130, 4, 2, 48, 24, 4, 20, None, True, "random", jnp.bfloat16, "gpu",
@@ -64,6 +66,9 @@ CASES = [
     (1, 130, 4, 2, 32, 16, 3, 9, 12, True, "random", jnp.bfloat16, "tpu",
      dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32)),
     (1, 70, 2, 2, 48, 32, 0, 100, None, False, "all", jnp.float32, "tpu", SMALL),
+    # One document, no budget, w well under T: whole far tiles skip the masking.
+    (1, 130, 2, 2, 32, 32, 2, 9, None, False, "random", jnp.float32, "gpu", SMALL),
+    (1, 130, 2, 1, 32, 16, 2, 9, None, False, "all", jnp.bfloat16, "tpu", SMALL),
 ]
 
 
@@ -144,8 +149,8 @@ def test_work_follows_the_attended_set():
   lo = sets.band_starts(docs, window)
   far = sets.far_keys(jnp.asarray(keep), None, docs, window)
   bounds = np.asarray(sets.query_bounds(lo, docs, far, window=window, time=time,
-                                        block_q=block, block_k=block)).reshape(-1, 6)
-  band_tiles, far_tiles = bounds[:, 3] - bounds[:, 0], bounds[:, 5] - bounds[:, 4]
+                                        block_q=block, block_k=block)).reshape(-1, 8)
+  band_tiles, far_tiles = bounds[:, 3] - bounds[:, 0], bounds[:, 7] - bounds[:, 4]
   assert band_tiles.max() <= -(-(window + block) // block) + 1
   assert far_tiles.max() == 1 and far_tiles[:8].sum() == 0   # nothing far before 100 + w
   assert int(far.before[0, 0, -1]) == 5
@@ -176,7 +181,7 @@ def test_unmasked_band_tiles_are_exactly_the_fully_visible_ones(block_q, block_k
   full = visible.reshape(nq, block_q, nk, block_k).all(axis=(1, 3))        # [qt, kt]
   anything = visible.reshape(nq, block_q, nk, block_k).any(axis=(1, 3))
   qb = np.asarray(sets.query_bounds(lo, docs, None, window=window, time=time,
-                                    block_q=block_q, block_k=block_k)).reshape(nq, 6)
+                                    block_q=block_q, block_k=block_k)).reshape(nq, 8)
   kb = np.asarray(sets.band_key_bounds(lo, docs, window=window, block_q=block_q,
                                        block_k=block_k)).reshape(nk, 4)
   for qt in range(nq):
@@ -190,6 +195,41 @@ def test_unmasked_band_tiles_are_exactly_the_fully_visible_ones(block_q, block_k
     assert set(range(full_lo, full_hi)) == set(np.flatnonzero(full[:, kt]))
     assert set(np.flatnonzero(anything[:, kt])) <= set(range(q_lo, q_hi))
   assert full.any()          # the case exercises the unmasked path
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_unmasked_far_tiles_are_fully_visible(budget):
+  """Compact tiles in [far_full_lo, far_full_hi) hold only keys every query of the tile
+  reads (kept, index below its window, same document, not yet evicted), inside the far
+  range; without a budget, a one-document query tile that starts 2 tiles past w gets some;
+  with one (last not the document end) none are claimed."""
+  time, padded, window, block, heads = 300, 320, 40, 16, 2
+  rng = np.random.default_rng(2)
+  seg = jnp.asarray(np.repeat([1, 2, 3], [200, 90, 10])[None], jnp.int32)
+  keep = rng.random((1, time, heads)) < 0.5
+  last = rng.integers(0, time, (1, time, heads)).astype(np.int32) if budget else None
+  docs = sets.documents(seg, 1, time, padded)
+  lo = sets.band_starts(docs, window)
+  far = sets.far_keys(jnp.asarray(keep), None if last is None else jnp.asarray(last), docs,
+                      window)
+  qb = np.asarray(sets.query_bounds(lo, docs, far, window=window, time=time, block_q=block,
+                                    block_k=block, last_is_document_end=not budget))
+  qb = qb.reshape(heads, padded // block, 8)
+  idx, reader = np.asarray(far.idx)[0], np.asarray(far.last)[0]      # [H, Tp]
+  start, end = np.asarray(docs.start)[0], np.asarray(docs.end)[0]
+  claimed = 0
+  for h in range(heads):
+    for qt, (_, _, _, _, far_lo, full_lo, full_hi, far_hi) in enumerate(qb[h]):
+      assert far_lo <= full_lo <= full_hi <= far_hi
+      queries = np.arange(qt * block, (qt + 1) * block)
+      for c in range(full_lo, full_hi):
+        j, r = idx[h, c * block:(c + 1) * block], reader[h, c * block:(c + 1) * block]
+        assert (j < time).all()                                    # no empty slot
+        visible = ((j[None] < queries[:, None] - window) & (queries[:, None] <= r[None])
+                   & (start[j][None] == start[queries][:, None]))
+        assert visible.all(), (h, qt, c)
+        claimed += 1
+  assert (claimed == 0) if budget else (claimed > 10)
 
 
 def test_short_documents_have_no_far_keys():

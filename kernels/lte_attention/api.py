@@ -139,7 +139,8 @@ def core_inputs(plan: backend.Plan, q, k, v, keep, last, segment_ids, window_siz
   s = _Sets(
       lo=lo,
       query_bounds=sets.query_bounds(lo, docs, far, window=window, time=time,
-                                     block_q=plan.block_q, block_k=plan.block_k),
+                                     block_q=plan.block_q, block_k=plan.block_k,
+                                     last_is_document_end=last is None),
       band_bounds=sets.band_key_bounds(lo, docs, window=window, block_q=plan.block_q_dkv,
                                        block_k=plan.block_k_dkv),
       far_idx=None if far is None else far.idx,

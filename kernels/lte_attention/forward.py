@@ -5,7 +5,9 @@ compact far-key tiles it can reach ([far_lo, far_hi)), both read from the
 bounds table; with one online-softmax state the two parts merge for free and,
 as the band takes only i - j <= w and the far part only i - j > w, no key is
 counted twice. Band tiles in [full_lo, full_hi) are visible to every query of the
-tile (the window's interior) and skip the masking. dq recomputes the probabilities
+tile (the window's interior), and so are far tiles in [far_full_lo, far_full_hi) (keys
+of the tile's one document below every query's window, read to the document's end):
+those skip the masking. dq recomputes the probabilities
 from the saved log-sum-exp (base 2, tiles.py).
 """
 from __future__ import annotations
@@ -57,12 +59,15 @@ def _walk(cfg: Static, bounds_ref, band_tile, far_tile, carry):
   at = lambda n: bounds_ref[0, pl.program_id(2) * sets.QUERY_BOUNDS + n]
   loop = lambda lo, hi, tile, masked, carry: jax.lax.fori_loop(
       lo, hi, lambda t, c: tile(t, c, masked), carry)
-  band_lo, full_lo, full_hi, band_hi, far_lo, far_hi = (at(n) for n in range(6))
+  band_lo, full_lo, full_hi, band_hi = (at(n) for n in range(4))
   carry = loop(band_lo, full_lo, band_tile, True, carry)
   carry = loop(full_lo, full_hi, band_tile, False, carry)
   carry = loop(full_hi, band_hi, band_tile, True, carry)
   if cfg.far:
-    carry = loop(far_lo, far_hi, far_tile, True, carry)
+    far_lo, far_full_lo, far_full_hi, far_hi = (at(n) for n in range(4, 8))
+    carry = loop(far_lo, far_full_lo, far_tile, True, carry)
+    carry = loop(far_full_lo, far_full_hi, far_tile, False, carry)
+    carry = loop(far_full_hi, far_hi, far_tile, True, carry)
   return carry
 
 

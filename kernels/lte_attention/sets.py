@@ -110,7 +110,7 @@ def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: i
 
 
 # Entries per query tile of query_bounds, and per key tile of band_key_bounds.
-QUERY_BOUNDS = 6
+QUERY_BOUNDS = 8
 BAND_KEY_BOUNDS = 4
 
 
@@ -121,13 +121,16 @@ def _full_range(lo, hi, full_lo, full_hi):
 
 
 def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window: int,
-                 time: int, block_q: int, block_k: int) -> jax.Array:
+                 time: int, block_q: int, block_k: int,
+                 last_is_document_end: bool = False) -> jax.Array:
   """Loop bounds of the query-side kernels (forward, dq), int32
-  [B, Hb, 1, nq * QUERY_BOUNDS]: (band_lo, full_lo, full_hi, band_hi, far_lo, far_hi) per
-  (batch, head, query tile): key tiles [band_lo, band_hi) of the band, of which
-  [full_lo, full_hi) are visible to every query of the tile (no masking), and compact
-  tiles [far_lo, far_hi) of the far keys. Hb = Hkv with far keys, else 1 (the band does
-  not depend on the head)."""
+  [B, Hb, 1, nq * QUERY_BOUNDS]: (band_lo, full_lo, full_hi, band_hi, far_lo, far_full_lo,
+  far_full_hi, far_hi) per (batch, head, query tile): key tiles [band_lo, band_hi) of the
+  band, of which [full_lo, full_hi) are visible to every query of the tile (no masking),
+  and compact tiles [far_lo, far_hi) of the far keys, of which [far_full_lo, far_full_hi)
+  are visible to every query of the tile. Hb = Hkv with far keys, else 1 (the band does
+  not depend on the head). last_is_document_end: far.last is each key's document end (no
+  budget), which the unmasked far range needs; else that range is empty."""
   batch, padded = lo.shape
   nq = padded // block_q
   first = jnp.arange(nq, dtype=I32) * block_q
@@ -140,7 +143,7 @@ def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window:
                                  (first + 1) // block_k)
   band = [band_lo, full_lo, full_hi, band_hi]
   if far is None:
-    bounds = jnp.stack(band + [band_lo, band_lo], axis=-1)
+    bounds = jnp.stack(band + [band_lo] * 4, axis=-1)
     return bounds.reshape(batch, 1, 1, nq * QUERY_BOUNDS)
   heads = far.before.shape[1]
   # Far keys of the tile: index in [start of the first query's document, final - w).
@@ -149,8 +152,18 @@ def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window:
   real = first < time                                    # padding tiles read no far key
   far_lo = start // block_k
   far_hi = jnp.where(real, jnp.maximum(-(-stop // block_k), far_lo), far_lo)
+  # Every query of the tile reads the compact tiles wholly made of keys of its document
+  # with index < first - w when the tile is inside one document and each key is read to
+  # its document's end (no budget); compact slots run in time order, so those tiles are
+  # whole tiles from the document's first slot up to the count below first - w.
+  sure = far.before[:, :, jnp.clip(first - window, 0, padded)]
+  one_doc = (docs.end[:, ::block_q] >= final)[:, None]       # also False for padding
+  full = one_doc & last_is_document_end
+  far_full_lo = jnp.where(full, jnp.clip(-(-start // block_k), far_lo, far_hi), far_lo)
+  far_full_hi = jnp.where(full, jnp.clip(sure // block_k, far_full_lo, far_hi), far_lo)
   per_head = lambda x: jnp.broadcast_to(x[:, None], (batch, heads, nq))
-  bounds = jnp.stack([per_head(x) for x in band] + [far_lo, far_hi], axis=-1)
+  bounds = jnp.stack([per_head(x) for x in band] + [far_lo, far_full_lo, far_full_hi, far_hi],
+                     axis=-1)
   return bounds.reshape(batch, heads, 1, nq * QUERY_BOUNDS)
 
 
