@@ -160,8 +160,8 @@ def test_work_follows_the_attended_set():
   assert (kb[:, 3] - kb[:, 0]).max() <= -(-(window + block) // block) + 1
   # Far dk/dv: only the one compact tile holding keys reads queries.
   fb = np.asarray(sets.far_key_bounds(far, window=window, block_q=block,
-                                      block_k=block)).reshape(-1, 2)
-  assert (fb[1:, 1] - fb[1:, 0]).sum() == 0 and fb[0, 1] > fb[0, 0]
+                                      block_k=block)).reshape(-1, 4)
+  assert (fb[1:, 3] - fb[1:, 0]).sum() == 0 and fb[0, 3] > fb[0, 0]
 
 
 @pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 32)])
@@ -202,12 +202,15 @@ def test_unmasked_far_tiles_are_fully_visible(budget):
   """Compact tiles in [far_full_lo, far_full_hi) hold only keys every query of the tile
   reads (kept, index below its window, same document, not yet evicted), inside the far
   range; without a budget, a one-document query tile that starts 2 tiles past w gets some;
-  with one (last not the document end) none are claimed."""
+  with one (last not the document end) none are claimed. The same for the query tiles the
+  far dk/dv kernel leaves unmasked, which it finds under a budget too."""
   time, padded, window, block, heads = 300, 320, 40, 16, 2
   rng = np.random.default_rng(2)
   seg = jnp.asarray(np.repeat([1, 2, 3], [200, 90, 10])[None], jnp.int32)
   keep = rng.random((1, time, heads)) < 0.5
-  last = rng.integers(0, time, (1, time, heads)).astype(np.int32) if budget else None
+  # A budget evicts each token some while after its window has passed.
+  evict = np.arange(time)[None, :, None] + window + rng.integers(100, 200, (1, time, heads))
+  last = evict.astype(np.int32) if budget else None
   docs = sets.documents(seg, 1, time, padded)
   lo = sets.band_starts(docs, window)
   far = sets.far_keys(jnp.asarray(keep), None if last is None else jnp.asarray(last), docs,
@@ -230,6 +233,19 @@ def test_unmasked_far_tiles_are_fully_visible(budget):
         assert visible.all(), (h, qt, c)
         claimed += 1
   assert (claimed == 0) if budget else (claimed > 10)
+  # The far dk/dv kernel's unmasked query tiles: exact for any `last`, budget or not.
+  kb = np.asarray(sets.far_key_bounds(far, window=window, block_q=block, block_k=block))
+  claimed = 0
+  for h, rows in enumerate(kb.reshape(heads, -1, 4)):
+    for c, (q_lo, full_lo, full_hi, q_hi) in enumerate(rows):
+      assert q_lo <= full_lo <= full_hi <= q_hi
+      j, r = idx[h, c * block:(c + 1) * block], reader[h, c * block:(c + 1) * block]
+      for qt in range(full_lo, full_hi):
+        queries = np.arange(qt * block, (qt + 1) * block)
+        assert (j < time).all()
+        assert ((j[None] < queries[:, None] - window) & (queries[:, None] <= r[None])).all()
+        claimed += 1
+  assert claimed > 10
 
 
 def test_short_documents_have_no_far_keys():

@@ -3,7 +3,8 @@
 Two kernels with one body: the band kernel's key tiles are tiles of the
 sequence, read by the query tiles [j0 / bq, min(j + w, end_j) / bq]; the far
 kernel's key tiles are compact far-key tiles, read by the query tiles after the
-first key's window up to the tile's last reader. A program sums over the query
+first key's window up to the tile's last reader. Query tiles that see every key of the
+key tile (sets: full_lo, full_hi) skip the masking in both. A program sums over the query
 heads of its KV head (GQA), so dk/dv need no reduction afterwards; the far
 kernel's results are scattered back to the sequence by the caller.
 """
@@ -28,10 +29,9 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
   tokens = cfg.tokens
   bq, bk = cfg.plan.block_q_dkv, cfg.plan.block_k_dkv
   kt = pl.program_id(2)
-  # This (batch, head)'s row of the table is in bounds_ref: band (q_lo, full_lo, full_hi,
-  # q_hi) per key tile, far (q_lo, q_hi).
-  width = sets.BAND_KEY_BOUNDS if band else 2
-  at = lambda n: bounds_ref[0, kt * width + n]
+  # This (batch, head)'s row of the table is in bounds_ref: (q_lo, full_lo, full_hi, q_hi)
+  # per key tile.
+  at = lambda n: bounds_ref[0, kt * sets.KEY_BOUNDS + n]
   k, v = k_ref[...], v_ref[...]
   if band:
     j = tiles.iota((bk, 1), 0, kt * bk)
@@ -55,8 +55,6 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
     return body
 
   def head(g, carry):
-    if not band:
-      return jax.lax.fori_loop(at(0), at(1), query_tile(g, True), carry)
     # Query tiles in [full_lo, full_hi) see every key of this tile: no masking there.
     carry = jax.lax.fori_loop(at(0), at(1), query_tile(g, True), carry)
     carry = jax.lax.fori_loop(at(1), at(2), query_tile(g, False), carry)

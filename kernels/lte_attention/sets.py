@@ -109,9 +109,10 @@ def far_keys(keep: jax.Array, last: jax.Array | None, docs: Documents, window: i
   return FarKeys(compact(t_all, padded), compact(last, -1), before)
 
 
-# Entries per query tile of query_bounds, and per key tile of band_key_bounds.
+# Entries per query tile of query_bounds, and per key tile of band_key_bounds and
+# far_key_bounds.
 QUERY_BOUNDS = 8
-BAND_KEY_BOUNDS = 4
+KEY_BOUNDS = 4
 
 
 def _full_range(lo, hi, full_lo, full_hi):
@@ -169,7 +170,7 @@ def query_bounds(lo: jax.Array, docs: Documents, far: FarKeys | None, *, window:
 
 def band_key_bounds(lo: jax.Array, docs: Documents, *, window: int, block_q: int,
                     block_k: int) -> jax.Array:
-  """Loop bounds of the band dk/dv kernel, int32 [B, 1, 1, nk * BAND_KEY_BOUNDS]:
+  """Loop bounds of the band dk/dv kernel, int32 [B, 1, 1, nk * KEY_BOUNDS]:
   (q_lo, full_lo, full_hi, q_hi) per key tile kb: query tiles [q_lo, q_hi) read it
   through the band (queries j .. min(j + w, end_j)); those in [full_lo, full_hi) see all
   of its keys (no masking). lo: band_starts."""
@@ -187,16 +188,23 @@ def band_key_bounds(lo: jax.Array, docs: Documents, *, window: int, block_q: int
   prefix = jnp.sum(lo_last[:, None, :] <= first[None, :, None], axis=-1, dtype=I32)
   full_lo, full_hi = _full_range(q_lo, q_hi, -(-final // block_q), prefix)
   bounds = jnp.stack([q_lo, full_lo, full_hi, q_hi], axis=-1)
-  return bounds.reshape(batch, 1, 1, nk * BAND_KEY_BOUNDS)
+  return bounds.reshape(batch, 1, 1, nk * KEY_BOUNDS)
 
 
 def far_key_bounds(far: FarKeys, *, window: int, block_q: int, block_k: int) -> jax.Array:
-  """Loop bounds of the far dk/dv kernel, int32 [B, Hkv, 1, ncap * 2]: query
-  tiles [q_lo, q_hi) after the first key's window, up to the block's last reader."""
+  """Loop bounds of the far dk/dv kernel, int32 [B, Hkv, 1, ncap * KEY_BOUNDS]: (q_lo,
+  full_lo, full_hi, q_hi) per compact tile: query tiles [q_lo, q_hi) after the first key's
+  window up to the tile's last reader, of which [full_lo, full_hi) read every key of the
+  tile (query i reads key j iff j < i - w and i <= last_j: past the window of the tile's
+  last key, up to its earliest last reader; a tile with an empty slot has none)."""
   batch, heads, padded = far.idx.shape
   nq = padded // block_q
-  first = far.idx[:, :, ::block_k]
-  reach = jnp.max(far.last.reshape(batch, heads, padded // block_k, block_k), axis=-1)
+  idx = far.idx.reshape(batch, heads, padded // block_k, block_k)
+  last = far.last.reshape(idx.shape)
+  first, final = idx[..., 0], idx[..., -1]         # slots run in time order; empty: Tp
+  reach = jnp.max(last, axis=-1)
   q_lo = jnp.minimum((first + window + 1) // block_q, nq)
   q_hi = jnp.where(reach > first + window, reach // block_q + 1, q_lo)
-  return jnp.stack([q_lo, q_hi], axis=-1).reshape(batch, heads, 1, -1)
+  full_lo, full_hi = _full_range(q_lo, q_hi, -(-(final + window + 1) // block_q),
+                                 (jnp.min(last, axis=-1) + 1) // block_q)
+  return jnp.stack([q_lo, full_lo, full_hi, q_hi], axis=-1).reshape(batch, heads, 1, -1)
