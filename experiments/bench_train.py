@@ -101,10 +101,10 @@ def _run_lte_jax(arch: str) -> dict:
   if FLAGS.lte_scorer_dtype:
     config.model.lte_scorer_dtype = FLAGS.lte_scorer_dtype
   if FLAGS.mesh:
-    sizes = [int(x) for x in FLAGS.mesh.split(",")]
-    if len(sizes) != 3:
+    sizes = FLAGS.mesh.split(",")
+    if len(sizes) != 3 or not all(x.strip().lstrip("-").isdigit() for x in sizes):
       raise ValueError(f"--mesh takes 'data,fsdp,tensor' (three integers), got {FLAGS.mesh!r}")
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = sizes
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(x) for x in sizes)
   exp = experiment.resolve(config)
   if FLAGS.gdn_implementation:
     gdn = dataclasses.replace(exp.model.gdn, implementation=FLAGS.gdn_implementation)

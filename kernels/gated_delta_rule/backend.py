@@ -121,11 +121,9 @@ class Plan:
       raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
     if self.wy_operands not in ("fp32", "input"):
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
-    # TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them).
-    gpu = self.platform == "gpu" and not self.interpret
-    allowed = ("highest", "tf32x3", "tf32") if gpu else ("highest",)
+    allowed = ("highest", "tf32x3", "tf32") if self.has_tf32 else ("highest",)
     if self.inverse_precision is not None and self.inverse_precision not in allowed:
-      where = "a GPU" if gpu else f"{self.platform}{' interpreted' * self.interpret}"
+      where = "a GPU" if self.has_tf32 else f"{self.platform}{' interpreted' * self.interpret}"
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
     lowering.check_block_sizes(self, "chunk", "block_v", "block_k")
@@ -135,11 +133,16 @@ class Plan:
   def sequential_in_grid(self) -> bool:
     return self.platform == "tpu"
 
+  @property
+  def has_tf32(self) -> bool:
+    """TF32 passes exist on NVIDIA tensor cores only (the interpreter's CPU dots lack them)."""
+    return self.platform == "gpu" and not self.interpret
+
   def inverse_precision_for(self, input_dtype) -> str:
     """The inverse's product precision for inputs of `input_dtype` (see the field)."""
     if self.inverse_precision is not None:
       return self.inverse_precision
-    if self.platform != "gpu" or self.interpret:
+    if not self.has_tf32:
       return "highest"
     return "tf32" if self.wy_dtype(input_dtype) != jax.numpy.float32 else "tf32x3"
 

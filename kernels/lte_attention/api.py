@@ -86,18 +86,18 @@ def _delta(cfg, d_o, o):
   return (delta.transpose(0, 2, 1) if cfg.plan.native_layout else delta)[..., None]
 
 
-def _dq(cfg, q, k, v, s, d_o, lse, delta):
-  return forward.attention_dq(cfg, q, k, v, d_o, lse, delta, s.lo, s.query_bounds,
-                              _far_inputs(cfg, k, v, s))
+def _dq(cfg, q, k, v, s, far, d_o, lse, delta):
+  """far: _far_inputs (the compact K/V gathers, shared with _far_key_grads)."""
+  return forward.attention_dq(cfg, q, k, v, d_o, lse, delta, s.lo, s.query_bounds, far)
 
 
 def _band_key_grads(cfg, q, k, v, s, d_o, lse, delta):
   return backward.band_key_grads(cfg, q, k, v, d_o, lse, delta, s.lo, s.band_bounds)
 
 
-def _far_key_grads(cfg, q, k, v, s, d_o, lse, delta):
-  """(dkc, dvc) of the compact far keys (the caller scatters them back)."""
-  kc, vc, *_ = _far_inputs(cfg, k, v, s)
+def _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta):
+  """(dkc, dvc) of the compact far keys (the caller scatters them back); far as _dq's."""
+  kc, vc, *_ = far
   return backward.far_key_grads(cfg, q, d_o, lse, delta, kc, vc, s.far_idx, s.far_last,
                                 s.far_bounds)
 
@@ -106,10 +106,11 @@ def _core_bwd(cfg, residuals, d_o):
   q, k, v, s, o, lse = residuals
   d_o = d_o.astype(o.dtype)
   delta = _delta(cfg, d_o, o)
-  dq = _dq(cfg, q, k, v, s, d_o, lse, delta)
+  far = _far_inputs(cfg, k, v, s)
+  dq = _dq(cfg, q, k, v, s, far, d_o, lse, delta)
   dk, dv = _band_key_grads(cfg, q, k, v, s, d_o, lse, delta)
   if cfg.far:
-    dkc, dvc = _far_key_grads(cfg, q, k, v, s, d_o, lse, delta)
+    dkc, dvc = _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta)
     dk = _scatter_add(cfg, dk, s.far_idx, dkc)
     dv = _scatter_add(cfg, dv, s.far_idx, dvc)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
@@ -173,15 +174,18 @@ def stage_functions(cfg: forward.Static) -> dict:
   'dkv_band', 'dkv_far' (d_o, lse, delta) -> that kernel's gradients ['dkv_far' with the
   compaction, without the scatter back]; 'delta' (d_o, o) -> rowsum(dO * O); 'backward'
   (o, lse, d_o) -> (dq, dk, dv)."""
+  # The gradient kernels alone each gather their compact K/V (the backward shares one).
+  with_far = lambda fn: lambda q, k, v, s, *extra: fn(cfg, q, k, v, s,
+                                                      _far_inputs(cfg, k, v, s), *extra)
   stages = {
       "forward": functools.partial(_forward, cfg),
-      "dq": functools.partial(_dq, cfg),
+      "dq": with_far(_dq),
       "dkv_band": functools.partial(_band_key_grads, cfg),
       "delta": lambda q, k, v, s, d_o, o: _delta(cfg, d_o, o),
       "backward": lambda q, k, v, s, o, lse, d_o: _core_bwd(cfg, (q, k, v, s, o, lse), d_o)[:3],
   }
   if cfg.far:
-    stages["dkv_far"] = functools.partial(_far_key_grads, cfg)
+    stages["dkv_far"] = with_far(_far_key_grads)
   return stages
 
 

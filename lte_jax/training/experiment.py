@@ -65,8 +65,9 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
   written by experiments.convert); only dtype, remat and the fields below apply on top.
   """
   overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
-  lte_dropout = overrides.pop("lte_dropout", None)
-  lte_scorer_dtype = overrides.pop("lte_scorer_dtype", None)
+  # config.model.lte_<field> -> LTEConfig.<field>
+  lte_fields = {name: overrides.pop(f"lte_{name}") for name in ("dropout", "scorer_dtype")
+                if f"lte_{name}" in overrides}
   implementation = overrides.pop("implementation", None)
   gdn_plan_options = overrides.pop("gdn_plan_options", None)
   from_file = overrides.pop("from_file", None)
@@ -74,11 +75,8 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
     model = configs_lib.get_config(config.arch, config.size, **overrides)
   else:
     model = _model_from_file(from_file, overrides)
-  if lte_dropout is not None:
-    model = configs_lib.replace(model, lte=configs_lib.replace(model.lte, dropout=lte_dropout))
-  if lte_scorer_dtype is not None:
-    model = configs_lib.replace(model, lte=configs_lib.replace(model.lte,
-                                                               scorer_dtype=lte_scorer_dtype))
+  if lte_fields:
+    model = configs_lib.replace(model, lte=configs_lib.replace(model.lte, **lte_fields))
   if implementation is not None:
     model = configs_lib.replace(model, **{
         name: configs_lib.replace(getattr(model, name), implementation=implementation)
