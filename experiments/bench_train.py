@@ -44,6 +44,9 @@ flags.DEFINE_string("implementation", None,
 flags.DEFINE_string("gdn_implementation", None,
                     "Gated delta rule implementation only ('xla' | 'pallas'); overrides "
                     "--implementation for the GDN layers.")
+flags.DEFINE_enum("conv_implementation", None, ["xla", "pallas"],
+                  "GDN q/k/v short conv implementation (GDNConfig.conv_implementation); None: "
+                  "the op's default for the backend.")
 flags.DEFINE_string("gdn_plan_options", None,
                     "GDN Pallas kernel options 'name=value;...' (GDNConfig.plan_options), e.g. "
                     "'keep_states=True;block_k=32'.")
@@ -100,6 +103,8 @@ def _run_lte_jax(arch: str) -> dict:
     config.model.gdn_plan_options = FLAGS.gdn_plan_options
   if FLAGS.lte_scorer_dtype:
     config.model.lte_scorer_dtype = FLAGS.lte_scorer_dtype
+  if FLAGS.conv_implementation:
+    config.model.gdn_conv_implementation = FLAGS.conv_implementation
   if FLAGS.mesh:
     sizes = FLAGS.mesh.split(",")
     if len(sizes) != 3 or not all(x.strip().lstrip("-").isdigit() for x in sizes):
@@ -170,6 +175,8 @@ def _run_lte_jax(arch: str) -> dict:
   if exp.model.gdn.plan_options:
     impl += f" {exp.model.gdn.plan_options}"
   name = f"lte_jax {arch} (gdn {impl}, remat {FLAGS.remat}, scan {FLAGS.scan_layers})"
+  if FLAGS.conv_implementation:
+    name += f", conv {FLAGS.conv_implementation}"
   if FLAGS.lte_scorer_dtype:
     name += f", LTE scorer {FLAGS.lte_scorer_dtype}"
   if jax.device_count() > 1:
@@ -291,7 +298,8 @@ def main(argv):
   env = bench_common.environment()
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
-      "gdn_implementation", "gdn_plan_options", "mesh", "lte_scorer_dtype")}
+      "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh",
+      "lte_scorer_dtype")}
   rows = []
   for worker in workers:
     rows.append(_spawn(worker, passthrough))

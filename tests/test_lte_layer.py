@@ -98,6 +98,10 @@ def test_bf16_scorer_operands_stay_close_to_fp32():
   np.testing.assert_allclose(got, want, atol=2e-2)
   with pytest.raises(ValueError, match="LTEConfig.scorer_dtype"):
     _cfg(scorer_dtype="float16")
+  # None (the default) follows the layer's compute dtype, as autocast would.
+  follow = lambda dtype: LTEScorer(_cfg(), rngs=nnx.Rngs(0), dtype=dtype).operand_dtype
+  assert follow(None) == follow(jnp.float32) == jnp.float32
+  assert follow(jnp.bfloat16) == jnp.bfloat16
 
 
 def test_scorer_shapes_init_and_zero_input():

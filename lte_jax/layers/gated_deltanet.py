@@ -85,7 +85,7 @@ class GatedDeltaNet(nnx.Module):
     self.g_proj = linear(d_model, h * dv, names=(sh.EMBED, sh.HEADS), std=init_std, **kw)
     self.o_proj = linear(h * dv, d_model, names=(sh.HEADS, sh.EMBED),
                          std=output_std(init_std, num_layers), **kw)
-    conv_kw = dict(init_std=init_std, **kw)
+    conv_kw = dict(init_std=init_std, implementation=cfg.conv_implementation, **kw)
     self.q_conv = ShortConv(h * dk, cfg.conv_size, **conv_kw)
     self.k_conv = ShortConv(h * dk, cfg.conv_size, **conv_kw)
     self.v_conv = ShortConv(h * dv, cfg.conv_size, **conv_kw)

@@ -70,7 +70,7 @@ class LTEAttention(QKVAttention):
                            param_dtype=param_dtype, rngs=rngs)
     self.ring_size = cfg.window_size + 1
     self.enforce_budget = False
-    self.scorer = LTEScorer(cfg, rngs=rngs, param_dtype=param_dtype)
+    self.scorer = LTEScorer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   @property
   def max_distance(self) -> int:

@@ -85,7 +85,7 @@ class LTEScorer(nnx.Module):
   """
 
   def __init__(self, cfg: configs_lib.LTEConfig, *, rngs: nnx.Rngs, head_v_dim: int | None = None,
-               param_dtype: Any = jnp.float32):
+               dtype: Any = None, param_dtype: Any = jnp.float32):
     if not isinstance(cfg, configs_lib.LTEConfig):
       raise ValueError(f"cfg must be a lte_jax.configs.LTEConfig, got {type(cfg).__name__}")
     self.num_kv_heads = cfg.num_kv_heads
@@ -110,7 +110,9 @@ class LTEScorer(nnx.Module):
     bias_init = partitioned(nnx.initializers.constant(cfg.score_bias_init), (sh.KV_HEADS,))
     self.proj_bias = nnx.Param(bias_init(rngs.params(), (h,), param_dtype))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-    self.operand_dtype = jnp.dtype(cfg.scorer_dtype)
+    # None follows the layer's compute dtype, as autocast would.
+    low = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+    self.operand_dtype = jnp.dtype(cfg.scorer_dtype or ("bfloat16" if low else "float32"))
 
   def _matmul(self, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """fp32 einsum of operands in `operand_dtype` (fp32: full precision; bf16: tensor-core /

@@ -13,24 +13,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lte_jax import _checks
-from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax.layers.common import normal_init
+from lte_jax.ops.short_conv import short_conv
 
 
 class ShortConv(nnx.Module):
   """Causal depthwise conv1d, no bias, then SiLU. Weight [kernel_size, channels].
 
-  __call__: x [B, T, C] -> [B, T, C]. Decoding keeps the last K-1 inputs as a
+  __call__: x [B, T, C] -> [B, T, C] (the op's 'pallas' kernels on GPU, plain XLA
+  elsewhere; `implementation` picks). Decoding keeps the last K-1 inputs as a
   conv_state [B, K-1, C] (see :meth:`prefill` and :meth:`step`).
   """
 
   def __init__(self, channels: int, kernel_size: int = 4, *, init_std: float,
                names: Sequence[str | None] = (sh.CONV, sh.HEADS), dtype: Any = None,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Any = jnp.float32, implementation: str | None = None,
+               rngs: nnx.Rngs):
     _checks.check_positive_int("channels", channels)
     _checks.check_positive_int("kernel_size", kernel_size)
     self.channels, self.kernel_size, self.dtype = channels, kernel_size, dtype
+    self.implementation = implementation   # lte_jax.ops.short_conv's; None: per backend
     init = normal_init(init_std, names)
     self.weight = nnx.Param(init(rngs.params(), (kernel_size, channels), param_dtype))
 
@@ -38,26 +41,13 @@ class ShortConv(nnx.Module):
     _checks.check_shape(name, x, (None, None, self.channels), "[batch, time, channels]")
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [B, T, C], segment_ids [B, T] or None -> [B, T, C]."""
+    """x [B, T, C], segment_ids [B, T] or None -> [B, T, C] (lte_jax.ops.short_conv)."""
     self._check_x(x)
-    b, t, _ = x.shape
-    _checks.check_segment_ids(segment_ids, b, t)
-    k = self.kernel_size
-    w = self.weight[...].astype(jnp.float32)
-    xf = x.astype(jnp.float32)
-    x_pad = jnp.pad(xf, ((0, 0), (k - 1, 0), (0, 0)))
-    if segment_ids is not None:
-      # A tap `lag` steps back stays inside the document iff the token sits at
-      # least `lag` tokens after the document start.
-      pos_in_doc = segments.positions_from_segment_ids(segment_ids)[..., None]
-    y = jnp.zeros_like(xf)
-    for tap in range(k):
-      lag = k - 1 - tap
-      contrib = x_pad[:, tap:tap + t] * w[tap]
-      if segment_ids is not None and lag > 0:
-        contrib = jnp.where(pos_in_doc >= lag, contrib, 0.0)
-      y = y + contrib
-    return jax.nn.silu(y).astype(self.dtype or x.dtype)
+    return self._apply(x, segment_ids, self.implementation)
+
+  def _apply(self, x, segment_ids, implementation):
+    y = short_conv(x, self.weight[...], segment_ids, implementation=implementation)
+    return y.astype(self.dtype or x.dtype)
 
   def init_state(self, batch_size: int, dtype: Any = jnp.float32) -> jax.Array:
     """Empty conv_state [B, K-1, C] (zeros = nothing before the document)."""
@@ -75,7 +65,9 @@ class ShortConv(nnx.Module):
                         "[batch, kernel_size - 1, channels]")
     history = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)
     # The first K-1 rows are history only; every output kept reads real rows.
-    y = self(history)[:, self.kernel_size - 1:]
+    # A decode step's few rows are one small fusion in XLA; the kernels pay for tiles.
+    impl = "xla" if x.shape[1] < 64 else self.implementation
+    y = self._apply(history, None, impl)[:, self.kernel_size - 1:]
     new_state = history[:, history.shape[1] - (self.kernel_size - 1):]
     return y, new_state.astype(conv_state.dtype)
 

@@ -68,8 +68,11 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
   # config.model.lte_<field> -> LTEConfig.<field>
   lte_fields = {name: overrides.pop(f"lte_{name}") for name in ("dropout", "scorer_dtype")
                 if f"lte_{name}" in overrides}
+  # config.model.gdn_<field> -> GDNConfig.<field>
+  gdn_fields = {name: overrides.pop(f"gdn_{name}") for name in ("plan_options",
+                                                                 "conv_implementation")
+                if f"gdn_{name}" in overrides}
   implementation = overrides.pop("implementation", None)
-  gdn_plan_options = overrides.pop("gdn_plan_options", None)
   from_file = overrides.pop("from_file", None)
   if from_file is None:
     model = configs_lib.get_config(config.arch, config.size, **overrides)
@@ -81,9 +84,8 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
     model = configs_lib.replace(model, **{
         name: configs_lib.replace(getattr(model, name), implementation=implementation)
         for name in _MIXER_CONFIGS})
-  if gdn_plan_options is not None:
-    model = configs_lib.replace(model, gdn=configs_lib.replace(model.gdn,
-                                                               plan_options=gdn_plan_options))
+  if gdn_fields:
+    model = configs_lib.replace(model, gdn=configs_lib.replace(model.gdn, **gdn_fields))
   return model
 
 

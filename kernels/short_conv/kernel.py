@@ -1,0 +1,199 @@
+"""Kernels of the depthwise causal conv + SiLU (GPU form: the Triton lowering).
+
+Forward, per output row t and channel c (lag = K-1-tap):
+  z_t = sum_tap w[tap] m_lag(t) x_{t-lag},   y_t = silu(z_t),   m_lag(t) = [pos_t >= lag]
+pos_t is the token's position in its document, so a tap never reads across a document
+start; without segment ids every m is 1 and the front zero padding plays that role.
+Backward, with dz_t = dy_t silu'(z_t):
+  dx_s = sum_lag w[K-1-lag] m_lag(s+lag) dz_{s+lag},   dw[tap] = sum_t m_lag(t) dz_t x_{t-lag}.
+
+Why these shapes: XLA fuses the conv, its recompute under remat and the weight-gradient
+reductions into multi-output reduction fusions that ran near a tenth of the H200's
+bandwidth (BENCHMARKS.md); here each program reads its rows once per shift (the shifted
+windows of one tile overlap, so they come from L1/L2) and the backward recomputes z for
+the K row shifts it needs instead of storing anything.
+
+The x array arrives padded (api.py): K-1 zero rows in front, so row t of x is row
+t + K-1 of the ref and every window start is >= 0; zero rows behind cover the last
+tile's forward-shifted reads. dy and pos are padded behind the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lte_jax.kernels import lowering
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static choices for one call (hashable).
+
+  interpret: run with the Pallas interpreter (CPU tests).
+  block_t: rows per program (power of two >= 16).
+  block_c: channels per program (power of two >= 16; fewer channels are padded to 16).
+  num_warps, num_stages: Triton launch parameters.
+  """
+  interpret: bool = False
+  block_t: int = 32
+  block_c: int = 128
+  num_warps: int = 4
+  num_stages: int = 1
+
+  def __post_init__(self):
+    lowering.check_block_sizes(self, "block_t", "block_c")
+    lowering.check_counts(self, "num_warps", "num_stages")
+
+  def channel_block(self, channels: int) -> int:
+    return min(self.block_c, max(16, 1 << (channels - 1).bit_length()))
+
+
+def _rows(ref, start, size):
+  return ref[pl.ds(start, size), :]
+
+
+def _tap_weight(w_ref, tap):
+  return w_ref[pl.ds(tap, 1), :]                                 # [1, bc] fp32
+
+
+def _silu_parts(z):
+  sig = 1.0 / (1.0 + jnp.exp(-z))
+  return z * sig, sig
+
+
+class _Windows:
+  """Loads of x windows by their first padded row, each emitted once per program."""
+
+  def __init__(self, ref, size):
+    self.ref, self.size, self.cache = ref, size, {}
+
+  def __call__(self, start, offset):
+    if offset not in self.cache:
+      self.cache[offset] = _rows(self.ref, start + offset, self.size).astype(F32)
+    return self.cache[offset]
+
+
+def _pre_activation(windows, w_ref, pos, t0, shift, *, taps, has_segments):
+  """z for rows t0 + shift + [0, block): taps of x windows, masked at document starts."""
+  z = None
+  for tap in range(taps):
+    lag = taps - 1 - tap
+    term = windows(t0, shift + tap) * _tap_weight(w_ref, tap)
+    if has_segments and lag > 0:
+      term = jnp.where(pos >= lag, term, 0.0)
+    z = term if z is None else z + term
+  return z
+
+
+def _forward_kernel(*refs, taps, block_t, has_segments):
+  if has_segments:
+    x_ref, w_ref, pos_ref, y_ref = refs
+  else:
+    (x_ref, w_ref, y_ref), pos_ref = refs, None
+  t0 = pl.program_id(1) * block_t
+  pos = _rows(pos_ref, t0, block_t) if has_segments else None
+  z = _pre_activation(_Windows(x_ref, block_t), w_ref, pos, t0, 0, taps=taps,
+                      has_segments=has_segments)
+  y_ref[...] = _silu_parts(z)[0].astype(y_ref.dtype)
+
+
+def _backward_kernel(*refs, taps, block_t, has_segments):
+  if has_segments:
+    x_ref, w_ref, pos_ref, dy_ref, dx_ref, dw_ref = refs
+  else:
+    (x_ref, w_ref, dy_ref, dx_ref, dw_ref), pos_ref = refs, None
+  s0 = pl.program_id(1) * block_t
+  windows = _Windows(x_ref, block_t)
+  dx = dz_here = pos_here = None
+  for lag in range(taps):
+    # dz at rows s + lag, which read x_s through tap K-1-lag.
+    pos = _rows(pos_ref, s0 + lag, block_t) if has_segments else None
+    z = _pre_activation(windows, w_ref, pos, s0, lag, taps=taps, has_segments=has_segments)
+    _, sig = _silu_parts(z)
+    dz = _rows(dy_ref, s0 + lag, block_t).astype(F32) * sig * (1.0 + z * (1.0 - sig))
+    term = dz * _tap_weight(w_ref, taps - 1 - lag)
+    if has_segments and lag > 0:
+      term = jnp.where(pos >= lag, term, 0.0)
+    dx = term if dx is None else dx + term
+    if lag == 0:
+      dz_here, pos_here = dz, pos
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+  for tap in range(dw_ref.shape[0]):
+    lag = taps - 1 - tap
+    if tap >= taps:                                              # power-of-two padding
+      dw_ref[pl.ds(tap, 1), :] = jnp.zeros((1, dw_ref.shape[1]), dw_ref.dtype)
+      continue
+    prod = dz_here * windows(s0, tap)
+    if has_segments and lag > 0:
+      prod = jnp.where(pos_here >= lag, prod, 0.0)
+    dw_ref[pl.ds(tap, 1), :] = jnp.sum(prod, axis=0, keepdims=True)
+
+
+def _call(kernel, plan: Plan, *, grid, in_specs, out_specs, out_shape, name) -> Any:
+  return lowering.call(kernel, platform="gpu", interpret=plan.interpret, grid=grid,
+                       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
+                       num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+def _whole_time(length: int, width: int) -> pl.BlockSpec:
+  """All rows of one (batch, channel block): the kernels slice their own windows."""
+  return pl.BlockSpec((pl.squeezed, length, width), lambda b, i, j: (b, 0, j))
+
+
+def _tile(rows: int, width: int) -> pl.BlockSpec:
+  return pl.BlockSpec((pl.squeezed, rows, width), lambda b, i, j: (b, i, j))
+
+
+def _common_specs(x_pad, w, pos, bc: int) -> tuple[list, list]:
+  """Specs and arguments the two kernels share: x (and pos) whole in time, w by channels."""
+  in_specs = [_whole_time(x_pad.shape[1], bc),
+              pl.BlockSpec((w.shape[0], bc), lambda b, i, j: (0, j))]
+  args = [x_pad, w]
+  if pos is not None:
+    in_specs.append(pl.BlockSpec((pl.squeezed, pos.shape[1], 1), lambda b, i, j: (b, 0, 0)))
+    args.append(pos)
+  return in_specs, args
+
+
+def forward(plan: Plan, x_pad, w, pos, *, taps: int, rows: int, out_dtype) -> jax.Array:
+  """x_pad [B, K-1 + rows + pad, C]; w [Kp, C] fp32; pos [B, rows + pad, 1] int32 or None
+  -> y [B, rows, C] (rows a multiple of block_t, C of the channel block)."""
+  batch, length, channels = x_pad.shape
+  bt, bc = plan.block_t, plan.channel_block(channels)
+  in_specs, args = _common_specs(x_pad, w, pos, bc)
+  kernel = functools.partial(_forward_kernel, taps=taps, block_t=bt,
+                             has_segments=pos is not None)
+  return _call(kernel, plan, grid=(batch, rows // bt, channels // bc), in_specs=in_specs,
+               out_specs=[_tile(bt, bc)],
+               out_shape=[jax.ShapeDtypeStruct((batch, rows, channels), out_dtype)],
+               name="short_conv_fwd")(*args)[0]
+
+
+def backward(plan: Plan, x_pad, w, pos, dy_pad, *, taps: int, rows: int
+             ) -> tuple[jax.Array, jax.Array]:
+  """x_pad as `forward`; dy_pad [B, rows + K-1 (+), C], zero past the sequence
+  -> (dx [B, rows, C] in x's dtype, dw partials [B, rows / block_t, Kp, C] fp32)."""
+  batch, _, channels = x_pad.shape
+  bt, bc = plan.block_t, plan.channel_block(channels)
+  kp = w.shape[0]
+  in_specs, args = _common_specs(x_pad, w, pos, bc)
+  in_specs.append(_whole_time(dy_pad.shape[1], bc))
+  args.append(dy_pad)
+  tiles = rows // bt
+  kernel = functools.partial(_backward_kernel, taps=taps, block_t=bt,
+                             has_segments=pos is not None)
+  dx, dw = _call(
+      kernel, plan, grid=(batch, tiles, channels // bc), in_specs=in_specs,
+      out_specs=[_tile(bt, bc),
+                 pl.BlockSpec((pl.squeezed, pl.squeezed, kp, bc), lambda b, i, j: (b, i, 0, j))],
+      out_shape=[jax.ShapeDtypeStruct((batch, rows, channels), x_pad.dtype),
+                 jax.ShapeDtypeStruct((batch, tiles, kp, channels), F32)],
+      name="short_conv_bwd")(*args)
+  return dx, dw
