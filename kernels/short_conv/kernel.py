@@ -7,11 +7,12 @@ start; without segment ids every m is 1 and the front zero padding plays that ro
 Backward, with dz_t = dy_t silu'(z_t):
   dx_s = sum_lag w[K-1-lag] m_lag(s+lag) dz_{s+lag},   dw[tap] = sum_t m_lag(t) dz_t x_{t-lag}.
 
-Why these shapes: XLA fuses the conv, its recompute under remat and the weight-gradient
-reductions into multi-output reduction fusions that ran near a tenth of the H200's
-bandwidth (BENCHMARKS.md); here each program reads its rows once per shift (the shifted
+Why: in the 0.4B GDN step XLA's conv fusions (forward, remat recompute, weight-gradient
+reductions) cost about 40 ms of 295 (the H200 profile, BENCHMARKS.md) where one pass over
+the data would take about 5. Each program reads its rows once per shift (the shifted
 windows of one tile overlap, so they come from L1/L2) and the backward recomputes z for
-the K row shifts it needs instead of storing anything.
+the K row shifts it needs instead of storing anything. Status: not yet faster than XLA
+(first version 0.88 ms fwd+bwd at 8 x 4096 x 1024 against XLA's 0.59), so not the default.
 
 The x array arrives padded (api.py): K-1 zero rows in front, so row t of x is row
 t + K-1 of the ref and every window start is >= 0; zero rows behind cover the last
@@ -68,24 +69,19 @@ def _silu_parts(z):
   return z * sig, sig
 
 
-class _Windows:
-  """Loads of x windows by their first padded row, each emitted once per program."""
-
-  def __init__(self, ref, size):
-    self.ref, self.size, self.cache = ref, size, {}
-
-  def __call__(self, start, offset):
-    if offset not in self.cache:
-      self.cache[offset] = _rows(self.ref, start + offset, self.size).astype(F32)
-    return self.cache[offset]
+def _window(x_ref, start, size):
+  """x rows from padded row `start`, in fp32. Loaded afresh at each use: the shifted
+  windows of a tile overlap and come from L1, while holding every shift in registers
+  for the whole program would not fit them."""
+  return _rows(x_ref, start, size).astype(F32)
 
 
-def _pre_activation(windows, w_ref, pos, t0, shift, *, taps, has_segments):
-  """z for rows t0 + shift + [0, block): taps of x windows, masked at document starts."""
+def _pre_activation(x_ref, w_ref, pos, start, size, *, taps, has_segments):
+  """z for rows start + [0, size) (unpadded): taps of x windows, masked at document starts."""
   z = None
   for tap in range(taps):
     lag = taps - 1 - tap
-    term = windows(t0, shift + tap) * _tap_weight(w_ref, tap)
+    term = _window(x_ref, start + tap, size) * _tap_weight(w_ref, tap)
     if has_segments and lag > 0:
       term = jnp.where(pos >= lag, term, 0.0)
     z = term if z is None else z + term
@@ -99,8 +95,7 @@ def _forward_kernel(*refs, taps, block_t, has_segments):
     (x_ref, w_ref, y_ref), pos_ref = refs, None
   t0 = pl.program_id(1) * block_t
   pos = _rows(pos_ref, t0, block_t) if has_segments else None
-  z = _pre_activation(_Windows(x_ref, block_t), w_ref, pos, t0, 0, taps=taps,
-                      has_segments=has_segments)
+  z = _pre_activation(x_ref, w_ref, pos, t0, block_t, taps=taps, has_segments=has_segments)
   y_ref[...] = _silu_parts(z)[0].astype(y_ref.dtype)
 
 
@@ -110,29 +105,33 @@ def _backward_kernel(*refs, taps, block_t, has_segments):
   else:
     (x_ref, w_ref, dy_ref, dx_ref, dw_ref), pos_ref = refs, None
   s0 = pl.program_id(1) * block_t
-  windows = _Windows(x_ref, block_t)
-  dx = dz_here = pos_here = None
+  dx = None
   for lag in range(taps):
     # dz at rows s + lag, which read x_s through tap K-1-lag.
     pos = _rows(pos_ref, s0 + lag, block_t) if has_segments else None
-    z = _pre_activation(windows, w_ref, pos, s0, lag, taps=taps, has_segments=has_segments)
+    z = _pre_activation(x_ref, w_ref, pos, s0 + lag, block_t, taps=taps,
+                        has_segments=has_segments)
     _, sig = _silu_parts(z)
     dz = _rows(dy_ref, s0 + lag, block_t).astype(F32) * sig * (1.0 + z * (1.0 - sig))
+    if lag == 0:
+      _weight_grads(dw_ref, x_ref, dz, pos, s0, taps=taps, has_segments=has_segments)
     term = dz * _tap_weight(w_ref, taps - 1 - lag)
     if has_segments and lag > 0:
       term = jnp.where(pos >= lag, term, 0.0)
     dx = term if dx is None else dx + term
-    if lag == 0:
-      dz_here, pos_here = dz, pos
   dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
+def _weight_grads(dw_ref, x_ref, dz, pos, s0, *, taps, has_segments):
+  """This tile's dw[tap] = sum over its rows t of m_lag(t) dz_t x_{t-lag}."""
+  width = dw_ref.shape[1]
   for tap in range(dw_ref.shape[0]):
-    lag = taps - 1 - tap
     if tap >= taps:                                              # power-of-two padding
-      dw_ref[pl.ds(tap, 1), :] = jnp.zeros((1, dw_ref.shape[1]), dw_ref.dtype)
+      dw_ref[pl.ds(tap, 1), :] = jnp.zeros((1, width), dw_ref.dtype)
       continue
-    prod = dz_here * windows(s0, tap)
-    if has_segments and lag > 0:
-      prod = jnp.where(pos_here >= lag, prod, 0.0)
+    prod = dz * _window(x_ref, s0 + tap, dz.shape[0])
+    if has_segments and taps - 1 - tap > 0:
+      prod = jnp.where(pos >= taps - 1 - tap, prod, 0.0)
     dw_ref[pl.ds(tap, 1), :] = jnp.sum(prod, axis=0, keepdims=True)
 
 

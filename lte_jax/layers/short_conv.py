@@ -21,8 +21,8 @@ from lte_jax.ops.short_conv import short_conv
 class ShortConv(nnx.Module):
   """Causal depthwise conv1d, no bias, then SiLU. Weight [kernel_size, channels].
 
-  __call__: x [B, T, C] -> [B, T, C] (the op's 'pallas' kernels on GPU, plain XLA
-  elsewhere; `implementation` picks). Decoding keeps the last K-1 inputs as a
+  __call__: x [B, T, C] -> [B, T, C] (lte_jax.ops.short_conv; `implementation` picks
+  'pallas' or 'xla', None the op's default). Decoding keeps the last K-1 inputs as a
   conv_state [B, K-1, C] (see :meth:`prefill` and :meth:`step`).
   """
 
