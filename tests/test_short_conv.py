@@ -41,16 +41,19 @@ def _value_and_grads(fn, x, w, seg, dy):
   return fn(x, w, seg), jax.grad(loss, argnums=(0, 1))(x, w)
 
 
-@pytest.mark.parametrize("b,t,c,k,segments,block_t", [
-    (2, 37, 5, 4, False, 16),
-    (2, 37, 5, 4, True, 16),
-    (1, 70, 40, 3, True, 32),
-    (1, 16, 16, 4, False, 16),
-    (1, 50, 24, 2, True, 16),
+@pytest.mark.parametrize("b,t,c,k,segments,block_t,backward", [
+    (2, 37, 5, 4, False, 16, "fused"),
+    (2, 37, 5, 4, True, 16, "fused"),
+    (2, 37, 5, 4, True, 16, "split"),
+    (1, 70, 40, 3, True, 32, "fused"),
+    (1, 70, 40, 3, False, 32, "split"),
+    (1, 16, 16, 4, False, 16, "split"),
+    (1, 50, 24, 2, True, 16, "fused"),
 ])
-def test_kernels_match_reference(b, t, c, k, segments, block_t):
+def test_kernels_match_reference(b, t, c, k, segments, block_t, backward):
   x, w, seg, dy = _inputs(b, t, c, k, segments=segments)
-  kernel = lambda x, w, s: short_conv_pallas(x, w, s, block_t=block_t, block_c=16)
+  kernel = lambda x, w, s: short_conv_pallas(x, w, s, block_t=block_t, block_c=16,
+                                             backward=backward)
   y, (dx, dw) = _value_and_grads(kernel, x, w, seg, dy)
   y0, (dx0, dw0) = _value_and_grads(short_conv_reference, x, w, seg, dy)
   assert helpers.rel_rms(y, y0) < 1e-6
@@ -85,6 +88,9 @@ def test_layer_implementations_agree():
     (dict(implementation="xla", plan_options={"block_t": 16}), "plan_options"),
     (dict(implementation="pallas", plan_options={"block_rows": 16}), "block_rows"),
     (dict(implementation="pallas", plan_options={"block_t": 24}), "block_t"),
+    (dict(implementation="pallas", plan_options={"backward": "both"}), "backward"),
+    (dict(implementation="pallas", weight=jnp.zeros((18, 6)), plan_options={"block_t": 16}),
+     "kernel_size"),
     (dict(weight=jnp.zeros((4, 7))), "weight"),
     (dict(x=jnp.zeros((2, 9, 6), jnp.int32)), "x"),
     (dict(segment_ids=jnp.zeros((2, 8), jnp.int32)), "segment_ids"),
@@ -120,16 +126,19 @@ def test_runs_per_shard_under_a_mesh():
   helpers.run_on_simulated_devices(_SHARDED)
 
 
-@pytest.mark.parametrize("size,segments", [("0.4B", True), ("1.4B", False)])
-def test_lowers_for_cuda_at_preset_shapes(size, segments):
+@pytest.mark.parametrize("size,segments,backward", [("0.4B", True, "fused"),
+                                                    ("1.4B", False, "split")])
+def test_lowers_for_cuda_at_preset_shapes(size, segments, backward):
   gdn = configs.get_config("GDN", size).gdn
   c = gdn.num_heads * gdn.head_dim
   x, w = helpers.sds(8, 4096, c), helpers.sds(gdn.conv_size, c, dtype=jnp.float32)
   seg = helpers.sds(8, 4096, dtype=jnp.int32) if segments else None
 
   def step(x, w, seg):
-    y, vjp = jax.vjp(lambda x, w: short_conv_pallas(x, w, seg, interpret=False), x, w)
+    y, vjp = jax.vjp(lambda x, w: short_conv_pallas(x, w, seg, interpret=False,
+                                                    backward=backward), x, w)
     return y, vjp(y)
 
   text = jax.jit(step).trace(x, w, seg).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("@__gpu$xla.gpu.triton(") == 2          # forward and backward
+  # The forward, then one backward kernel (fused) or two (split).
+  assert text.count("@__gpu$xla.gpu.triton(") == (2 if backward == "fused" else 3)

@@ -25,18 +25,22 @@ def _pad(a: jax.Array, front: int, back: int, channels: int = 0) -> jax.Array:
 def _geometry(plan: Plan, x: jax.Array, weight: jax.Array):
   """(taps K, padded taps, rows: T up to whole tiles, padded channels)."""
   taps, (_, t, c) = weight.shape[0], x.shape
+  if taps - 1 > plan.block_t:
+    raise ValueError(f"kernel_size - 1 = {taps - 1} must not exceed block_t={plan.block_t}")
   bc = plan.channel_block(c)
   return taps, 1 << (taps - 1).bit_length(), _round_up(t, plan.block_t), _round_up(c, bc)
 
 
 def _operands(plan: Plan, x, weight, pos):
-  """x with K-1 zero rows in front and enough behind for the backward's forward-shifted
-  windows, w as fp32 [Kp, Cp], pos as [B, rows + K-1, 1]."""
+  """x with K-1 zero rows in front and one tile's rows behind the last whole tile (the
+  backward's forward-shifted windows and the split backward's extra dz tile read there),
+  w as fp32 [Kp, Cp], pos as [B, rows + block_t, 1]."""
   taps, kp, rows, cp = _geometry(plan, x, weight)
   t, c = x.shape[1:]
-  x_pad = _pad(x, taps - 1, rows - t + taps - 1, cp - c)
+  back = rows - t + plan.block_t
+  x_pad = _pad(x, taps - 1, back, cp - c)
   w_pad = jnp.pad(weight.astype(F32), ((0, kp - taps), (0, cp - c)))
-  pos_pad = None if pos is None else _pad(pos[..., None], 0, rows - t + taps - 1)
+  pos_pad = None if pos is None else _pad(pos[..., None], 0, back)
   return x_pad, w_pad, pos_pad
 
 
@@ -57,7 +61,7 @@ def _short_conv_bwd(plan, residuals, dy):
   x, weight, pos = residuals
   taps, _, rows, cp = _geometry(plan, x, weight)
   t, c = x.shape[1:]
-  dy_pad = _pad(dy.astype(x.dtype), 0, rows - t + taps - 1, cp - c)
+  dy_pad = _pad(dy.astype(x.dtype), 0, rows - t + plan.block_t, cp - c)
   dx, dw = kernel.backward(plan, *_operands(plan, x, weight, pos), dy_pad, taps=taps, rows=rows)
   dw = jnp.sum(dw, axis=(0, 1))[:taps, :c]
   return dx[:, :t, :c], dw.astype(weight.dtype), None
@@ -72,7 +76,7 @@ def short_conv_pallas(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | 
 
   x [B, T, C]; weight [K, C]; segment_ids [B, T] or None -> silu(causal depthwise
   conv) [B, T, C] in x.dtype, fp32 inside. interpret: Pallas interpreter (None: on CPU
-  only); plan_options: fields of Plan (block_t, block_c, num_warps, num_stages).
+  only); plan_options: fields of Plan (block_t, block_c, backward, num_warps, num_stages).
   """
   if interpret is None:
     interpret = jax.default_backend() == "cpu"

@@ -40,17 +40,24 @@ class Plan:
   interpret: run with the Pallas interpreter (CPU tests).
   block_t: rows per program (power of two >= 16).
   block_c: channels per program (power of two >= 16; fewer channels are padded to 16).
+  backward: 'fused' (one kernel recomputes z at the K row shifts dx needs: 4K x-window and
+    K dy-window loads per tile, mostly L1 hits, nothing stored) or 'split' (one kernel writes
+    dz in fp32 and the dw partials, a second reads K dz windows for dx: fewer loads, one
+    fp32 round trip). Which is faster on a GPU is not measured yet.
   num_warps, num_stages: Triton launch parameters.
   """
   interpret: bool = False
   block_t: int = 32
   block_c: int = 128
+  backward: str = "fused"
   num_warps: int = 4
   num_stages: int = 1
 
   def __post_init__(self):
     lowering.check_block_sizes(self, "block_t", "block_c")
     lowering.check_counts(self, "num_warps", "num_stages")
+    if self.backward not in ("fused", "split"):
+      raise ValueError(f"backward must be 'fused' or 'split', got {self.backward!r}")
 
   def channel_block(self, channels: int) -> int:
     return min(self.block_c, max(16, 1 << (channels - 1).bit_length()))
@@ -135,6 +142,37 @@ def _weight_grads(dw_ref, x_ref, dz, pos, s0, *, taps, has_segments):
     dw_ref[pl.ds(tap, 1), :] = jnp.sum(prod, axis=0, keepdims=True)
 
 
+def _dz_kernel(*refs, taps, block_t, has_segments):
+  """Split backward, first half: dz and the dw partials of one tile."""
+  if has_segments:
+    x_ref, w_ref, pos_ref, dy_ref, dz_ref, dw_ref = refs
+  else:
+    (x_ref, w_ref, dy_ref, dz_ref, dw_ref), pos_ref = refs, None
+  s0 = pl.program_id(1) * block_t
+  pos = _rows(pos_ref, s0, block_t) if has_segments else None
+  z = _pre_activation(x_ref, w_ref, pos, s0, block_t, taps=taps, has_segments=has_segments)
+  _, sig = _silu_parts(z)
+  dz = _rows(dy_ref, s0, block_t).astype(F32) * sig * (1.0 + z * (1.0 - sig))
+  dz_ref[...] = dz
+  _weight_grads(dw_ref, x_ref, dz, pos, s0, taps=taps, has_segments=has_segments)
+
+
+def _dx_kernel(*refs, taps, block_t, has_segments):
+  """Split backward, second half: dx_s = sum_lag w[K-1-lag] m_lag(s+lag) dz_{s+lag}."""
+  if has_segments:
+    dz_ref, w_ref, pos_ref, dx_ref = refs
+  else:
+    (dz_ref, w_ref, dx_ref), pos_ref = refs, None
+  s0 = pl.program_id(1) * block_t
+  dx = None
+  for lag in range(taps):
+    term = _rows(dz_ref, s0 + lag, block_t) * _tap_weight(w_ref, taps - 1 - lag)
+    if has_segments and lag > 0:
+      term = jnp.where(_rows(pos_ref, s0 + lag, block_t) >= lag, term, 0.0)
+    dx = term if dx is None else dx + term
+  dx_ref[...] = dx.astype(dx_ref.dtype)
+
+
 def _call(kernel, plan: Plan, *, grid, in_specs, out_specs, out_shape, name) -> Any:
   return lowering.call(kernel, platform="gpu", interpret=plan.interpret, grid=grid,
                        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
@@ -177,22 +215,37 @@ def forward(plan: Plan, x_pad, w, pos, *, taps: int, rows: int, out_dtype) -> ja
 
 def backward(plan: Plan, x_pad, w, pos, dy_pad, *, taps: int, rows: int
              ) -> tuple[jax.Array, jax.Array]:
-  """x_pad as `forward`; dy_pad [B, rows + K-1 (+), C], zero past the sequence
-  -> (dx [B, rows, C] in x's dtype, dw partials [B, rows / block_t, Kp, C] fp32)."""
+  """x_pad as `forward`; dy_pad [B, rows + block_t, C], zero past the sequence
+  -> (dx [B, rows, C] in x's dtype, dw partials [B, tiles, Kp, C] fp32)."""
   batch, _, channels = x_pad.shape
   bt, bc = plan.block_t, plan.channel_block(channels)
-  kp = w.shape[0]
+  kp, tiles = w.shape[0], rows // bt
+  has_segments = pos is not None
+  dw_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, kp, bc), lambda b, i, j: (b, i, 0, j))
   in_specs, args = _common_specs(x_pad, w, pos, bc)
-  in_specs.append(_whole_time(dy_pad.shape[1], bc))
-  args.append(dy_pad)
-  tiles = rows // bt
-  kernel = functools.partial(_backward_kernel, taps=taps, block_t=bt,
-                             has_segments=pos is not None)
-  dx, dw = _call(
-      kernel, plan, grid=(batch, tiles, channels // bc), in_specs=in_specs,
-      out_specs=[_tile(bt, bc),
-                 pl.BlockSpec((pl.squeezed, pl.squeezed, kp, bc), lambda b, i, j: (b, i, 0, j))],
-      out_shape=[jax.ShapeDtypeStruct((batch, rows, channels), x_pad.dtype),
-                 jax.ShapeDtypeStruct((batch, tiles, kp, channels), F32)],
-      name="short_conv_bwd")(*args)
+  if plan.backward == "fused":
+    kernel = functools.partial(_backward_kernel, taps=taps, block_t=bt, has_segments=has_segments)
+    return _call(
+        kernel, plan, grid=(batch, tiles, channels // bc),
+        in_specs=in_specs + [_whole_time(dy_pad.shape[1], bc)],
+        out_specs=[_tile(bt, bc), dw_spec],
+        out_shape=[jax.ShapeDtypeStruct((batch, rows, channels), x_pad.dtype),
+                   jax.ShapeDtypeStruct((batch, tiles, kp, channels), F32)],
+        name="short_conv_bwd")(*args, dy_pad)
+  # Split: dz over one tile more than the output, so the dx kernel's forward-shifted windows
+  # of the last tile read zeros (dy is zero there) rather than past the buffer.
+  kernel = functools.partial(_dz_kernel, taps=taps, block_t=bt, has_segments=has_segments)
+  dz, dw = _call(
+      kernel, plan, grid=(batch, tiles + 1, channels // bc),
+      in_specs=in_specs + [_whole_time(dy_pad.shape[1], bc)],
+      out_specs=[_tile(bt, bc), dw_spec],
+      out_shape=[jax.ShapeDtypeStruct((batch, rows + bt, channels), F32),
+                 jax.ShapeDtypeStruct((batch, tiles + 1, kp, channels), F32)],
+      name="short_conv_bwd_dz")(*args, dy_pad)
+  dx_specs = [_whole_time(rows + bt, bc), in_specs[1]] + in_specs[2:]
+  kernel = functools.partial(_dx_kernel, taps=taps, block_t=bt, has_segments=has_segments)
+  dx = _call(kernel, plan, grid=(batch, tiles, channels // bc), in_specs=dx_specs,
+             out_specs=[_tile(bt, bc)],
+             out_shape=[jax.ShapeDtypeStruct((batch, rows, channels), x_pad.dtype)],
+             name="short_conv_bwd_dx")(dz, *args[1:])[0]
   return dx, dw
