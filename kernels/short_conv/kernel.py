@@ -95,11 +95,23 @@ def _pre_activation(x_ref, w_ref, pos, start, size, *, taps, has_segments):
   return z
 
 
+def _refs(refs, has_segments, pos_at):
+  """The kernel's refs with None in pos's place when there are no segment ids."""
+  refs = list(refs)
+  if not has_segments:
+    refs.insert(pos_at, None)
+  return refs
+
+
+def _grad_pre_activation(x_ref, w_ref, dy_ref, pos, start, size, *, taps, has_segments):
+  """dz = dy silu'(z) for rows start + [0, size), z recomputed from x."""
+  z = _pre_activation(x_ref, w_ref, pos, start, size, taps=taps, has_segments=has_segments)
+  _, sig = _silu_parts(z)
+  return _rows(dy_ref, start, size).astype(F32) * sig * (1.0 + z * (1.0 - sig))
+
+
 def _forward_kernel(*refs, taps, block_t, has_segments):
-  if has_segments:
-    x_ref, w_ref, pos_ref, y_ref = refs
-  else:
-    (x_ref, w_ref, y_ref), pos_ref = refs, None
+  x_ref, w_ref, pos_ref, y_ref = _refs(refs, has_segments, 2)
   t0 = pl.program_id(1) * block_t
   pos = _rows(pos_ref, t0, block_t) if has_segments else None
   z = _pre_activation(x_ref, w_ref, pos, t0, block_t, taps=taps, has_segments=has_segments)
@@ -107,19 +119,14 @@ def _forward_kernel(*refs, taps, block_t, has_segments):
 
 
 def _backward_kernel(*refs, taps, block_t, has_segments):
-  if has_segments:
-    x_ref, w_ref, pos_ref, dy_ref, dx_ref, dw_ref = refs
-  else:
-    (x_ref, w_ref, dy_ref, dx_ref, dw_ref), pos_ref = refs, None
+  x_ref, w_ref, pos_ref, dy_ref, dx_ref, dw_ref = _refs(refs, has_segments, 2)
   s0 = pl.program_id(1) * block_t
   dx = None
   for lag in range(taps):
     # dz at rows s + lag, which read x_s through tap K-1-lag.
     pos = _rows(pos_ref, s0 + lag, block_t) if has_segments else None
-    z = _pre_activation(x_ref, w_ref, pos, s0 + lag, block_t, taps=taps,
-                        has_segments=has_segments)
-    _, sig = _silu_parts(z)
-    dz = _rows(dy_ref, s0 + lag, block_t).astype(F32) * sig * (1.0 + z * (1.0 - sig))
+    dz = _grad_pre_activation(x_ref, w_ref, dy_ref, pos, s0 + lag, block_t, taps=taps,
+                              has_segments=has_segments)
     if lag == 0:
       _weight_grads(dw_ref, x_ref, dz, pos, s0, taps=taps, has_segments=has_segments)
     term = dz * _tap_weight(w_ref, taps - 1 - lag)
@@ -144,25 +151,18 @@ def _weight_grads(dw_ref, x_ref, dz, pos, s0, *, taps, has_segments):
 
 def _dz_kernel(*refs, taps, block_t, has_segments):
   """Split backward, first half: dz and the dw partials of one tile."""
-  if has_segments:
-    x_ref, w_ref, pos_ref, dy_ref, dz_ref, dw_ref = refs
-  else:
-    (x_ref, w_ref, dy_ref, dz_ref, dw_ref), pos_ref = refs, None
+  x_ref, w_ref, pos_ref, dy_ref, dz_ref, dw_ref = _refs(refs, has_segments, 2)
   s0 = pl.program_id(1) * block_t
   pos = _rows(pos_ref, s0, block_t) if has_segments else None
-  z = _pre_activation(x_ref, w_ref, pos, s0, block_t, taps=taps, has_segments=has_segments)
-  _, sig = _silu_parts(z)
-  dz = _rows(dy_ref, s0, block_t).astype(F32) * sig * (1.0 + z * (1.0 - sig))
+  dz = _grad_pre_activation(x_ref, w_ref, dy_ref, pos, s0, block_t, taps=taps,
+                            has_segments=has_segments)
   dz_ref[...] = dz
   _weight_grads(dw_ref, x_ref, dz, pos, s0, taps=taps, has_segments=has_segments)
 
 
 def _dx_kernel(*refs, taps, block_t, has_segments):
   """Split backward, second half: dx_s = sum_lag w[K-1-lag] m_lag(s+lag) dz_{s+lag}."""
-  if has_segments:
-    dz_ref, w_ref, pos_ref, dx_ref = refs
-  else:
-    (dz_ref, w_ref, dx_ref), pos_ref = refs, None
+  dz_ref, w_ref, pos_ref, dx_ref = _refs(refs, has_segments, 2)
   s0 = pl.program_id(1) * block_t
   dx = None
   for lag in range(taps):
