@@ -40,10 +40,10 @@ class Plan:
   interpret: run with the Pallas interpreter (CPU tests).
   block_t: rows per program (power of two >= 16).
   block_c: channels per program (power of two >= 16; fewer channels are padded to 16).
-  backward: 'fused' (one kernel recomputes z at the K row shifts dx needs: 4K x-window and
+  backward: 'fused' (one kernel recomputes z at the K row shifts dx needs: K^2 x-window and
     K dy-window loads per tile, mostly L1 hits, nothing stored) or 'split' (one kernel writes
-    dz in fp32 and the dw partials, a second reads K dz windows for dx: fewer loads, one
-    fp32 round trip). Which is faster on a GPU is not measured yet.
+    dz in fp32 and the dw partials from K x windows, a second reads K dz windows for dx:
+    fewer loads, one fp32 round trip). Which is faster on a GPU is not measured yet.
   num_warps, num_stages: Triton launch parameters.
   """
   interpret: bool = False
@@ -76,19 +76,20 @@ def _silu_parts(z):
   return z * sig, sig
 
 
-def _window(x_ref, start, size):
-  """x rows from padded row `start`, in fp32. Loaded afresh at each use: the shifted
-  windows of a tile overlap and come from L1, while holding every shift in registers
-  for the whole program would not fit them."""
-  return _rows(x_ref, start, size).astype(F32)
+def _windows(x_ref, start, size, taps):
+  """The K shifted x windows z needs for rows start + [0, size), in x's dtype (half the
+  registers of fp32 while they stay live for the weight gradient); tap `tap` reads padded
+  rows start + tap. Windows of one tile overlap, so all but one come from L1."""
+  return [_rows(x_ref, start + tap, size) for tap in range(taps)]
 
 
-def _pre_activation(x_ref, w_ref, pos, start, size, *, taps, has_segments):
-  """z for rows start + [0, size) (unpadded): taps of x windows, masked at document starts."""
-  z = None
-  for tap in range(taps):
+def _pre_activation(windows, w_ref, pos, *, has_segments):
+  """z from the K windows, each tap masked at document starts (pos: in-document positions of
+  the rows)."""
+  taps, z = len(windows), None
+  for tap, window in enumerate(windows):
     lag = taps - 1 - tap
-    term = _window(x_ref, start + tap, size) * _tap_weight(w_ref, tap)
+    term = window.astype(F32) * _tap_weight(w_ref, tap)
     if has_segments and lag > 0:
       term = jnp.where(pos >= lag, term, 0.0)
     z = term if z is None else z + term
@@ -103,9 +104,9 @@ def _refs(refs, has_segments, pos_at):
   return refs
 
 
-def _grad_pre_activation(x_ref, w_ref, dy_ref, pos, start, size, *, taps, has_segments):
-  """dz = dy silu'(z) for rows start + [0, size), z recomputed from x."""
-  z = _pre_activation(x_ref, w_ref, pos, start, size, taps=taps, has_segments=has_segments)
+def _grad_pre_activation(windows, w_ref, dy_ref, pos, start, size, *, has_segments):
+  """dz = dy silu'(z) for rows start + [0, size), z recomputed from the windows."""
+  z = _pre_activation(windows, w_ref, pos, has_segments=has_segments)
   _, sig = _silu_parts(z)
   return _rows(dy_ref, start, size).astype(F32) * sig * (1.0 + z * (1.0 - sig))
 
@@ -114,7 +115,8 @@ def _forward_kernel(*refs, taps, block_t, has_segments):
   x_ref, w_ref, pos_ref, y_ref = _refs(refs, has_segments, 2)
   t0 = pl.program_id(1) * block_t
   pos = _rows(pos_ref, t0, block_t) if has_segments else None
-  z = _pre_activation(x_ref, w_ref, pos, t0, block_t, taps=taps, has_segments=has_segments)
+  z = _pre_activation(_windows(x_ref, t0, block_t, taps), w_ref, pos,
+                      has_segments=has_segments)
   y_ref[...] = _silu_parts(z)[0].astype(y_ref.dtype)
 
 
@@ -125,10 +127,11 @@ def _backward_kernel(*refs, taps, block_t, has_segments):
   for lag in range(taps):
     # dz at rows s + lag, which read x_s through tap K-1-lag.
     pos = _rows(pos_ref, s0 + lag, block_t) if has_segments else None
-    dz = _grad_pre_activation(x_ref, w_ref, dy_ref, pos, s0 + lag, block_t, taps=taps,
+    windows = _windows(x_ref, s0 + lag, block_t, taps)
+    dz = _grad_pre_activation(windows, w_ref, dy_ref, pos, s0 + lag, block_t,
                               has_segments=has_segments)
     if lag == 0:
-      _weight_grads(dw_ref, x_ref, dz, pos, s0, taps=taps, has_segments=has_segments)
+      _weight_grads(dw_ref, windows, dz, pos, has_segments=has_segments)
     term = dz * _tap_weight(w_ref, taps - 1 - lag)
     if has_segments and lag > 0:
       term = jnp.where(pos >= lag, term, 0.0)
@@ -136,28 +139,30 @@ def _backward_kernel(*refs, taps, block_t, has_segments):
   dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
-def _weight_grads(dw_ref, x_ref, dz, pos, s0, *, taps, has_segments):
-  """This tile's dw[tap] = sum over its rows t of m_lag(t) dz_t x_{t-lag}."""
-  width = dw_ref.shape[1]
+def _weight_grads(dw_ref, windows, dz, pos, *, has_segments):
+  """This tile's dw[tap] = sum over its rows t of m_lag(t) dz_t x_{t-lag}, from the windows
+  that gave its z."""
+  taps, width = len(windows), dw_ref.shape[1]
   for tap in range(dw_ref.shape[0]):
     if tap >= taps:                                              # power-of-two padding
       dw_ref[pl.ds(tap, 1), :] = jnp.zeros((1, width), dw_ref.dtype)
       continue
-    prod = dz * _window(x_ref, s0 + tap, dz.shape[0])
+    prod = dz * windows[tap].astype(F32)
     if has_segments and taps - 1 - tap > 0:
       prod = jnp.where(pos >= taps - 1 - tap, prod, 0.0)
     dw_ref[pl.ds(tap, 1), :] = jnp.sum(prod, axis=0, keepdims=True)
 
 
 def _dz_kernel(*refs, taps, block_t, has_segments):
-  """Split backward, first half: dz and the dw partials of one tile."""
+  """Split backward, first half: dz and the dw partials of one tile (one set of windows)."""
   x_ref, w_ref, pos_ref, dy_ref, dz_ref, dw_ref = _refs(refs, has_segments, 2)
   s0 = pl.program_id(1) * block_t
   pos = _rows(pos_ref, s0, block_t) if has_segments else None
-  dz = _grad_pre_activation(x_ref, w_ref, dy_ref, pos, s0, block_t, taps=taps,
+  windows = _windows(x_ref, s0, block_t, taps)
+  dz = _grad_pre_activation(windows, w_ref, dy_ref, pos, s0, block_t,
                             has_segments=has_segments)
   dz_ref[...] = dz
-  _weight_grads(dw_ref, x_ref, dz, pos, s0, taps=taps, has_segments=has_segments)
+  _weight_grads(dw_ref, windows, dz, pos, has_segments=has_segments)
 
 
 def _dx_kernel(*refs, taps, block_t, has_segments):
