@@ -10,7 +10,8 @@ Then times forward and forward+backward (median ms, bf16 x, fp32 weights) with a
 without segment ids, and flash-linear-attention 0.6.0's `ShortConvolution` (Triton
 backend, no documents) in the same process as the anchor. The table gives each time's
 floor: the bytes one pass must move (x read and y written; the backward reads x and
-dy and writes dx) over 4.8 TB/s.
+dy and writes dx) over 4.8 TB/s, and on a GPU the summed device time of the fwd+bwd kernels
+per call from a profiler trace (`--profile_calls`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ flags.DEFINE_string("check_shape", "2x1000x256", "BxTxC of the correctness check
 flags.DEFINE_integer("kernel_size", 4, "Taps K.")
 flags.DEFINE_bool("fla", True, "Time FLA's ShortConvolution (Triton) as the anchor.")
 flags.DEFINE_integer("reps", 50, "Timed repetitions (median reported).")
+flags.DEFINE_integer("profile_calls", 10,
+                     "On a GPU, also trace this many fwd+bwd calls and report the summed kernel "
+                     "time per call (device_ms: no dispatch or launch gaps, which dominate the "
+                     "wall time of a ~0.1 ms op) and its kernels; 0: off.")
+flags.DEFINE_string("profile_dir", "/tmp/bench_short_conv_profile", "Where the traces go.")
 
 H200_BYTES_PER_S = 4.8e12
 
@@ -99,6 +105,19 @@ def _time_fla(b, t, c):
   return bench(lambda: conv(x)[0]), bench(lambda: conv(x)[0].backward(dy))
 
 
+def _device_time(fn, label: str) -> dict:
+  """Summed kernel time per fwd+bwd call from a profiler trace (GPU only)."""
+  if FLAGS.profile_calls <= 0 or jax.default_backend() != "gpu":
+    return {}
+  from experiments import profile_summary
+  out_dir = os.path.join(FLAGS.profile_dir, label.replace(" ", "_").replace(":", "_"))
+  path = profile_summary.trace_calls(fn, FLAGS.profile_calls, out_dir)
+  ops = profile_summary.op_times(path)
+  calls = FLAGS.profile_calls
+  return dict(fwdbwd_device_ms=sum(r["total_ms"] for r in ops) / calls,
+              kernels={r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:8]})
+
+
 def main(argv):
   del argv
   env = bench_common.environment()
@@ -118,7 +137,8 @@ def main(argv):
         f_ms = bench_common.time_jax(lambda: fwd(x, w, s), reps=FLAGS.reps, label=label)
         fb_ms = bench_common.time_jax(lambda: grad(x, w, s, dy), reps=FLAGS.reps)
         rows.append(dict(shape=shape, impl=f"lte_jax/{impl}", segments=segments, fwd_ms=f_ms,
-                         fwdbwd_ms=fb_ms, fwd_floor_ms=2 * floor_ms, fwdbwd_floor_ms=5 * floor_ms))
+                         fwdbwd_ms=fb_ms, fwd_floor_ms=2 * floor_ms, fwdbwd_floor_ms=5 * floor_ms,
+                         **_device_time(lambda: grad(x, w, s, dy), label)))
         bench_common.write_json(FLAGS.out, dict(environment=env, checks=checks, results=rows))
     fla = _time_fla(b, t, c) if FLAGS.fla else None
     if fla:
@@ -127,7 +147,7 @@ def main(argv):
                        fwdbwd_floor_ms=5 * floor_ms))
   bench_common.write_json(FLAGS.out, dict(environment=env, checks=checks, results=rows))
   bench_common.print_table(rows, ["shape", "impl", "segments", "fwd_ms", "fwdbwd_ms",
-                                  "fwd_floor_ms", "fwdbwd_floor_ms"])
+                                  "fwdbwd_device_ms", "fwd_floor_ms", "fwdbwd_floor_ms"])
   if checks and not all(r["ok"] for r in checks):
     raise SystemExit("correctness check failed")
 
