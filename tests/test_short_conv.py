@@ -83,6 +83,18 @@ def test_layer_implementations_agree():
   assert cfg.conv_implementation == "pallas"
 
 
+def test_prefill_with_the_kernels_continues_the_state():
+  """A long prefill (>= 64 rows: the kernels) from a non-empty conv state equals 'xla'."""
+  x, _, _, _ = _inputs(2, 70, 12, 4, segments=False, seed=4)
+  state = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 12)), jnp.float32)
+  out = {}
+  for impl in ("xla", "pallas"):
+    conv = ShortConv(12, 4, init_std=0.5, implementation=impl, rngs=nnx.Rngs(0))
+    out[impl] = conv.prefill(x, state)
+  assert helpers.rel_rms(out["pallas"][0], out["xla"][0]) < 1e-6
+  np.testing.assert_array_equal(out["pallas"][1], out["xla"][1])
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(implementation="cuda"), "implementation"),
     (dict(implementation="xla", plan_options={"block_t": 16}), "plan_options"),
