@@ -41,7 +41,7 @@ flags.DEFINE_list("implementations", ["pallas", "xla"],
                   "lte_jax implementations to time; 'pallas:k=v;k=v' sets fields of the "
                   "kernels' backend.Plan (block_v, num_warps, num_stages, launch as "
                   "'kernel=w/s+kernel=w/s', inverse_precision, inverse_form, wy_operands, "
-                  "keep_states).")
+                  "decay_on, keep_states).")
 flags.DEFINE_list("shapes", ["4x4096x16x128", "1x16384x16x128", "4x4096x8x256"],
                   "BxTxHxD shapes to time (Dk = Dv = D).")
 flags.DEFINE_string("check_shape", "1x1024x4x128",

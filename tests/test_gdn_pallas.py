@@ -97,15 +97,20 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
 @pytest.mark.parametrize("options", [(("inverse_form", "doubling"),),
                                      (("wy_operands", "fp32"),),
                                      (("block_k", 16),),
-                                     (("keep_states", True),)])
+                                     (("keep_states", True),),
+                                     (("decay_on", "values"),),
+                                     (("decay_on", "values"), ("platform", "tpu"))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
-  bf16 as FLA), with the backward's key loops in four steps, and with the forward's states
-  kept for the backward; value loops in two steps throughout."""
+  bf16 as FLA), with the backward's key loops in four steps, with the forward's states
+  kept for the backward, and with the recurrences' decays on the value side (both forms);
+  value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
-  _compare(args, jnp.bfloat16, platform="gpu", block_v=32, segment_ids=segment_ids,
-           options=options)
+  options = dict(options)
+  platform = options.pop("platform", "gpu")
+  _compare(args, jnp.bfloat16, platform=platform, block_v=32, segment_ids=segment_ids,
+           options=tuple(options.items()))
 
 
 def test_plan_options_reach_the_kernels_from_op_and_layer():
@@ -250,6 +255,7 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     (dict(platform="gpu", inverse_form="lu"), "inverse_form"),
     (dict(platform="tpu", inverse_form="blocked"), "inverse_form must be one of"),
     (dict(platform="gpu", wy_operands="bf16"), "wy_operands"),
+    (dict(platform="gpu", decay_on="queries"), "decay_on"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):
   args = _inputs(1, 8, 1, 16, 16, jnp.float32)[:5]
@@ -296,7 +302,7 @@ _sds = helpers.sds
 @pytest.mark.parametrize("platform,lowering,options", [
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
-    ("gpu", "cuda", dict(keep_states=True))])
+    ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="values"))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn

@@ -86,6 +86,11 @@ class Plan:
     with 'input', against 3.3e-3 and <= 3.4e-3 with 'fp32'; on the H200 (1x512x4x128) o
     4.0e-3, grads <= 4.1e-3. H200, (4, 4096, 16, 128): 1.40 / 6.05 ms fwd / fwd+bwd with
     'fp32', 0.92 / 4.33 with 'input'.
+  decay_on: where the recurrences (kernels `gdn_chunk_states`, `gdn_chunk_state_grads`)
+    apply the per-token decay factors: 'keys' (scale the [C, Dk] key and query tiles in
+    fp32, then cast them for the dot; what every timing so far used) or 'values' (scale the
+    [C, block_v] value-side tiles instead, as FLA's recurrence does, so K and Q go into the
+    dots as loaded). Same math, rounding moved to the other operand. Not yet timed.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
@@ -107,6 +112,7 @@ class Plan:
   inverse_precision: str | None = None
   inverse_form: str | None = None
   wy_operands: str = "input"
+  decay_on: str = "keys"
   keep_states: bool = False
 
   def __post_init__(self):
@@ -121,6 +127,8 @@ class Plan:
       raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
     if self.wy_operands not in ("fp32", "input"):
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
+    if self.decay_on not in ("keys", "values"):
+      raise ValueError(f"decay_on must be 'keys' or 'values', got {self.decay_on!r}")
     allowed = ("highest", "tf32x3", "tf32") if self.has_tf32 else ("highest",)
     if self.inverse_precision is not None and self.inverse_precision not in allowed:
       where = "a GPU" if self.has_tf32 else f"{self.platform}{' interpreted' * self.interpret}"

@@ -25,19 +25,32 @@ from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 # Products take the inputs' dtype (bf16 operands into fp32 accumulators, as FLA):
 # they sit on the sequential path, where fp32 dots would leave the tensor cores.
 # The carried state itself stays fp32.
+#
+# Where the per-token factors kd, qd go (Plan.decay_on): 'keys' scales the [C, Dk] key /
+# query tile in fp32 before its bf16 cast, so the transposed operand reaches the dot
+# through registers; 'values' moves the same factor onto the [C, block_v] value-side
+# tile ((kd K)^T V = K^T (kd V), (kd K) dh = kd (K dh), (qd Q)^T dO = Q^T (qd dO)), as
+# FLA's recurrence does, leaving K and Q as loaded (bf16 straight into the dot).
 
-def _forward_step(h, w, u, k, kd, hd):
+def _forward_step(h, w, u, k, kd, hd, *, on_values=False):
   dtype = k.dtype
   v_new = u.astype(cm.F32) - cm.mm(w, h, dtype=dtype)
-  h_next = hd * h + cm.mm(kd * k.astype(cm.F32), v_new, ta=True, dtype=dtype)
-  return v_new, h_next
+  if on_values:
+    update = cm.mm(k, kd * v_new, ta=True, dtype=dtype)
+  else:
+    update = cm.mm(kd * k.astype(cm.F32), v_new, ta=True, dtype=dtype)
+  return v_new, hd * h + update
 
 
-def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale):
+def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=False):
   dtype = k.dtype
-  dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
-  dh_prev = (hd * dh + scale * cm.mm(qd * q.astype(cm.F32), d_o, ta=True, dtype=dtype)
-             - cm.mm(w, dv, ta=True, dtype=dtype))
+  if on_values:
+    dv = dv_local + kd * cm.mm(k, dh, dtype=dtype)
+    from_o = cm.mm(q, qd * d_o.astype(cm.F32), ta=True, dtype=dtype)
+  else:
+    dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
+    from_o = cm.mm(qd * q.astype(cm.F32), d_o, ta=True, dtype=dtype)
+  dh_prev = hd * dh + scale * from_o - cm.mm(w, dv, ta=True, dtype=dtype)
   return dv, dh_prev
 
 
@@ -49,14 +62,14 @@ def _rows(n, chunk):
 
 
 def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
-                         h_ref, v_new_ref, h_last_ref):
+                         h_ref, v_new_ref, h_last_ref, *, on_values):
   """GPU: one program walks all chunks of one (batch*head, value block)."""
   chunk = w_ref.shape[1]
 
   def body(n, h):
     h_ref[n] = h.astype(h_ref.dtype)
     v_new, h = _forward_step(h, w_ref[n], u_ref[n], k_ref[_rows(n, chunk), :], kd_ref[n],
-                             hd_ref[n])
+                             hd_ref[n], on_values=on_values)
     v_new_ref[n] = v_new.astype(v_new_ref.dtype)
     return h
 
@@ -64,7 +77,7 @@ def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
 
 
 def _forward_grid_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
-                         h_ref, v_new_ref, h_last_ref, h_scratch):
+                         h_ref, v_new_ref, h_last_ref, h_scratch, *, on_values):
   """TPU: one grid step per chunk, in order; the state stays in fp32 VMEM."""
   n = pl.program_id(1)
 
@@ -74,7 +87,8 @@ def _forward_grid_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
 
   h = h_scratch[...]
   h_ref[...] = h.astype(h_ref.dtype)
-  v_new, h = _forward_step(h, w_ref[...], u_ref[...], k_ref[...], kd_ref[...], hd_ref[...])
+  v_new, h = _forward_step(h, w_ref[...], u_ref[...], k_ref[...], kd_ref[...], hd_ref[...],
+                           on_values=on_values)
   v_new_ref[...] = v_new.astype(v_new_ref.dtype)
   h_scratch[...] = h
 
@@ -98,7 +112,8 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
     chunk = backend.per_chunk
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
-        _forward_grid_kernel, plan, grid=(bh, n),
+        functools.partial(_forward_grid_kernel, on_values=plan.decay_on == "values"), plan,
+        grid=(bh, n),
         in_specs=[chunk(c, dk), chunk(c, dv), layout.block(dk), chunk(c, 1), chunk(1, 1),
                   whole],
         out_specs=[chunk(dk, dv), chunk(c, dv), whole], out_shape=out_shape,
@@ -109,7 +124,8 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   return backend.call(
-      _forward_loop_kernel, plan, grid=(bh, dv // bv),
+      functools.partial(_forward_loop_kernel, on_values=plan.decay_on == "values"), plan,
+      grid=(bh, dv // bv),
       in_specs=[full(c, dk), v_blocked(c), layout.sequence(dk), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
       name="gdn_chunk_states")(*args)
@@ -118,7 +134,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
 # --- backward ----------------------------------------------------------------------------
 
 def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref,
-                          dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale):
+                          dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale, on_values):
   """GPU: one program walks the chunks of one (batch*head, value block) backwards."""
   num_chunks, chunk = w_ref.shape[:2]
 
@@ -127,7 +143,8 @@ def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
     rows = _rows(n, chunk)
     dh_ref[n] = dh.astype(dh_ref.dtype)
     dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k_ref[rows, :], kd_ref[n],
-                            hd_ref[n], w_ref[n], do_ref[rows, :], dvl_ref[n], scale)
+                            hd_ref[n], w_ref[n], do_ref[rows, :], dvl_ref[n], scale,
+                            on_values=on_values)
     dv_ref[n] = dv.astype(dv_ref.dtype)
     return dh
 
@@ -135,7 +152,8 @@ def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
 
 
 def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref,
-                          dh_last_ref, dh_ref, dv_ref, dh0_ref, dh_scratch, *, scale):
+                          dh_last_ref, dh_ref, dv_ref, dh0_ref, dh_scratch, *, scale,
+                          on_values):
   """TPU: grid step i handles chunk N-1-i (the index maps reverse the order)."""
   i = pl.program_id(1)
 
@@ -146,7 +164,7 @@ def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
   dh = dh_scratch[...]
   dh_ref[...] = dh.astype(dh_ref.dtype)
   dv, dh = _backward_step(dh, q_ref[...], qd_ref[...], k_ref[...], kd_ref[...], hd_ref[...],
-                          w_ref[...], do_ref[...], dvl_ref[...], scale)
+                          w_ref[...], do_ref[...], dvl_ref[...], scale, on_values=on_values)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   dh_scratch[...] = dh
 
@@ -174,7 +192,8 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
                                      lambda b, i: (b, n - 1 - i) + (0,) * len(tail))
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
-        functools.partial(_backward_grid_kernel, scale=scale), plan, grid=(bh, n),
+        functools.partial(_backward_grid_kernel, scale=scale,
+                          on_values=plan.decay_on == "values"), plan, grid=(bh, n),
         in_specs=[rev(c, dk), rev(c, 1), rev(c, dk), rev(c, 1), rev(1, 1), rev(c, dk),
                   rev(c, dv), rev(c, dv), whole],
         out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
@@ -185,7 +204,8 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   return backend.call(
-      functools.partial(_backward_loop_kernel, scale=scale), plan, grid=(bh, dv // bv),
+      functools.partial(_backward_loop_kernel, scale=scale,
+                        on_values=plan.decay_on == "values"), plan, grid=(bh, dv // bv),
       in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
                 full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
