@@ -37,15 +37,18 @@ def iota(shape: tuple[int, int], axis: int, start) -> jax.Array:
   return start + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _logits(a, b, mask, scale):
-  """Base-2 logits a b^T * scale * log2(e) [n, m], masked entries NEG (mask None: all seen)."""
-  s = mm(a, b, tb=True) * (scale * LOG2E)
-  return s if mask is None else jnp.where(mask, s, NEG)
+def _max_logit(raw, mask, scale):
+  """Row max of the base-2 logits [n, 1] from the raw products (scale > 0 commutes with
+  max), masked entries left out (a row with none visible gets scale * log2(e) * NEG)."""
+  masked = raw if mask is None else jnp.where(mask, raw, NEG)
+  return jnp.max(masked, axis=1, keepdims=True) * (scale * LOG2E)
 
 
-def _probs(s, ref, mask):
-  """exp2(s - ref), zero where masked: a row that has seen no key yet has ref = NEG."""
-  p = jnp.exp2(s - ref)
+def _probs(raw, scale, ref, mask):
+  """exp2(raw * scale * log2(e) - ref), zero where masked. The scaling stays inside the
+  exponent's argument so it compiles to one fused multiply-add per logit; a masked entry
+  may overflow there (its ref can be about NEG), which the select turns into 0."""
+  p = jnp.exp2(raw * (scale * LOG2E) - ref)
   return p if mask is None else jnp.where(mask, p, 0.0)
 
 
@@ -56,10 +59,10 @@ def online_step(carry, q, k, v, mask, scale):
   q [bq, D], k [bk, D], v [bk, Dv]; mask [bq, bk] bool or None (all visible).
   """
   m, l, acc = carry
-  s = _logits(q, k, mask, scale)
-  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+  raw = mm(q, k, tb=True)
+  m_new = jnp.maximum(m, _max_logit(raw, mask, scale))
   alpha = jnp.exp2(m - m_new)
-  p = _probs(s, m_new, mask)
+  p = _probs(raw, scale, m_new, mask)
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
   acc = alpha * acc + mm(p.astype(v.dtype), v)
   return m_new, l, acc
@@ -68,7 +71,7 @@ def online_step(carry, q, k, v, mask, scale):
 def dq_step(dq, q, k, v, d_o, lse, delta, mask, scale):
   """dq [bq, D] fp32 += dS K for one key tile; lse (base 2), delta [bq, 1]
   (delta = rowsum(dO * O))."""
-  p = _probs(_logits(q, k, mask, scale), lse, mask)
+  p = _probs(mm(q, k, tb=True), scale, lse, mask)
   ds = p * (mm(d_o, v, tb=True) - delta)
   return dq + mm(ds.astype(k.dtype), k)
 
@@ -78,7 +81,7 @@ def dkv_step(carry, k, v, q, d_o, lse, delta, mask, scale):
   logits^T [bk, bq] so that lse (base 2) and delta are rows [1, bq] and no product needs
   a transposed left operand. mask [bk, bq] or None."""
   dk, dv = carry
-  p_t = _probs(_logits(k, q, mask, scale), lse, mask)
+  p_t = _probs(mm(k, q, tb=True), scale, lse, mask)
   dv = dv + mm(p_t.astype(d_o.dtype), d_o)
   ds_t = p_t * (mm(v, d_o, tb=True) - delta)
   dk = dk + mm(ds_t.astype(q.dtype), q)
