@@ -6,8 +6,9 @@ Mosaic handles poorly. Masks come from iota and those vectors (no captured
 constants). Products take the inputs' dtype (bf16 operands, fp32 accumulation:
 the tensor cores' rate); logits, softmax statistics and accumulators are fp32.
 
-Logits are kept in base 2 (scaled by scale * log2(e) in one multiply) and exponentiated
-with exp2, so the log-sum-exp the forward saves is base 2 too: at head dim 64 a GPU's
+Logits are in base 2 (scale * log2(e) applied inside exp2's argument, a fused multiply-add
+with the subtraction of the running max) and exponentiated with exp2, so the log-sum-exp the
+forward saves is base 2 too: at head dim 64 a GPU's
 exponential units are as busy as its tensor cores, and Triton's lowering of exp is
 libdevice's accurate expf (a range reduction around the same ex2 instruction).
 A tile whose every (query, key) pair is visible passes mask=None and skips the masking.
