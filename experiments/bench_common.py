@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts (never used by tests)."""
+"""Timing and checking helpers shared by the benchmark scripts (never used by tests)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,13 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
+
+
+def rel_error(got, want) -> float:
+  """||got - want|| / ||want|| in float64 (the device checks' error measure)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20,

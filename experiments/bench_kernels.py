@@ -119,11 +119,6 @@ def _lte_jax_fns(impl):
   return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-def _rel_rms(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
 def check(shape: str) -> list[dict]:
   """Each implementation vs the recurrent reference on this device: o and all gradients."""
   args = _inputs(*_parse(shape), seed=1)
@@ -148,9 +143,10 @@ def check(shape: str) -> list[dict]:
       rows.append(dict(shape=shape, impl=f"lte_jax/{impl}", ok=False, worst="error",
                        error=f"{type(e).__name__}: {str(e)[:500]}"))
       continue
-    errors = {"o": _rel_rms(fwd(*args), o_ref)}
-    errors.update({f"d{n}": _rel_rms(a, b) for n, a, b in zip("qkvg", grads, grads_ref)})
-    errors["dbeta"] = _rel_rms(grads[4], grads_ref[4])
+    errors = {"o": bench_common.rel_error(fwd(*args), o_ref)}
+    errors.update({f"d{n}": bench_common.rel_error(a, b)
+                   for n, a, b in zip("qkvg", grads, grads_ref)})
+    errors["dbeta"] = bench_common.rel_error(grads[4], grads_ref[4])
     bound = lambda n: {"o": TOLERANCES[0], "dg": TOLERANCES[2], "dbeta": TOLERANCES[2]}.get(
         n, TOLERANCES[1])
     ok = all(np.isfinite(e) and e <= bound(n) for n, e in errors.items())

@@ -170,11 +170,6 @@ def time_jax_steps(fn: Callable[[], Any], *, reps: int, calls: int = 20) -> floa
   return statistics.median(times)
 
 
-def _rel_rms(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
 def _error(what: str, e: Exception) -> str:
   msg = f"{type(e).__name__}: {str(e)[:1500]}"
   print(f"{what}: skipped ({msg})", flush=True)
@@ -311,10 +306,10 @@ def check(setup: Setup, torch) -> list[dict]:
       name, options = bench_common.parse_implementation(entry)
       try:
         fwd, grad = _fns(op(name, options), argnums)
-        errors = {"o": _rel_rms(fwd(q, k, v, scores), o_ref)}
+        errors = {"o": bench_common.rel_error(fwd(q, k, v, scores), o_ref)}
         _, g = grad(q, k, v, scores, d_o)
-        errors.update({n: _rel_rms(a, r) for n, a, r in zip(("dq", "dk", "dv", "dscores"), g,
-                                                             g_ref)})
+        errors.update({n: bench_common.rel_error(a, r)
+                       for n, a, r in zip(("dq", "dk", "dv", "dscores"), g, g_ref)})
       except Exception as e:  # noqa: BLE001  (reported; the others go on)
         rows.append(dict(shape=setup.check_shape, impl=f"{label}{entry}", ok=_failed(e),
                          error=_error(f"check {label}{entry}", e)))
@@ -340,7 +335,7 @@ def check(setup: Setup, torch) -> list[dict]:
       o = flex_attention(tq, tk, tv, block_mask=block_mask).transpose(1, 2).float().cpu()
       o_ref = lte_attention(q, k, v, scores, sink_size=s, window_size=w,
                             implementation="reference")
-      err = _rel_rms(o.numpy(), o_ref)
+      err = bench_common.rel_error(o.numpy(), o_ref)
       rows.append(dict(shape=setup.check_shape, impl="torch/flex", ok=err <= TOLERANCES["o"],
                        o=err))
     except Exception as e:  # noqa: BLE001
@@ -380,7 +375,7 @@ def check_decode(setup: Setup) -> list[dict]:
     try:
       fn = run(name, options)
       for n in positions:
-        worst = max(worst, _rel_rms(fn(n), reference(n)))
+        worst = max(worst, bench_common.rel_error(fn(n), reference(n)))
     except Exception as e:  # noqa: BLE001
       rows.append(dict(shape="decode", impl=f"lte_jax/decode-{entry}", ok=_failed(e),
                        error=_error(f"check decode-{entry}", e)))

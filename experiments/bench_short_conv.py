@@ -76,17 +76,12 @@ def check(shape: str) -> list[dict]:
     for impl in FLAGS.implementations:
       fwd, grad = _fns(impl)
       _, (dx, dw) = grad(x, w, seg, dy)
-      errs = {k: _rel(a, r) for k, a, r in (("y", fwd(x, w, seg), y_ref), ("dx", dx, dx_ref),
-                                              ("dw", dw, dw_ref))}
+      errs = {k: bench_common.rel_error(a, r)
+              for k, a, r in (("y", fwd(x, w, seg), y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref))}
       bound = 1e-5 if dtype == jnp.float32 else 8e-3
       rows.append(dict(shape=shape, impl=impl, dtype=jnp.dtype(dtype).name,
                        ok=all(np.isfinite(e) and e < bound for e in errs.values()), **errs))
   return rows
-
-
-def _rel(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def _time_fla(b, t, c):
