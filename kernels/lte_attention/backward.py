@@ -56,9 +56,8 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
 
   def head(g, carry):
     # Query tiles in [full_lo, full_hi) see every key of this tile: no masking there.
-    carry = jax.lax.fori_loop(at(0), at(1), query_tile(g, True), carry)
-    carry = jax.lax.fori_loop(at(1), at(2), query_tile(g, False), carry)
-    return jax.lax.fori_loop(at(2), at(3), query_tile(g, True), carry)
+    return tiles.walk_ranges([at(n) for n in range(4)],
+                             lambda masked: query_tile(g, masked), carry)
 
   init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
   dk, dv = jax.lax.fori_loop(0, cfg.group, head, init)

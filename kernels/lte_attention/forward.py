@@ -53,21 +53,14 @@ def _kv_head(h, group: int):
 
 def _walk(cfg: Static, bounds_ref, band_tile, far_tile, carry):
   """Run band_tile over this program's band key tiles, then far_tile over its compact
-  tiles; both are (tile index, carry, masked) -> carry, masked=False for the band tiles
-  every query of the tile sees."""
+  tiles; both are (tile index, carry, masked) -> carry, masked=False for the tiles every
+  query of the tile sees (tiles.walk_ranges)."""
   # This (batch, head)'s row of the table is in bounds_ref: sets.QUERY_BOUNDS per tile.
   at = lambda n: bounds_ref[0, pl.program_id(2) * sets.QUERY_BOUNDS + n]
-  loop = lambda lo, hi, tile, masked, carry: jax.lax.fori_loop(
-      lo, hi, lambda t, c: tile(t, c, masked), carry)
-  band_lo, full_lo, full_hi, band_hi = (at(n) for n in range(4))
-  carry = loop(band_lo, full_lo, band_tile, True, carry)
-  carry = loop(full_lo, full_hi, band_tile, False, carry)
-  carry = loop(full_hi, band_hi, band_tile, True, carry)
+  body = lambda tile: lambda masked: lambda t, c: tile(t, c, masked)
+  carry = tiles.walk_ranges([at(n) for n in range(4)], body(band_tile), carry)
   if cfg.far:
-    far_lo, far_full_lo, far_full_hi, far_hi = (at(n) for n in range(4, 8))
-    carry = loop(far_lo, far_full_lo, far_tile, True, carry)
-    carry = loop(far_full_lo, far_full_hi, far_tile, False, carry)
-    carry = loop(far_full_hi, far_hi, far_tile, True, carry)
+    carry = tiles.walk_ranges([at(n) for n in range(4, 8)], body(far_tile), carry)
   return carry
 
 

@@ -53,6 +53,15 @@ def _probs(raw, scale, ref, mask):
   return p if mask is None else jnp.where(mask, p, 0.0)
 
 
+def walk_ranges(bounds, body, carry):
+  """fori_loop body(masked) over the tile ranges of bounds = (lo, full_lo, full_hi, hi):
+  [full_lo, full_hi) unmasked (every pair of those tiles visible), the ends masked."""
+  lo, full_lo, full_hi, hi = bounds
+  carry = jax.lax.fori_loop(lo, full_lo, body(True), carry)
+  carry = jax.lax.fori_loop(full_lo, full_hi, body(False), carry)
+  return jax.lax.fori_loop(full_hi, hi, body(True), carry)
+
+
 def online_step(carry, q, k, v, mask, scale):
   """One key tile into the running softmax of a query tile.
 
