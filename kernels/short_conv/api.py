@@ -31,17 +31,20 @@ def _geometry(plan: Plan, x: jax.Array, weight: jax.Array):
   return taps, 1 << (taps - 1).bit_length(), _round_up(t, plan.block_t), _round_up(c, bc)
 
 
-def _operands(plan: Plan, x, weight, pos):
+def _operands(plan: Plan, x, weight, pos, dy=None):
   """x with K-1 zero rows in front and one tile's rows behind the last whole tile (the
   backward's forward-shifted windows and the split backward's extra dz tile read there),
-  w as fp32 [Kp, Cp], pos as [B, rows + block_t, 1]."""
+  w as fp32 [Kp, Cp], pos as [B, rows + block_t, 1]; with dy, also dy padded behind like x
+  (zero past the sequence)."""
   taps, kp, rows, cp = _geometry(plan, x, weight)
   t, c = x.shape[1:]
   back = rows - t + plan.block_t
   x_pad = _pad(x, taps - 1, back, cp - c)
   w_pad = jnp.pad(weight.astype(F32), ((0, kp - taps), (0, cp - c)))
   pos_pad = None if pos is None else _pad(pos[..., None], 0, back)
-  return x_pad, w_pad, pos_pad
+  if dy is None:
+    return x_pad, w_pad, pos_pad
+  return x_pad, w_pad, pos_pad, _pad(dy.astype(x.dtype), 0, back, cp - c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -59,10 +62,9 @@ def _short_conv_fwd(plan, x, weight, pos):
 
 def _short_conv_bwd(plan, residuals, dy):
   x, weight, pos = residuals
-  taps, _, rows, cp = _geometry(plan, x, weight)
+  taps, _, rows, _ = _geometry(plan, x, weight)
   t, c = x.shape[1:]
-  dy_pad = _pad(dy.astype(x.dtype), 0, rows - t + plan.block_t, cp - c)
-  dx, dw = kernel.backward(plan, *_operands(plan, x, weight, pos), dy_pad, taps=taps, rows=rows)
+  dx, dw = kernel.backward(plan, *_operands(plan, x, weight, pos, dy), taps=taps, rows=rows)
   dw = jnp.sum(dw, axis=(0, 1))[:taps, :c]
   return dx[:, :t, :c], dw.astype(weight.dtype), None
 
