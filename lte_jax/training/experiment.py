@@ -17,6 +17,8 @@ from lte_jax import data as data_lib
 from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 
 _MIXER_CONFIGS = ("gdn", "attn", "swa", "lte", "nsa")
+# The mixer config fields config.model may set as <mixer>_<field> (experiments/configs/base.py).
+_MIXER_FIELDS = {"lte": ("dropout", "scorer_dtype"), "gdn": ("plan_options", "conv_implementation")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,27 +67,24 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
   written by experiments.convert); only dtype, remat and the fields below apply on top.
   """
   overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
-  # config.model.lte_<field> -> LTEConfig.<field>
-  lte_fields = {name: overrides.pop(f"lte_{name}") for name in ("dropout", "scorer_dtype")
-                if f"lte_{name}" in overrides}
-  # config.model.gdn_<field> -> GDNConfig.<field>
-  gdn_fields = {name: overrides.pop(f"gdn_{name}") for name in ("plan_options",
-                                                                 "conv_implementation")
-                if f"gdn_{name}" in overrides}
+  # config.model.<mixer>_<field> -> that mixer config's <field> (_MIXER_FIELDS).
+  mixer_fields = {mixer: {name: overrides.pop(f"{mixer}_{name}") for name in names
+                          if f"{mixer}_{name}" in overrides}
+                  for mixer, names in _MIXER_FIELDS.items()}
   implementation = overrides.pop("implementation", None)
   from_file = overrides.pop("from_file", None)
   if from_file is None:
     model = configs_lib.get_config(config.arch, config.size, **overrides)
   else:
     model = _model_from_file(from_file, overrides)
-  if lte_fields:
-    model = configs_lib.replace(model, lte=configs_lib.replace(model.lte, **lte_fields))
   if implementation is not None:
     model = configs_lib.replace(model, **{
         name: configs_lib.replace(getattr(model, name), implementation=implementation)
         for name in _MIXER_CONFIGS})
-  if gdn_fields:
-    model = configs_lib.replace(model, gdn=configs_lib.replace(model.gdn, **gdn_fields))
+  for mixer, fields in mixer_fields.items():
+    if fields:
+      model = configs_lib.replace(model, **{
+          mixer: configs_lib.replace(getattr(model, mixer), **fields)})
   return model
 
 
