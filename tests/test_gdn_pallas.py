@@ -98,12 +98,13 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("wy_operands", "fp32"),),
                                      (("block_k", 16),),
                                      (("keep_states", True),),
-                                     (("decay_on", "values"),),
+                                     (("decay_on", "keys"),),
                                      (("decay_on", "values"), ("platform", "tpu"))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
   bf16 as FLA), with the backward's key loops in four steps, with the forward's states
-  kept for the backward, and with the recurrences' decays on the value side (both forms);
+  kept for the backward, with the recurrences' decays on the key side (the default at this
+  Dk puts them on the value side) and on the value side in the TPU form;
   value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
@@ -302,7 +303,7 @@ _sds = helpers.sds
 @pytest.mark.parametrize("platform,lowering,options", [
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
-    ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="values"))])
+    ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys"))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn

@@ -112,7 +112,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
     chunk = backend.per_chunk
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
-        functools.partial(_forward_grid_kernel, on_values=plan.decay_on == "values"), plan,
+        functools.partial(_forward_grid_kernel, on_values=plan.decays_on_values(dk)), plan,
         grid=(bh, n),
         in_specs=[chunk(c, dk), chunk(c, dv), layout.block(dk), chunk(c, 1), chunk(1, 1),
                   whole],
@@ -124,7 +124,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   return backend.call(
-      functools.partial(_forward_loop_kernel, on_values=plan.decay_on == "values"), plan,
+      functools.partial(_forward_loop_kernel, on_values=plan.decays_on_values(dk)), plan,
       grid=(bh, dv // bv),
       in_specs=[full(c, dk), v_blocked(c), layout.sequence(dk), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
@@ -193,7 +193,7 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
         functools.partial(_backward_grid_kernel, scale=scale,
-                          on_values=plan.decay_on == "values"), plan, grid=(bh, n),
+                          on_values=plan.decays_on_values(dk)), plan, grid=(bh, n),
         in_specs=[rev(c, dk), rev(c, 1), rev(c, dk), rev(c, 1), rev(1, 1), rev(c, dk),
                   rev(c, dv), rev(c, dv), whole],
         out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
@@ -205,7 +205,7 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   return backend.call(
       functools.partial(_backward_loop_kernel, scale=scale,
-                        on_values=plan.decay_on == "values"), plan, grid=(bh, dv // bv),
+                        on_values=plan.decays_on_values(dk)), plan, grid=(bh, dv // bv),
       in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
                 full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
