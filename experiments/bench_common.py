@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -35,6 +37,43 @@ def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20,
     jax.block_until_ready(fn())
     times.append((time.perf_counter() - start) * 1e3)
   return statistics.median(times)
+
+
+def time_jax_queued(fn: Callable[..., Any], *, reps: int, calls: int = 20,
+                    args_sets: list[tuple] | None = None) -> float:
+  """Median ms per call of `calls` back-to-back dispatches with one sync at the end: the
+  host's dispatch-and-sync round trip (0.1-0.5 ms a call on the H200 machine) stays out,
+  as in CUDA-event timings (triton's do_bench), so JAX and torch rows compare. Also for
+  calls shorter than that round trip (decode steps). args_sets: fn takes one of these
+  argument tuples, rotated call by call (inputs that together exceed the L2 cache, as
+  do_bench flushes it); None: fn()."""
+  call = (lambda i: fn()) if args_sets is None else (
+      lambda i: fn(*args_sets[i % len(args_sets)]))
+  for i in range(3):
+    jax.block_until_ready(call(i))
+  times = []
+  for _ in range(max(reps // 4, 2)):
+    start = time.perf_counter()
+    outs = [call(i) for i in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - start) * 1e3 / calls)
+  return statistics.median(times)
+
+
+def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: str,
+                top: int = 8) -> dict[str, Any]:
+  """Summed kernel time per call of fn() (a jitted fwd+bwd) from a profiler trace of
+  `calls` calls, written below profile_dir/<label>: dict(fwdbwd_device_ms=ms per call,
+  kernels={name: ms per call} of the `top` longest kernels). {} when calls <= 0 or off
+  a GPU (no device planes to read)."""
+  if calls <= 0 or jax.default_backend() != "gpu":
+    return {}
+  from experiments import profile_summary
+  out_dir = os.path.join(profile_dir, re.sub(r"[^A-Za-z0-9_.=-]", "_", label))
+  path = profile_summary.trace_calls(fn, calls, out_dir)
+  ops = profile_summary.op_times(path)
+  return dict(fwdbwd_device_ms=sum(r["total_ms"] for r in ops) / calls,
+              kernels={r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]})
 
 
 def parse_implementation(entry: str) -> tuple[str, dict | None]:

@@ -12,8 +12,12 @@ Times forward and forward+backward (median ms, bf16 inputs, g in fp32) at the
 shapes of issue 5, with FLA 0.6.0's Triton `chunk_gated_delta_rule` timed in the
 same process as the anchor when it is importable (skipped with a message when
 not). First, at one small shape, every implementation's output and gradients
-are checked on the device against the recurrent fp32 reference. The table also
-gives the forward's share of the H200 roofline: minimal bytes over 4.8 TB/s and
+are checked on the device against the recurrent fp32 reference. JAX rows are timed
+twice: one synchronised call at a time (fwd_ms, fwdbwd_ms: the host's dispatch and
+sync round trip included) and queued (20 calls back to back, one sync, inputs rotated
+over 4 copies past the L2 cache: the regime of FLA's CUDA-event `do_bench` times, so
+the *_queued_vs_fla ratios compare like with like). The table also gives the
+forward's share of the H200 roofline (queued time): minimal bytes over 4.8 TB/s and
 the chunked algorithm's flops over 989 TFLOP/s (dense bf16).
 """
 from __future__ import annotations
@@ -156,12 +160,18 @@ def check(shape: str) -> list[dict]:
 
 
 def _time_lte_jax(impl, args):
+  """-> (fwd, fwd+bwd) ms per call synchronised, then (fwd, fwd+bwd) queued
+  (bench_common.time_jax_queued over 4 copies of the inputs, 2 x 67 MB and more at these
+  shapes, past the 50 MB L2: the regime of FLA's do_bench times)."""
   fwd, fwdbwd = _lte_jax_fns(impl)
   d_o = jnp.ones(args[2].shape, jnp.float32)
   label = f"{'x'.join(map(str, args[0].shape))} lte_jax/{impl}"
+  sets = [tuple(args) + (d_o,)] + [tuple(x + 0 for x in (*args, d_o)) for _ in range(3)]
   return (bench_common.time_jax(lambda: fwd(*args), reps=FLAGS.reps, label=f"{label} fwd"),
           bench_common.time_jax(lambda: fwdbwd(*args, d_o), reps=FLAGS.reps,
-                                label=f"{label} fwd+bwd"))
+                                label=f"{label} fwd+bwd"),
+          bench_common.time_jax_queued(fwd, reps=FLAGS.reps, args_sets=[a[:-1] for a in sets]),
+          bench_common.time_jax_queued(fwdbwd, reps=FLAGS.reps, args_sets=sets))
 
 
 # The stage (kernel_api.stage_functions) that runs each kernel, for the --tune sweep.
@@ -321,8 +331,8 @@ def main(argv):
     for impl in FLAGS.implementations:
       try:
         timed.append((f"lte_jax/{impl}",) + _time_lte_jax(impl, args))
-        print(f"{shape} lte_jax/{impl}: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
-              flush=True)
+        print(f"{shape} lte_jax/{impl}: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms"
+              f" (queued {timed[-1][3]:.3f} / {timed[-1][4]:.3f})", flush=True)
         if FLAGS.stages and impl.startswith("pallas"):
           stage_ms = _time_stages(_plan_options(impl), args)
           stages.append(dict(shape=shape, impl=impl, **stage_ms))
@@ -331,22 +341,25 @@ def main(argv):
       except Exception as e:  # noqa: BLE001
         print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if fla is not None:
-      timed.append(("fla/triton",) + _time_fla(fla, args))
+      # do_bench times with CUDA events: its numbers are both columns' counterparts.
+      timed.append(("fla/triton",) + _time_fla(fla, args) * 2)
       print(f"{shape} fla/triton: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
             flush=True)
-    anchor = {name: (f, fb) for name, f, fb in timed}.get("fla/triton")
-    for name, f, fb in timed:
+    anchor = {name: (f, fb) for name, f, fb, *_ in timed}.get("fla/triton")
+    ratio = lambda i, ms: anchor[i] / ms if anchor else None
+    for name, f, fb, fq, fbq in timed:
       rows.append(dict(
-          shape=shape, impl=name, fwd_ms=f, fwdbwd_ms=fb,
-          fwd_vs_fla=anchor[0] / f if anchor else None,
-          fwdbwd_vs_fla=anchor[1] / fb if anchor else None,
-          fwd_bw_frac=bytes_moved / (f * 1e-3) / H200_BYTES_PER_S,
-          fwd_flop_frac=flops / (f * 1e-3) / H200_BF16_FLOPS))
+          shape=shape, impl=name, fwd_ms=f, fwdbwd_ms=fb, fwd_queued_ms=fq,
+          fwdbwd_queued_ms=fbq, fwd_vs_fla=ratio(0, f), fwdbwd_vs_fla=ratio(1, fb),
+          fwd_queued_vs_fla=ratio(0, fq), fwdbwd_queued_vs_fla=ratio(1, fbq),
+          fwd_bw_frac=bytes_moved / (fq * 1e-3) / H200_BYTES_PER_S,
+          fwd_flop_frac=flops / (fq * 1e-3) / H200_BF16_FLOPS))
       print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     _write(env, checks, rows, fla, stages, tuned)
   if rows:
-    bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_vs_fla",
-                                    "fwdbwd_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
+    bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_queued_ms",
+                                    "fwdbwd_queued_ms", "fwd_queued_vs_fla",
+                                    "fwdbwd_queued_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
   if fla is not None:
     print("fla: fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True to time its backward")
   if any(not r["ok"] for r in checks):

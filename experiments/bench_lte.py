@@ -25,6 +25,10 @@ All in one process, bf16 inputs, median ms:
      (jax.nn.dot_product_attention) and torch SDPA, KV [B, ctx, Hkv, D].
    The decode table gives the KV bytes read per step over the time (GB/s).
 
+On a GPU each JAX training row also gets, from a profiler trace of --profile_calls
+fwd+bwd calls, the summed kernel time per call (fwdbwd_device_ms: no dispatch or launch
+gaps) and its longest kernels (kernels: name -> ms per call).
+
 First, at --check_shape, every lte_jax implementation's output and gradients are
 checked on the device against the fp32 reference (and FlexAttention's output,
 which proves the anchor computes the same mask). Torch parts are skipped with a
@@ -80,7 +84,13 @@ flags.DEFINE_list("decode_contexts", ["4096", "32768", "131072"],
                   "Full-attention decode contexts (tokens in the KV cache).")
 flags.DEFINE_integer("budget", LTEConfig().budget, "LTE decode cache: retained slots.")
 flags.DEFINE_bool("torch", True, "Time the torch anchors (SDPA, FlexAttention).")
+flags.DEFINE_bool("torch_flex", True, "Time torch FlexAttention with the LTE mask (its "
+                  "compilation takes about a minute).")
 flags.DEFINE_integer("reps", 30, "Timed repetitions (median reported).")
+flags.DEFINE_integer("profile_calls", 10,
+                     "fwd+bwd calls traced per lte_jax training row for the per-kernel device "
+                     "time, GPU only; 0: off.")
+flags.DEFINE_string("profile_dir", "/tmp/bench_lte_profile", "Where the traces go.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes and 2 reps (CPU check of the script); "
                   "flags given explicitly keep their values.")
 
@@ -154,20 +164,6 @@ def _fns(op: Callable[..., jax.Array], argnums=(0, 1, 2)):
     *inputs, d_o = args
     return jnp.sum(op(*inputs).astype(jnp.float32) * d_o)
   return jax.jit(op), jax.jit(jax.value_and_grad(loss, argnums=argnums))
-
-
-def time_jax_steps(fn: Callable[[], Any], *, reps: int, calls: int = 20) -> float:
-  """Median ms per call of `calls` back-to-back dispatches (one sync at the end): for
-  calls shorter than the host's dispatch-and-sync round trip (decode steps)."""
-  for _ in range(3):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(max(reps // 4, 2)):
-    start = time.perf_counter()
-    outs = [fn() for _ in range(calls)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - start) * 1e3 / calls)
-  return statistics.median(times)
 
 
 def _error(what: str, e: Exception) -> str:
@@ -392,6 +388,10 @@ def bench_train(setup: Setup, torch, record: Callable[[dict], None]) -> None:
   for shape in setup.shapes:
     np_args = train_inputs(*_shape(shape), sinks=s, retained=setup.retained)
     q, k, v, scores, d_o = _jax_train(np_args)
+    # Copies for the queued timings: 4 sets of q, k, v, scores, dO (33 MB a set at
+    # 4x4096x16x64) overflow the H200's 50 MB L2, as torch's do_bench flushes it.
+    rotated = [(q, k, v, scores, d_o)] + [tuple(x + 0 for x in (q, k, v, scores, d_o))
+                                          for _ in range(3)]
     kept = float(np.mean(np.sum(np_args[3] > 0, axis=1)))
     base = dict(shape=shape, window=w, sinks=s, retained_per_head=kept)
 
@@ -402,9 +402,23 @@ def bench_train(setup: Setup, torch, record: Callable[[dict], None]) -> None:
                                   label=f"{shape} {label} fwd")
         fb = bench_common.time_jax(lambda: grad(q, k, v, scores, d_o), reps=setup.reps,
                                    label=f"{shape} {label} fwd+bwd")
-        record(dict(base, impl=label, fwd_ms=f, fwdbwd_ms=fb))
       except Exception as e:  # noqa: BLE001
         record(dict(base, impl=label, error=_error(f"{shape} {label}", e)))
+        return
+      row = dict(base, impl=label, fwd_ms=f, fwdbwd_ms=fb)
+      try:  # queued: comparable with the torch rows' CUDA-event times
+        row["fwd_queued_ms"] = bench_common.time_jax_queued(fwd, reps=setup.reps, args_sets=[
+            a[:4] for a in rotated])
+        row["fwdbwd_queued_ms"] = bench_common.time_jax_queued(grad, reps=setup.reps, args_sets=rotated)
+      except Exception as e:  # noqa: BLE001
+        row["queued_error"] = _error(f"{shape} {label} queued", e)
+      try:  # a profiler failure costs the breakdown, never the timing
+        row.update(bench_common.device_time(
+            lambda: grad(q, k, v, scores, d_o), f"{shape} {label}",
+            calls=FLAGS.profile_calls, profile_dir=FLAGS.profile_dir))
+      except Exception as e:  # noqa: BLE001
+        row["profile_error"] = _error(f"{shape} {label} profile", e)
+      record(row)
 
     for entry in FLAGS.implementations:
       name, options = bench_common.parse_implementation(entry)
@@ -491,6 +505,8 @@ def bench_train_torch(torch, np_args, base, record, *, sinks, window):
                   fwdbwd_ms=time_torch(torch, fwdbwd)))
     except Exception as e:  # noqa: BLE001
       record(dict(base, impl=name, error=_error(f"{base['shape']} {name}", e)))
+  if not FLAGS.torch_flex:
+    return
   try:
     fwd, fwdbwd = torch_flex(torch, np_args, sinks=sinks, window=window)
     record(dict(base, impl="torch/flex", fwd_ms=time_torch(torch, fwd),
@@ -521,7 +537,7 @@ def bench_decode(setup: Setup, torch, record: Callable[[dict], None]) -> None:
 
     def timed(label, cache, slots, fn):
       try:
-        ms = time_jax_steps(fn, reps=setup.reps)
+        ms = bench_common.time_jax_queued(fn, reps=setup.reps)
         record(row(impl=label, cache=cache, ms=ms, gb_per_s=kv_bytes(slots) / (ms * 1e-3) / 1e9))
       except Exception as e:  # noqa: BLE001
         record(row(impl=label, cache=cache, error=_error(f"decode {heads} {label}", e)))
@@ -610,8 +626,10 @@ def main(argv):
     bench_decode(setup, torch, recorder("decode"))
 
   if results["train"]:
-    print("\ntraining attention (median ms)")
-    bench_common.print_table(results["train"], ["shape", "impl", "fwd_ms", "fwdbwd_ms"])
+    print("\ntraining attention (median ms; fwdbwd_device_ms: summed kernel time per call)")
+    bench_common.print_table(results["train"], ["shape", "impl", "fwd_ms", "fwdbwd_ms",
+                                                "fwd_queued_ms", "fwdbwd_queued_ms",
+                                                "fwdbwd_device_ms"])
   if results["stages"]:
     print("\nPallas LTE stages, each jitted alone (median ms)")
     bench_common.print_table(results["stages"], ["shape", "impl", "prepare", "forward", "delta",

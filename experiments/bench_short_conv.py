@@ -100,19 +100,6 @@ def _time_fla(b, t, c):
   return bench(lambda: conv(x)[0]), bench(lambda: conv(x)[0].backward(dy))
 
 
-def _device_time(fn, label: str) -> dict:
-  """Summed kernel time per fwd+bwd call from a profiler trace (GPU only)."""
-  if FLAGS.profile_calls <= 0 or jax.default_backend() != "gpu":
-    return {}
-  from experiments import profile_summary
-  out_dir = os.path.join(FLAGS.profile_dir, label.replace(" ", "_").replace(":", "_"))
-  path = profile_summary.trace_calls(fn, FLAGS.profile_calls, out_dir)
-  ops = profile_summary.op_times(path)
-  calls = FLAGS.profile_calls
-  return dict(fwdbwd_device_ms=sum(r["total_ms"] for r in ops) / calls,
-              kernels={r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:8]})
-
-
 def main(argv):
   del argv
   env = bench_common.environment()
@@ -133,7 +120,9 @@ def main(argv):
         fb_ms = bench_common.time_jax(lambda: grad(x, w, s, dy), reps=FLAGS.reps)
         rows.append(dict(shape=shape, impl=f"lte_jax/{impl}", segments=segments, fwd_ms=f_ms,
                          fwdbwd_ms=fb_ms, fwd_floor_ms=2 * floor_ms, fwdbwd_floor_ms=5 * floor_ms,
-                         **_device_time(lambda: grad(x, w, s, dy), label)))
+                         **bench_common.device_time(
+                             lambda: grad(x, w, s, dy), label, calls=FLAGS.profile_calls,
+                             profile_dir=FLAGS.profile_dir)))
         bench_common.write_json(FLAGS.out, dict(environment=env, checks=checks, results=rows))
     fla = _time_fla(b, t, c) if FLAGS.fla else None
     if fla:
