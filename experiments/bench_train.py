@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from lte_jax.configs import REMAT_POLICIES  # plain data: no JAX import in this process
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("archs", ["GDN", "laLTE", "transformer"], "lte_jax architectures to time.")
 flags.DEFINE_string("size", "0.4B", "Preset: tiny | 0.4B | 1.4B.")
@@ -33,8 +35,10 @@ flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
-flags.DEFINE_enum("remat", "none", ["none", "full", "dots"],
-                  "What each lte_jax block keeps for the backward pass (ModelConfig.remat).")
+flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES),
+                  "What each lte_jax block keeps for the backward pass (ModelConfig.remat; "
+                  "'dots_mixers' also keeps each mixer's core-op inputs, output and kernel "
+                  "residuals, so the forward kernels are not rerun: lte_jax.remat).")
 flags.DEFINE_bool("scan_layers", True,
                   "Compile the lte_jax blocks as a scan over the layer cycle "
                   "(ModelConfig.scan_layers).")

@@ -16,8 +16,10 @@ ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "laNSA", "transformer")
 SIZES = ("tiny", "0.4B", "1.4B")
 DTYPES = ("float32", "bfloat16")
 # What a block keeps for the backward pass: everything ('none': no remat), only its input
-# ('full'), or its input and matmul outputs ('dots': elementwise work is recomputed).
-REMAT_POLICIES = ("none", "full", "dots")
+# ('full'), its input and matmul outputs ('dots': elementwise work and the mixers' kernels
+# are recomputed), or those and each mixer's core-op inputs, output and kernel residuals
+# ('dots_mixers'; lte_jax.remat).
+REMAT_POLICIES = ("none", "full", "dots", "dots_mixers")
 
 
 def _require(cond: bool, field: str, allowed: str, value: Any) -> None:

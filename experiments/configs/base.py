@@ -32,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.vocab_size = config_dict.placeholder(int)
   config.model.dtype = "bfloat16"        # compute dtype (fp32 math in norms, softmax, loss)
   config.model.param_dtype = "float32"   # master parameters
-  config.model.remat = "none"           # none | full | dots (lte_jax.configs.REMAT_POLICIES)
+  config.model.remat = "none"           # none | full | dots | dots_mixers (lte_jax.remat)
   config.model.scan_layers = False      # lax.scan over the layer cycle: compile time flat in depth
   config.model.lte_dropout = config_dict.placeholder(float)
   # LTE scorer matmul operands: float32 | bfloat16 (lte_jax.configs.LTEConfig.scorer_dtype).

@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lte_jax import segments
+from lte_jax import remat, segments
 from lte_jax.kernels.gated_delta_rule import (backend, inverse, output, prepare, qk_grads,
                                               state, wy_grads)
 from lte_jax.kernels.gated_delta_rule.chunk_math import masked_exp
@@ -95,6 +95,9 @@ def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
 
 def _core_fwd(cfg, *args):
   o, h_last, (t, *states) = _forward(cfg, *args)
+  # Tagged, a block under the 'dots_mixers' remat policy keeps T rather than rerun the
+  # inverse kernel in the backward pass (lte_jax.remat).
+  (t,) = remat.tag(remat.KERNEL_RESIDUALS, t)
   # Plan.keep_states: the backward reuses W, h, V_new instead of recomputing them.
   return (o, h_last), (t, tuple(states) if cfg.plan.keep_states else None, args)
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lte_jax import remat
 from lte_jax.kernels.lte_attention import backend, backward, forward, sets
 
 F32 = jnp.float32
@@ -77,7 +78,10 @@ def _forward(cfg, q, k, v, s):
 
 def _core_fwd(cfg, q, k, v, s):
   o, lse = _forward(cfg, q, k, v, s)
-  return o, (q, k, v, s, o, lse)
+  # Tagged, a block under the 'dots_mixers' remat policy keeps o and lse rather than rerun
+  # the forward kernel in the backward pass (lte_jax.remat).
+  o_res, lse = remat.tag(remat.KERNEL_RESIDUALS, o, lse)
+  return o, (q, k, v, s, o_res, lse)
 
 
 def _delta(cfg, d_o, o):

@@ -18,6 +18,7 @@ from flax import nnx
 
 from lte_jax import _checks
 from lte_jax import segments
+from lte_jax import remat
 from lte_jax import sharding as sh
 from lte_jax.configs import AttentionConfig
 from lte_jax.layers.common import linear, output_std
@@ -113,9 +114,10 @@ class Attention(QKVAttention):
     _checks.check_segment_ids(segment_ids, b, t)
     positions = segments.resolve_positions(positions, segment_ids, b, t)
     x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
-    q, k, v = self._project(x, positions)
+    q, k, v = remat.tag(remat.MIXER_INPUTS, *self._project(x, positions))
     o = attention(q, k, v, window_size=self.max_distance, segment_ids=segment_ids,
                   implementation=self.cfg.implementation)
+    (o,) = remat.tag(remat.MIXER_OUTPUT, o)
     return self._output(o), {}
 
   def cache_len(self, max_len: int) -> int:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lte_jax import _checks
+from lte_jax import remat
 from lte_jax import sharding as sh
 from lte_jax.configs import GDNConfig
 from lte_jax.kernels.gated_delta_rule import parse_options
@@ -148,13 +149,18 @@ class GatedDeltaNet(nnx.Module):
     q = self.q_conv(self.q_proj(x), segment_ids=segment_ids)
     k = self.k_conv(self.k_proj(x), segment_ids=segment_ids)
     v = self.v_conv(self.v_proj(x), segment_ids=segment_ids)
+    # Tagged before and after the L2 norm: the norm's backward needs its input, which
+    # would otherwise be recomputed through the convs (lte_jax.remat).
+    q, k, v = remat.tag(remat.MIXER_INPUTS, q, k, v)
     q, k, v = self._qkv(q, k, v)
     g, beta = self._gates(x)
+    q, k, g, beta = remat.tag(remat.MIXER_INPUTS, q, k, g, beta)
     o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=self.scale, initial_state=None,
                                   output_final_state=False, segment_ids=segment_ids,
                                   chunk_size=self.cfg.chunk_size,
                                   implementation=self.cfg.implementation,
                                   plan_options=self._plan_options)
+    (o,) = remat.tag(remat.MIXER_OUTPUT, o)
     return self._output(o, x), {}
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> dict:

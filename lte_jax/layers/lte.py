@@ -43,6 +43,7 @@ from flax import nnx
 
 from lte_jax import _checks
 from lte_jax import segments
+from lte_jax import remat
 from lte_jax import sharding as sh
 from lte_jax.configs import LTEConfig
 from lte_jax.layers.attention import QKVAttention
@@ -115,8 +116,10 @@ class LTEAttention(QKVAttention):
     q, k_raw, v = self._project(x)
     r = self.scorer(k_raw, v, segment_ids=segment_ids)
     q, k = self._rope(q, positions), self._rope(k_raw, positions)
+    q, k, v, r_in = remat.tag(remat.MIXER_INPUTS, q, k, v, r)
     budget = self.cfg.budget if self.enforce_budget else None
-    o = self._attend(q, k, v, r, budget=budget, segment_ids=segment_ids)
+    o = self._attend(q, k, v, r_in, budget=budget, segment_ids=segment_ids)
+    (o,) = remat.tag(remat.MIXER_OUTPUT, o)
     return self._output(o), {"retention": r}
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> dict:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lte_jax import configs as configs_lib
+from lte_jax import remat
 from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax._checks import check_int_dtype, check_rank, check_segment_ids, check_shape
@@ -74,16 +75,14 @@ def _run_block(block: Block, x, segment_ids, positions):
   return block(x, segment_ids=segment_ids, positions=positions)
 
 
-# Rematerialised twins of _run_block (ModelConfig.remat). Without remat autodiff keeps
-# about 290 KB per token per 0.4B GDN block (measured with saved_residuals), 9 GiB per
-# layer at 8 x 4096 tokens. 'full' keeps only the block input and recomputes the rest
-# (~1/3 more FLOPs); 'dots' also keeps the matmul outputs, so only elementwise work and
-# the mixer's inner products without a weight are redone.
-_RUN_BLOCK = {
-    "none": _run_block,
-    "full": nnx.remat(_run_block),
-    "dots": nnx.remat(_run_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
-}
+# Rematerialised twins of _run_block (ModelConfig.remat, lte_jax.remat). Without remat
+# autodiff keeps about 290 KB per token per 0.4B GDN block (measured with saved_residuals),
+# 9 GiB per layer at 8 x 4096 tokens. 'full' keeps only the block input and recomputes the
+# rest (~1/3 more FLOPs); 'dots' also keeps the matmul outputs, so only elementwise work and
+# the mixer's core op are redone; 'dots_mixers' also keeps the core op's inputs, output and
+# kernel residuals, so its forward kernels run once.
+_RUN_BLOCK = {"none": _run_block, **{
+    name: nnx.remat(_run_block, policy=remat.policy(name)) for name in remat.POLICIES[1:]}}
 
 
 def layer_period(layers: tuple[str, ...]) -> int:
