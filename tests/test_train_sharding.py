@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
 
 from lte_jax.training import mesh as mesh_lib
@@ -189,3 +190,49 @@ def test_host_init_places_shards_on_two_processes(tmp_path):
     results[int(pid)] = rest[0]
   # Each process holds its own half of the same embedding (FSDP over the two processes).
   assert results[0] != results[1], results
+
+
+_TWO_DEVICES = textwrap.dedent("""
+    import json, sys
+    import jax
+    from lte_jax import configs
+    from lte_jax.data import DataConfig, make_train_iterator
+    from lte_jax.training import mesh as mesh_lib, optimizer, step as step_lib, train_state
+
+    cfg = configs.get_config("GDN", "tiny", num_layers=1, dtype="float32")
+    model_def = train_state.make_model_def(cfg)
+    tx, schedule = optimizer.make_optimizer(
+        optimizer.OptimizerConfig(learning_rate=1e-3, warmup_steps=0), total_steps=10)
+    abstract = jax.eval_shape(lambda: train_state.init_train_state(model_def, tx, seed=0))
+    batches = list(zip(range(2), make_train_iterator(
+        DataConfig(seq_len=32, batch_size=8, model_vocab_size=512))))
+    mesh = mesh_lib.make_mesh(data=int(sys.argv[1]), devices=None)
+    shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+      state = train_state.create_train_state(model_def, tx, 0, shardings, on_host=True)
+      fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, lte_target=4.0),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+      losses = []
+      for _, batch in batches:
+        state, metrics = fn(state, mesh_lib.global_batch(batch, batch_sharding))
+        losses.append(float(metrics["loss"]))
+    print("RESULT" + json.dumps(losses))
+""")
+
+
+def test_gdn_step_on_two_cpu_devices_returns():
+  """Regression: with exactly 2 simulated CPU devices the GDN data-parallel step used to hang
+  in its first call (XLA CPU's expanded triangular solve inside the 'xla' op; now a matmul
+  series, lte_jax.ops.gated_delta_rule.xla._unit_lower_inverse). Its losses equal the
+  1-device run's."""
+  losses = {}
+  for n in (1, 2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(n)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    losses[n] = json.loads(line[len("RESULT"):])
+  np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
