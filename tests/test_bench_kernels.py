@@ -26,6 +26,8 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
   assert all(r["ok"] for r in data["checks"]), data["checks"]
   assert {r["impl"] for r in data["rows"]} == {
       "lte_jax/pallas", "lte_jax/pallas:inverse_form=doubling;wy_operands=input;keep_states=True"}
+  # Queued timings (comparable with FLA's do_bench) beside the synchronised ones.
+  assert all(r["fwd_queued_ms"] > 0 and r["fwdbwd_queued_ms"] > 0 for r in data["rows"])
   assert {"inverse", "states", "output", "backward", "dv_local", "state_grads",
           "qk_grads", "wy_grads"} <= set(data["stages"][0])
   swept = {(r["kernel"], r["launch"], r["stage"]) for r in data["tune"]}

@@ -27,6 +27,8 @@ def test_smoke_run_writes_every_section(tmp_path):
   assert all(r["ok"] in (True, "skipped") for r in data["checks"]), data["checks"]
   timed = {r["impl"] for r in data["train"] if "fwd_ms" in r}
   assert {"lte_jax/xla", "lte_jax/swa-xla"} <= timed
+  queued = {r["impl"] for r in data["train"] if r.get("fwdbwd_queued_ms", 0) > 0}
+  assert timed <= queued, data["train"]
   decode = {(r["impl"], r["cache"]) for r in data["decode"] if "ms" in r}
   assert ("lte_jax/decode-pallas", "LTE 17+8") in decode
   assert ("jax/einsum", "full 256") in decode
