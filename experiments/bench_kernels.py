@@ -178,7 +178,8 @@ def _time_lte_jax(impl, args):
 STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
                    "gdn_chunk_states": "states", "gdn_chunk_outputs": "output",
                    "gdn_local_value_grads": "dv_local", "gdn_chunk_state_grads": "state_grads",
-                   "gdn_chunk_qk_grads": "qk_grads", "gdn_wy_grads": "wy_grads"}
+                   "gdn_chunk_qk_grads": "qk_grads", "gdn_wy_grads": "wy_grads",
+                   "gdn_segment_ends": "states", "gdn_segment_transitions": "states"}
 
 
 def _time_stages(options: dict, args, only=None) -> dict:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from lte_jax import remat, segments
 from lte_jax.kernels.gated_delta_rule import (backend, inverse, output, prepare, qk_grads,
-                                              state, wy_grads)
+                                              state, state_segments, wy_grads)
 from lte_jax.kernels.gated_delta_rule.chunk_math import masked_exp
 
 F32 = jnp.float32
@@ -67,8 +67,13 @@ def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
   sd = jnp.dtype(cfg.state_dtype)
   w, u = prepare.wy_transform(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(qd),
                               state_dtype=sd)
-  h, v_new, h_last = state.chunk_states(cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0,
-                                        state_dtype=sd)
+  parts = cfg.plan.segments_for(w.shape[1])
+  if parts > 1:
+    h, v_new, h_last = state_segments.chunk_states_segmented(
+        cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0, segments=parts, state_dtype=sd)
+  else:
+    h, v_new, h_last = state.chunk_states(cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0,
+                                          state_dtype=sd)
   return w, h, v_new, h_last
 
 
