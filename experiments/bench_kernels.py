@@ -179,7 +179,9 @@ STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
                    "gdn_chunk_states": "states", "gdn_chunk_outputs": "output",
                    "gdn_local_value_grads": "dv_local", "gdn_chunk_state_grads": "state_grads",
                    "gdn_chunk_qk_grads": "qk_grads", "gdn_wy_grads": "wy_grads",
-                   "gdn_segment_ends": "states", "gdn_segment_transitions": "states"}
+                   "gdn_segment_ends": "states", "gdn_segment_transitions": "states",
+                   "gdn_segment_grad_ends": "state_grads",
+                   "gdn_segment_grad_transitions": "state_grads"}
 
 
 def _time_stages(options: dict, args, only=None) -> dict:

@@ -328,11 +328,11 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
   target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
   # Forward: inverse, WY, states, outputs. With gradients: those, then WY and states
   # again (recomputed from the saved inverse, unless kept), local dV,
-  # reverse states, dq/dk/dW, WY grads. Segmented states add the segments' end states and
-  # transitions before each states kernel.
+  # reverse states, dq/dk/dW, WY grads. Segmented recurrences add the segments' end states
+  # and transitions before each states and reverse-states kernel.
   kept = options.get("keep_states", False)
   extra = 2 if options.get("state_segments", 1) > 1 else 0
   for fn, kernels in ((op, 4 + extra), (jax.value_and_grad(op, argnums=tuple(range(6))),
-                                        8 + extra if kept else 10 + 2 * extra)):
+                                        8 + 2 * extra if kept else 10 + 3 * extra)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
     assert text.count(f"@{target}(") == kernels, (target, text.count(f"@{target}("))

@@ -22,7 +22,8 @@ from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  
 # The folder's pallas_calls, by the names they carry (profiles, Plan.launch).
 KERNELS = ("gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_outputs",
            "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_qk_grads",
-           "gdn_wy_grads", "gdn_segment_ends", "gdn_segment_transitions")
+           "gdn_wy_grads", "gdn_segment_ends", "gdn_segment_transitions",
+           "gdn_segment_grad_ends", "gdn_segment_grad_transitions")
 
 
 # Per-kernel launch parameters measured on the H200 at (4, 4096, 16, 128), bf16
@@ -97,12 +98,12 @@ class Plan:
     the loads, which Triton pipelines through shared memory, and the states kernel's three
     stages asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200). The TPU form
     is untimed either way and keeps 'keys'.
-  state_segments: S > 1 splits the GPU forward state recurrence (`gdn_chunk_states`, also
-    rerun by the backward) into S segments of chunks walked in parallel after two
-    summary kernels (state_segments.py): S times the programs for about (2 + Dk / Dv) / S of the
-    sequential steps each, for shapes with few (batch x head) sequences. Reduced to the
-    largest divisor of the chunk count; 1 (default): one program walks every chunk.
-    Built without a GPU run: untimed.
+  state_segments: S > 1 splits the GPU state recurrences (`gdn_chunk_states`, also rerun
+    by the backward, and the backward's `gdn_chunk_state_grads`) into S segments of chunks
+    walked in parallel after two summary kernels (state_segments.py): S times the programs
+    for about (2 + Dk / Dv) / S of the sequential steps each, for shapes with few (batch x
+    head) sequences. Reduced to the largest divisor of the chunk count; 1 (default): one
+    program walks every chunk. Built without a GPU run: untimed.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
