@@ -105,7 +105,7 @@ def test_forward_shapes_and_aux():
   assert aux["lte_retention"][0].shape == (2, 10, cfg.lte.num_kv_heads)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_mixers"])
 def test_remat_keeps_loss_and_gradients(policy):
   """Rematerialisation changes what is stored, never what is computed (the train path)."""
   from lte_jax.training import train_state
@@ -128,7 +128,8 @@ def test_remat_keeps_loss_and_gradients(policy):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("arch,remat", [("laLTE", "dots"), ("GDN_SWA", "none")])
+@pytest.mark.parametrize("arch,remat", [("laLTE", "dots"), ("GDN_SWA", "none"),
+                                        ("GDN_Attn", "dots_mixers")])
 def test_scan_layers_keeps_loss_gradients_and_dropout(arch, remat):
   """The scanned forward is the unrolled one: loss, every gradient, retention order, and the
   dropout masks (LTE scorer dropout on, train mode)."""
