@@ -25,6 +25,12 @@ All in one process, bf16 inputs, median ms:
      (jax.nn.dot_product_attention) and torch SDPA, KV [B, ctx, Hkv, D].
    The decode table gives the KV bytes read per step over the time (GB/s).
 
+JAX training rows are timed twice: one synchronised call at a time (fwd_ms, fwdbwd_ms: the
+host's dispatch-and-sync round trip included) and queued (fwd_queued_ms, fwdbwd_queued_ms:
+20 calls back to back, one sync, inputs rotated over 4 copies past the L2 cache). The
+torch rows are CUDA-event times (do_bench, which flushes the L2), so compare them with the
+queued columns. Decode steps are always timed queued.
+
 On a GPU each JAX training row also gets, from a profiler trace of --profile_calls
 fwd+bwd calls, the summed kernel time per call (fwdbwd_device_ms: no dispatch or launch
 gaps) and its longest kernels (kernels: name -> ms per call).
@@ -44,7 +50,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import statistics  # noqa: E402
-import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -409,7 +414,8 @@ def bench_train(setup: Setup, torch, record: Callable[[dict], None]) -> None:
       try:  # queued: comparable with the torch rows' CUDA-event times
         row["fwd_queued_ms"] = bench_common.time_jax_queued(fwd, reps=setup.reps, args_sets=[
             a[:4] for a in rotated])
-        row["fwdbwd_queued_ms"] = bench_common.time_jax_queued(grad, reps=setup.reps, args_sets=rotated)
+        row["fwdbwd_queued_ms"] = bench_common.time_jax_queued(grad, reps=setup.reps,
+                                                               args_sets=rotated)
       except Exception as e:  # noqa: BLE001
         row["queued_error"] = _error(f"{shape} {label} queued", e)
       try:  # a profiler failure costs the breakdown, never the timing

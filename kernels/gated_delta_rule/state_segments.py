@@ -229,7 +229,8 @@ def _grad_transitions_kernel(k_ref, kd_ref, hd_ref, w_ref, p_ref, *, on_values):
   """Columns block j of segment program_id(2) + 1's backward transition."""
   length = w_ref.shape[0]
   refs = (None, None, k_ref, kd_ref, hd_ref, w_ref, None, None)
-  p_ref[...] = _walk_back(refs, _identity_columns(p_ref.shape), first_chunk=(pl.program_id(2) + 1) * length, scale=0.0,
+  p_ref[...] = _walk_back(refs, _identity_columns(p_ref.shape),
+                          first_chunk=(pl.program_id(2) + 1) * length, scale=0.0,
                           on_values=on_values)
 
 
