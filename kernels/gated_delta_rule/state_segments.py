@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
-from lte_jax.kernels.gated_delta_rule.state import _backward_step, _forward_step
+from lte_jax.kernels.gated_delta_rule.state import _backward_step, _forward_step, _rows
 
 
 def _walk(w_ref, u_ref, k_ref, kd_ref, hd_ref, h, *, first_chunk, on_values, store=None):
@@ -41,8 +41,8 @@ def _walk(w_ref, u_ref, k_ref, kd_ref, hd_ref, h, *, first_chunk, on_values, sto
   length, chunk = w_ref.shape[0], w_ref.shape[1]
 
   def body(i, h):
-    rows = pl.ds(pl.multiple_of((first_chunk + i) * chunk, chunk), chunk)
-    u = jnp.zeros((chunk, h.shape[1]), cm.F32) if u_ref is None else u_ref[i]
+    rows = _rows(first_chunk + i, chunk)
+    u = None if u_ref is None else u_ref[i]
     v_new, h_next = _forward_step(h, w_ref[i], u, k_ref[rows, :], kd_ref[i], hd_ref[i],
                                   on_values=on_values)
     if store is not None:
@@ -188,27 +188,21 @@ def chunk_states_segmented(plan: backend.Plan, layout: backend.Layout, w, u, k, 
 
 def _walk_back(refs, dh, *, first_chunk, scale, on_values, store=None):
   """Run the dh recurrence backwards over this program's segment from dh (fp32
-  [Dk, cols]). refs: (q, qd, k, kd, hd, w, d_o, dv_local); q, d_o and dv_local None: the
-  homogeneous recurrence (dO = 0, dV_local = 0). store(i, dh_leaving, dv) records local
+  [Dk, cols]). refs: (q, qd, k, kd, hd, w, d_o, dv_local); q, qd, d_o and dv_local None:
+  the homogeneous recurrence (dO = 0, dV_local = 0). store(i, dh_leaving, dv) records local
   chunk i."""
   q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref = refs
   length, chunk = w_ref.shape[0], w_ref.shape[1]
-  dtype = k_ref.dtype
+  homogeneous = q_ref is None
 
   def body(step, dh):
     i = length - 1 - step
-    rows = pl.ds(pl.multiple_of((first_chunk + i) * chunk, chunk), chunk)
-    k, kd, hd, w = k_ref[rows, :], kd_ref[i], hd_ref[i], w_ref[i]
-    if q_ref is None:
-      # _backward_step without the dO and dV_local terms.
-      if on_values:
-        dv = kd * cm.mm(k, dh, dtype=dtype)
-      else:
-        dv = cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
-      dh_prev = hd * dh - cm.mm(w, dv, ta=True, dtype=dtype)
-    else:
-      dv, dh_prev = _backward_step(dh, q_ref[rows, :], qd_ref[i], k, kd, hd, w,
-                                   do_ref[rows, :], dvl_ref[i], scale, on_values=on_values)
+    rows = _rows(first_chunk + i, chunk)
+    terms = (None,) * 4 if homogeneous else (q_ref[rows, :], qd_ref[i], do_ref[rows, :],
+                                               dvl_ref[i])
+    q, qd, d_o, dv_local = terms
+    dv, dh_prev = _backward_step(dh, q, qd, k_ref[rows, :], kd_ref[i], hd_ref[i], w_ref[i],
+                                 d_o, dv_local, scale, on_values=on_values)
     if store is not None:
       store(i, dh, dv)
     return dh_prev

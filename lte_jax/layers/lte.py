@@ -42,8 +42,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lte_jax import _checks
-from lte_jax import segments
 from lte_jax import remat
+from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax.configs import LTEConfig
 from lte_jax.layers.attention import QKVAttention

@@ -55,7 +55,7 @@ def _unit_lower_inverse(a: jax.Array) -> jax.Array:
   Why not jax.scipy.linalg.solve_triangular (forward substitution, which the H200 timed
   at 12.4-12.8 ms against 12.3 ms for a matmul inverse in the 0.4B fwd+bwd): XLA CPU's
   expansion of that solve hangs the data-parallel train step on exactly two simulated CPU
-  devices (jax 0.10.2, WORKSPACE.md "Known problem"), and this form, unlike the recursive
+  devices (jax 0.10.2, WORKSPACE.md "Fixed problem"), and this form, unlike the recursive
   2x2-block inverse tried before, compiles as fast as the solve.
   """
   n = a.shape[-1]
