@@ -61,10 +61,10 @@ def time_jax_queued(fn: Callable[..., Any], *, reps: int, calls: int = 20,
 
 
 def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: str,
-                top: int = 8) -> dict[str, Any]:
+                top: int = 8, key: str = "fwdbwd_device_ms") -> dict[str, Any]:
   """Summed kernel time per call of fn() (a jitted fwd+bwd) from a profiler trace of
-  `calls` calls, written below profile_dir/<label>: dict(fwdbwd_device_ms=ms per call,
-  kernels={name: ms per call} of the `top` longest kernels). {} when calls <= 0 or off
+  `calls` calls, written below profile_dir/<label>: {key: ms per call,
+  'kernels': {name: ms per call} of the `top` longest kernels}. {} when calls <= 0 or off
   a GPU (no device planes to read)."""
   if calls <= 0 or jax.default_backend() != "gpu":
     return {}
@@ -72,8 +72,32 @@ def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: s
   out_dir = os.path.join(profile_dir, re.sub(r"[^A-Za-z0-9_.=-]", "_", label))
   path = profile_summary.trace_calls(fn, calls, out_dir)
   ops = profile_summary.op_times(path)
-  return dict(fwdbwd_device_ms=sum(r["total_ms"] for r in ops) / calls,
-              kernels={r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]})
+  return {key: sum(r["total_ms"] for r in ops) / calls,
+          "kernels": {r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]}}
+
+
+def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str) -> float | None:
+  """Summed device time per call of fn() (a torch GPU computation) from torch's profiler:
+  kernels, memcpys and memsets of `calls` calls, read from the Chrome trace it writes to
+  trace_path. The torch counterpart of device_time: no host launch delay reaches it.
+  None when calls <= 0 or torch has no GPU."""
+  import torch
+  if calls <= 0 or not torch.cuda.is_available():
+    return None
+  from torch.profiler import ProfilerActivity, profile
+  fn()
+  torch.cuda.synchronize()
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      fn()
+    torch.cuda.synchronize()
+  os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
+  prof.export_chrome_trace(trace_path)
+  with open(trace_path) as f:
+    events = json.load(f).get("traceEvents", [])
+  device_us = sum(e.get("dur", 0) for e in events
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+  return device_us / 1e3 / calls
 
 
 def parse_implementation(entry: str) -> tuple[str, dict | None]:
@@ -107,12 +131,12 @@ def environment() -> dict[str, Any]:
   return env
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+def print_table(rows: list[dict[str, Any]], columns: list[str], file=None) -> None:
   widths = {c: max([len(c)] + [len(_fmt(r.get(c))) for r in rows]) for c in columns}
-  print(" | ".join(c.ljust(widths[c]) for c in columns))
-  print("-+-".join("-" * widths[c] for c in columns))
+  print(" | ".join(c.ljust(widths[c]) for c in columns), file=file)
+  print("-+-".join("-" * widths[c] for c in columns), file=file)
   for r in rows:
-    print(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+    print(" | ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns), file=file, flush=True)
 
 
 def _fmt(v: Any) -> str:

@@ -16,7 +16,11 @@ are checked on the device against the recurrent fp32 reference. JAX rows are tim
 twice: one synchronised call at a time (fwd_ms, fwdbwd_ms: the host's dispatch and
 sync round trip included) and queued (20 calls back to back, one sync, inputs rotated
 over 4 copies past the L2 cache: the regime of FLA's CUDA-event `do_bench` times, so
-the *_queued_vs_fla ratios compare like with like). The table also gives the
+the *_queued_vs_fla ratios compare like with like). With --device_calls, both sides'
+kernel time is also summed from profiler traces (fwd_device_ms, fwdbwd_device_ms:
+JAX's profiler for ours, torch's for FLA), which no host-side delay reaches; FLA's
+do_bench readings have moved by up to 75% between calls on the same machine while ours
+stayed within 1% (BENCHMARKS.md). The table also gives the
 forward's share of the H200 roofline (queued time): minimal bytes over 4.8 TB/s and
 the chunked algorithm's flops over 989 TFLOP/s (dense bf16).
 """
@@ -52,6 +56,10 @@ flags.DEFINE_string("check_shape", "1x1024x4x128",
                     "BxTxHxD of the correctness check against the reference ('' skips it).")
 flags.DEFINE_bool("fla", True, "Time flash-linear-attention's kernel as the anchor.")
 flags.DEFINE_integer("reps", 50, "Timed repetitions (median reported).")
+flags.DEFINE_integer("device_calls", 10, "Calls traced per row to sum the kernels' device "
+                     "time (fwd_device_ms, fwdbwd_device_ms; GPU only). 0: off.")
+flags.DEFINE_string("profile_dir", "/tmp/bench_kernels_profile",
+                    "Where the --device_calls traces go.")
 flags.DEFINE_bool("stages", False, "Also time each Pallas stage on its own (inverse, states = "
                   "WY prepare + recurrence, output, backward, and the backward's dv_local, "
                   "state_grads, qk_grads, wy_grads) for every 'pallas' entry.")
@@ -162,26 +170,27 @@ def check(shape: str) -> list[dict]:
 def _time_lte_jax(impl, args):
   """-> (fwd, fwd+bwd) ms per call synchronised, then (fwd, fwd+bwd) queued
   (bench_common.time_jax_queued over 4 copies of the inputs, 2 x 67 MB and more at these
-  shapes, past the 50 MB L2: the regime of FLA's do_bench times)."""
+  shapes, past the 50 MB L2: the regime of FLA's do_bench times), then (fwd, fwd+bwd)
+  summed device time per call (None off a GPU or with --device_calls=0)."""
   fwd, fwdbwd = _lte_jax_fns(impl)
   d_o = jnp.ones(args[2].shape, jnp.float32)
   label = f"{'x'.join(map(str, args[0].shape))} lte_jax/{impl}"
   sets = [tuple(args) + (d_o,)] + [tuple(x + 0 for x in (*args, d_o)) for _ in range(3)]
+  device = [bench_common.device_time(fn, f"{label} {part}", calls=FLAGS.device_calls,
+                                     profile_dir=FLAGS.profile_dir, key="ms").get("ms")
+            for part, fn in (("fwd", lambda: fwd(*args)), ("fwdbwd", lambda: fwdbwd(*args, d_o)))]
   return (bench_common.time_jax(lambda: fwd(*args), reps=FLAGS.reps, label=f"{label} fwd"),
           bench_common.time_jax(lambda: fwdbwd(*args, d_o), reps=FLAGS.reps,
                                 label=f"{label} fwd+bwd"),
           bench_common.time_jax_queued(fwd, reps=FLAGS.reps, args_sets=[a[:-1] for a in sets]),
-          bench_common.time_jax_queued(fwdbwd, reps=FLAGS.reps, args_sets=sets))
+          bench_common.time_jax_queued(fwdbwd, reps=FLAGS.reps, args_sets=sets), *device)
 
 
 # The stage (kernel_api.stage_functions) that runs each kernel, for the --tune sweep.
 STAGE_OF_KERNEL = {"gdn_wy_inverse": "inverse", "gdn_wy_transform": "states",
                    "gdn_chunk_states": "states", "gdn_chunk_outputs": "output",
                    "gdn_local_value_grads": "dv_local", "gdn_chunk_state_grads": "state_grads",
-                   "gdn_chunk_qk_grads": "qk_grads", "gdn_wy_grads": "wy_grads",
-                   "gdn_segment_ends": "states", "gdn_segment_transitions": "states",
-                   "gdn_segment_grad_ends": "state_grads",
-                   "gdn_segment_grad_transitions": "state_grads"}
+                   "gdn_chunk_qk_grads": "qk_grads", "gdn_wy_grads": "wy_grads"}
 
 
 def _time_stages(options: dict, args, only=None) -> dict:
@@ -299,7 +308,12 @@ def _time_fla(fla, args):
     fla_chunk(q, k, v, g, beta)[0].backward(d_o)
 
   bench = lambda fn: triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
-  return bench(lambda: fla_chunk(q, k, v, g, beta)), bench(fwdbwd)
+  fwd = lambda: fla_chunk(q, k, v, g, beta)
+  label = "x".join(map(str, args[0].shape))
+  device = [bench_common.torch_device_ms(
+      fn, FLAGS.device_calls, os.path.join(FLAGS.profile_dir, f"fla_{label}_{part}.json"))
+            for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd))]
+  return bench(fwd), bench(fwdbwd), *device
 
 
 def main(argv):
@@ -345,16 +359,19 @@ def main(argv):
         print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if fla is not None:
       # do_bench times with CUDA events: its numbers are both columns' counterparts.
-      timed.append(("fla/triton",) + _time_fla(fla, args) * 2)
-      print(f"{shape} fla/triton: fwd {timed[-1][1]:.3f} ms, fwd+bwd {timed[-1][2]:.3f} ms",
+      f, fb, fd, fbd = _time_fla(fla, args)
+      timed.append(("fla/triton", f, fb, f, fb, fd, fbd))
+      print(f"{shape} fla/triton: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms (device {fd} / {fbd})",
             flush=True)
-    anchor = {name: (f, fb) for name, f, fb, *_ in timed}.get("fla/triton")
-    ratio = lambda i, ms: anchor[i] / ms if anchor else None
-    for name, f, fb, fq, fbq in timed:
+    anchor = {t[0]: t[1:] for t in timed}.get("fla/triton")
+    ratio = lambda i, ms: anchor[i] / ms if anchor and anchor[i] and ms else None
+    for name, f, fb, fq, fbq, fd, fbd in timed:
       rows.append(dict(
           shape=shape, impl=name, fwd_ms=f, fwdbwd_ms=fb, fwd_queued_ms=fq,
-          fwdbwd_queued_ms=fbq, fwd_vs_fla=ratio(0, f), fwdbwd_vs_fla=ratio(1, fb),
+          fwdbwd_queued_ms=fbq, fwd_device_ms=fd, fwdbwd_device_ms=fbd,
+          fwd_vs_fla=ratio(0, f), fwdbwd_vs_fla=ratio(1, fb),
           fwd_queued_vs_fla=ratio(0, fq), fwdbwd_queued_vs_fla=ratio(1, fbq),
+          fwd_device_vs_fla=ratio(4, fd), fwdbwd_device_vs_fla=ratio(5, fbd),
           fwd_bw_frac=bytes_moved / (fq * 1e-3) / H200_BYTES_PER_S,
           fwd_flop_frac=flops / (fq * 1e-3) / H200_BF16_FLOPS))
       print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
@@ -362,7 +379,9 @@ def main(argv):
   if rows:
     bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_queued_ms",
                                     "fwdbwd_queued_ms", "fwd_queued_vs_fla",
-                                    "fwdbwd_queued_vs_fla", "fwd_bw_frac", "fwd_flop_frac"])
+                                    "fwdbwd_queued_vs_fla", "fwd_device_ms", "fwdbwd_device_ms",
+                                    "fwd_device_vs_fla", "fwdbwd_device_vs_fla", "fwd_bw_frac",
+                                    "fwd_flop_frac"])
   if fla is not None:
     print("fla: fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 forced True to time its backward")
   if any(not r["ok"] for r in checks):

@@ -35,7 +35,7 @@ flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
-flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES),
+flags.DEFINE_enum("remat", "dots_mixers", list(REMAT_POLICIES),
                   "What each lte_jax block keeps for the backward pass (ModelConfig.remat; "
                   "'dots_mixers' also keeps each mixer's core-op inputs, output and kernel "
                   "residuals, so the forward kernels are not rerun: lte_jax.remat).")
@@ -68,6 +68,9 @@ flags.DEFINE_integer("profile_steps", 0,
                      "After timing, trace this many lte_jax steps with the JAX profiler and "
                      "report the device time per kernel (experiments.profile_summary); the "
                      "trace stays in --profile_dir/<arch>. 0: off.")
+flags.DEFINE_integer("hlo_copies", 0,
+                     "After compiling, print this many groups of the step's HLO copies (by "
+                     "JAX op and source line; experiments.hlo_copies). 0: off.")
 flags.DEFINE_string("profile_dir", "bench_train_profile", "Where --profile_steps traces go.")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
@@ -154,6 +157,12 @@ def _run_lte_jax(arch: str) -> dict:
     temp_gib = getattr(mem, "temp_size_in_bytes", 0) / 2**30
     print(f"{arch}: compiled in {compile_s:.1f} s, XLA temp buffers {temp_gib:.1f} GiB",
           file=sys.stderr, flush=True)
+    if FLAGS.hlo_copies > 0:
+      from experiments import bench_common, hlo_copies
+      print(f"{arch}: copies in the compiled step (a loop body's count once per body):",
+            file=sys.stderr, flush=True)
+      bench_common.print_table(hlo_copies.summarise(step_fn.as_text(), FLAGS.hlo_copies),
+                               ["where", "memcpy", "count", "mib"], file=sys.stderr)
     carried = [state]          # the step donates its state: each call takes the last one
 
     def one_step():

@@ -99,23 +99,19 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("block_k", 16),),
                                      (("keep_states", True),),
                                      (("decay_on", "keys"),),
-                                     (("decay_on", "values"), ("platform", "tpu")),
-                                     (("state_segments", 3), ("chunk", 16)),
-                                     (("state_segments", 4), ("decay_on", "keys"))])
+                                     (("decay_on", "values"), ("platform", "tpu"))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
   bf16 as FLA), with the backward's key loops in four steps, with the forward's states
   kept for the backward, with the recurrences' decays on the key side (the default at this
-  Dk puts them on the value side) and on the value side in the TPU form, and with the
-  forward recurrence in segments (9 chunks of 16 in 3 segments; 3 chunks of 64, where 4
-  segments become 3, with an initial state); value loops in two steps throughout."""
+  Dk puts them on the value side) and on the value side in the TPU form; value loops in
+  two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   options = dict(options)
   platform = options.pop("platform", "gpu")
-  chunk = options.pop("chunk", 64)
   _compare(args, jnp.bfloat16, platform=platform, block_v=32, segment_ids=segment_ids,
-           chunk_size=chunk, options=tuple(options.items()))
+           options=tuple(options.items()))
 
 
 def test_plan_options_reach_the_kernels_from_op_and_layer():
@@ -261,7 +257,6 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     (dict(platform="tpu", inverse_form="blocked"), "inverse_form must be one of"),
     (dict(platform="gpu", wy_operands="bf16"), "wy_operands"),
     (dict(platform="gpu", decay_on="queries"), "decay_on"),
-    (dict(platform="gpu", state_segments=0), "state_segments must be a positive integer"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):
   args = _inputs(1, 8, 1, 16, 16, jnp.float32)[:5]
@@ -308,8 +303,7 @@ _sds = helpers.sds
 @pytest.mark.parametrize("platform,lowering,options", [
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
-    ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
-    ("gpu", "cuda", dict(state_segments=8))])
+    ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys"))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
@@ -328,11 +322,9 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
   target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
   # Forward: inverse, WY, states, outputs. With gradients: those, then WY and states
   # again (recomputed from the saved inverse, unless kept), local dV,
-  # reverse states, dq/dk/dW, WY grads. Segmented recurrences add the segments' end states
-  # and transitions before each states and reverse-states kernel.
+  # reverse states, dq/dk/dW, WY grads.
   kept = options.get("keep_states", False)
-  extra = 2 if options.get("state_segments", 1) > 1 else 0
-  for fn, kernels in ((op, 4 + extra), (jax.value_and_grad(op, argnums=tuple(range(6))),
-                                        8 + 2 * extra if kept else 10 + 3 * extra)):
+  for fn, kernels in ((op, 4), (jax.value_and_grad(op, argnums=tuple(range(6))),
+                                8 if kept else 10)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
     assert text.count(f"@{target}(") == kernels, (target, text.count(f"@{target}("))

@@ -1,4 +1,4 @@
-"""experiments/profile_summary.py and bench_train --profile_steps, on the CPU.
+"""experiments/profile_summary.py and bench_train --profile_steps / --hlo_copies, on the CPU.
 
 The CPU has no device planes, so the kernel sums are checked on the host plane's XLA
 lines (the same reading code; a GPU's stream lines differ only by name); bench_train's
@@ -42,10 +42,13 @@ def test_bench_train_profiles_its_steps(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_train", "--nofla", "--archs=GDN",
        "--size=tiny", "--batch=1", "--seq_len=64", "--steps=1", "--warmup=0",
-       "--profile_steps=1", f"--profile_dir={tmp_path / 'profile'}", f"--out={out}"],
+       "--profile_steps=1", f"--profile_dir={tmp_path / 'profile'}", "--hlo_copies=5",
+       f"--out={out}"],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "GDN: copies in the compiled step" in result.stderr      # --hlo_copies' table
+  assert "| memcpy | count | mib" in result.stderr
   (row,) = json.loads(out.read_text())["results"]
   assert row["tokens_per_s"] > 0 and row["profile"] == []    # CPU: no device plane
   assert list((tmp_path / "profile" / "GDN").rglob("*.xplane.pb"))

@@ -8,7 +8,7 @@ The defaults train a tiny model on the embedded corpus on a laptop CPU in a few
 minutes. A paper-scale run (PAPER.md section 5) sets, e.g. for the 1.4B laLTE:
   --config.size=1.4B --config.steps=30720 --config.data.seq_len=4096
   --config.data.batch_size=16 --config.optim.grad_accum=16 --config.optim.warmup_steps=512
-  --config.model.dtype=bfloat16 --config.model.remat=dots --config.model.scan_layers=True --config.mesh.fsdp=-1 --config.mesh.data=1
+  --config.model.dtype=bfloat16 --config.model.remat=dots_mixers --config.model.scan_layers=True --config.mesh.fsdp=-1 --config.mesh.data=1
   --config.data.source=jsonl --config.data.path=... --config.data.tokenizer=...
 """
 from __future__ import annotations

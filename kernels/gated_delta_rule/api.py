@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from lte_jax import remat, segments
 from lte_jax.kernels.gated_delta_rule import (backend, inverse, output, prepare, qk_grads,
-                                              state, state_segments, wy_grads)
+                                              state, wy_grads)
 from lte_jax.kernels.gated_delta_rule.chunk_math import masked_exp
 
 F32 = jnp.float32
@@ -67,13 +67,8 @@ def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
   sd = jnp.dtype(cfg.state_dtype)
   w, u = prepare.wy_transform(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(qd),
                               state_dtype=sd)
-  parts = cfg.plan.segments_for(w.shape[1])
-  if parts > 1:
-    h, v_new, h_last = state_segments.chunk_states_segmented(
-        cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0, segments=parts, state_dtype=sd)
-  else:
-    h, v_new, h_last = state.chunk_states(cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0,
-                                          state_dtype=sd)
+  h, v_new, h_last = state.chunk_states(cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0,
+                                        state_dtype=sd)
   return w, h, v_new, h_last
 
 
@@ -119,11 +114,6 @@ def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
   # stored so, it is half the traffic in bf16 and changes no result.
   kw = dict(scale=cfg.scale, state_dtype=jnp.dtype(cfg.state_dtype),
             dv_dtype=cfg.plan.wy_dtype(k.dtype))
-  parts = cfg.plan.segments_for(w.shape[1])
-  if parts > 1:
-    return state_segments.chunk_state_grads_segmented(
-        cfg.plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o, dv_local, dh_last,
-        segments=parts, **kw)
   return state.chunk_state_grads(cfg.plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o,
                                  dv_local, dh_last, **kw)
 

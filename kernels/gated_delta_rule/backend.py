@@ -22,8 +22,7 @@ from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  
 # The folder's pallas_calls, by the names they carry (profiles, Plan.launch).
 KERNELS = ("gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_outputs",
            "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_qk_grads",
-           "gdn_wy_grads", "gdn_segment_ends", "gdn_segment_transitions",
-           "gdn_segment_grad_ends", "gdn_segment_grad_transitions")
+           "gdn_wy_grads")
 
 
 # Per-kernel launch parameters measured on the H200 at (4, 4096, 16, 128), bf16
@@ -98,12 +97,6 @@ class Plan:
     the loads, which Triton pipelines through shared memory, and the states kernel's three
     stages asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200). The TPU form
     is untimed either way and keeps 'keys'.
-  state_segments: S > 1 splits the GPU state recurrences (`gdn_chunk_states`, also rerun
-    by the backward, and the backward's `gdn_chunk_state_grads`) into S segments of chunks
-    walked in parallel after two summary kernels (state_segments.py): S times the programs
-    for about (2 + Dk / Dv) / S of the sequential steps each, for shapes with few (batch x
-    head) sequences. Reduced to the largest divisor of the chunk count; 1 (default): one
-    program walks every chunk. Built without a GPU run: untimed.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
@@ -127,7 +120,6 @@ class Plan:
   wy_operands: str = "input"
   decay_on: str = "auto"
   keep_states: bool = False
-  state_segments: int = 1
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -139,8 +131,6 @@ class Plan:
                        f"got {self.inverse_form!r}")
     if not isinstance(self.keep_states, bool):
       raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
-    if not isinstance(self.state_segments, int) or self.state_segments < 1:
-      raise ValueError(f"state_segments must be a positive integer, got {self.state_segments!r}")
     if self.wy_operands not in ("fp32", "input"):
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
     if self.decay_on not in ("auto", "keys", "values"):
@@ -187,13 +177,6 @@ class Plan:
     if self.decay_on == "auto":
       return self.platform == "gpu" and dk <= 128
     return self.decay_on == "values"
-
-  def segments_for(self, chunks: int) -> int:
-    """Segments of the forward state recurrence for `chunks` chunks (`state_segments`,
-    reduced to a divisor of chunks; 1 on TPU, whose recurrence is a sequential grid)."""
-    if self.sequential_in_grid:
-      return 1
-    return max(s for s in range(1, min(self.state_segments, chunks) + 1) if chunks % s == 0)
 
   def value_block(self, dv: int) -> int:
     """Value columns per program of the recurrences and per step of the other kernels'

@@ -33,10 +33,9 @@ from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 # FLA's recurrence does, leaving K and Q as loaded (bf16 straight into the dot).
 
 def _forward_step(h, w, u, k, kd, hd, *, on_values=False):
-  """One chunk: -> (V_new, next h). u None: U = 0 (state_segments' transitions)."""
+  """One chunk: -> (V_new, next h)."""
   dtype = k.dtype
-  from_h = cm.mm(w, h, dtype=dtype)
-  v_new = -from_h if u is None else u.astype(cm.F32) - from_h
+  v_new = u.astype(cm.F32) - cm.mm(w, h, dtype=dtype)
   if on_values:
     update = cm.mm(k, kd * v_new, ta=True, dtype=dtype)
   else:
@@ -45,22 +44,15 @@ def _forward_step(h, w, u, k, kd, hd, *, on_values=False):
 
 
 def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=False):
-  """One chunk backwards: -> (dV, dh entering it). q, qd, d_o and dv_local None: the
-  homogeneous step, dO = 0 and dV_local = 0 (state_segments' transitions)."""
+  """One chunk backwards: -> (dV, dh entering it)."""
   dtype = k.dtype
   if on_values:
-    dv = kd * cm.mm(k, dh, dtype=dtype)
+    dv = dv_local + kd * cm.mm(k, dh, dtype=dtype)
+    from_o = cm.mm(q, qd * d_o.astype(cm.F32), ta=True, dtype=dtype)
   else:
-    dv = cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
-  dh_prev = hd * dh
-  if q is not None:
-    dv = dv_local + dv
-    if on_values:
-      from_o = cm.mm(q, qd * d_o.astype(cm.F32), ta=True, dtype=dtype)
-    else:
-      from_o = cm.mm(qd * q.astype(cm.F32), d_o, ta=True, dtype=dtype)
-    dh_prev = dh_prev + scale * from_o
-  return dv, dh_prev - cm.mm(w, dv, ta=True, dtype=dtype)
+    dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
+    from_o = cm.mm(qd * q.astype(cm.F32), d_o, ta=True, dtype=dtype)
+  return dv, hd * dh + scale * from_o - cm.mm(w, dv, ta=True, dtype=dtype)
 
 
 # --- forward -----------------------------------------------------------------------------
