@@ -76,11 +76,20 @@ def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: s
           "kernels": {r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]}}
 
 
+def torch_backward(out: Any, grad: Any, inputs: Any) -> None:
+  """out.backward(grad) into fresh .grad buffers: `inputs`' grads are dropped first (a host
+  step), so no gradient-accumulation kernel joins a timed torch backward; JAX's gradients
+  are returned, never accumulated."""
+  for x in inputs:
+    x.grad = None
+  out.backward(grad)
+
+
 def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str) -> float | None:
   """Summed device time per call of fn() (a torch GPU computation) from torch's profiler:
   kernels, memcpys and memsets of `calls` calls, read from the Chrome trace it writes to
   trace_path. The torch counterpart of device_time: no host launch delay reaches it.
-  None when calls <= 0 or torch has no GPU."""
+  None when calls <= 0, torch has no GPU or the trace holds no device events."""
   import torch
   if calls <= 0 or not torch.cuda.is_available():
     return None
@@ -97,7 +106,7 @@ def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str) -> float
     events = json.load(f).get("traceEvents", [])
   device_us = sum(e.get("dur", 0) for e in events
                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
-  return device_us / 1e3 / calls
+  return device_us / 1e3 / calls if device_us else None
 
 
 def parse_implementation(entry: str) -> tuple[str, dict | None]:

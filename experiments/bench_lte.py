@@ -254,7 +254,7 @@ def torch_flex(torch, args, *, sinks, window):
       return flex(tq, tk, tv, block_mask=block_mask)
 
   def fwdbwd():
-    flex(tq, tk, tv, block_mask=block_mask).backward(tdo)
+    bench_common.torch_backward(flex(tq, tk, tv, block_mask=block_mask), tdo, (tq, tk, tv))
   return fwd, fwdbwd
 
 
@@ -503,8 +503,8 @@ def bench_train_torch(torch, np_args, base, record, *, sinks, window):
       with torch.no_grad():
         return f.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
     fwd = _sdpa(torch, backend, plain)
-    fwdbwd = _sdpa(torch, backend, lambda: f.scaled_dot_product_attention(
-        tq, tk, tv, is_causal=True).backward(tdo))
+    fwdbwd = _sdpa(torch, backend, lambda: bench_common.torch_backward(
+        f.scaled_dot_product_attention(tq, tk, tv, is_causal=True), tdo, (tq, tk, tv)))
     name = f"torch/{label}" + (f" ({picked})" if backend is None else "")
     try:
       record(dict(base, impl=name, fwd_ms=time_torch(torch, fwd),

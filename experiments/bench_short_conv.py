@@ -97,7 +97,8 @@ def _time_fla(b, t, c):
   x = torch.randn(b, t, c, device="cuda", dtype=torch.bfloat16, requires_grad=True)
   dy = torch.randn_like(x)
   bench = lambda fn: triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
-  return bench(lambda: conv(x)[0]), bench(lambda: conv(x)[0].backward(dy))
+  return bench(lambda: conv(x)[0]), bench(lambda: bench_common.torch_backward(
+      conv(x)[0], dy, (x, *conv.parameters())))
 
 
 def main(argv):
