@@ -71,6 +71,13 @@ flags.DEFINE_integer("profile_steps", 0,
 flags.DEFINE_integer("hlo_copies", 0,
                      "After compiling, print this many groups of the step's HLO copies (by "
                      "JAX op and source line; experiments.hlo_copies). 0: off.")
+flags.DEFINE_integer("lte_kept", 0,
+                     "Time the LTE models at this many kept tokens per sequence and KV head "
+                     "(the lambda controller's target is 512 per 4096, where a run spends "
+                     "nearly all its steps): each scorer's projection bias is shifted to "
+                     "that sparsity on the benchmark batch before timing "
+                     "(experiments.lte_calibrate). 0: the fresh init, which keeps almost "
+                     "every token (a run's first steps).")
 flags.DEFINE_string("profile_dir", "bench_train_profile", "Where --profile_steps traces go.")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
@@ -141,6 +148,14 @@ def _run_lte_jax(arch: str) -> dict:
     state = jax.block_until_ready(
         train_state.create_train_state(model_def, tx, exp.seed, shardings))
     batch = jax.device_put(batch, batch_sharding)
+    kept = None
+    if FLAGS.lte_kept and model_def.lte_layers:
+      from experiments import lte_calibrate
+      params, kept = lte_calibrate.calibrate_kept(model_def, state.params, batch, FLAGS.lte_kept)
+      state = state.replace(params=params)
+      kept = float(jnp.mean(kept))
+      _phase(arch, f"LTE scorer biases shifted: {kept:.0f} kept tokens per sequence and head "
+             f"(mean over layers and heads)", t0)
     _phase(arch, "parameters and optimizer state initialised; lowering the step", t0)
     step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
@@ -192,13 +207,16 @@ def _run_lte_jax(arch: str) -> dict:
     name += f", conv {FLAGS.conv_implementation}"
   if FLAGS.lte_scorer_dtype:
     name += f", LTE scorer {FLAGS.lte_scorer_dtype}"
+  if kept is not None:
+    name += f", LTE kept {FLAGS.lte_kept}"
   if jax.device_count() > 1:
     name += f", mesh {dict(mesh.shape)}"
   return dict(model=name, params=n, devices=jax.device_count(),
               step_s=step_s, tokens_per_s=b * t / step_s, compile_s=compile_s,
               peak_mem_gib=max(x.get("peak_bytes_in_use", 0) for x in mem) / 2**30,
               mfu=flops / (peak * jax.device_count()) if peak else None,
-              xla_temp_gib=temp_gib, final_loss=float(loss), profile=profile)
+              xla_temp_gib=temp_gib, final_loss=float(loss), profile=profile,
+              lte_kept=kept)
 
 
 def _profile(arch: str, step: Callable[[], Any]) -> list[dict] | None:
