@@ -124,17 +124,26 @@ class LTEScorer(nnx.Module):
     return jnp.einsum(spec, x.astype(low), w.astype(low)).astype(jnp.float32)
 
   def _conv(self, x, kernel, bias, dilation, doc):
-    """Centred dilated conv over time, per head. x [B,T,H,Cin] -> [B,T,H,Cout]."""
-    ksize = kernel.shape[0]
+    """Centred dilated conv over time, per head. x [B,T,H,Cin] -> [B,T,H,Cout].
+
+    conv(x)[t] = sum over taps of x[t + offset] W_tap = sum of (x W_tap)[t + offset]: one
+    product with the taps' weights side by side ([Cin, K * Cout]), then each tap's slice
+    of the result shifted in time. Shifting the products rather than the inputs moves
+    Cout channels per tap instead of Cin (Cout = Cin / 2 in this CNN) and makes one wide
+    matmul of K narrow ones; the document masks are per-token scalars, so they commute
+    with the product too. Same rounding points as K separate products (each tap's
+    product is rounded to the operand dtype, then the taps are summed in fp32)."""
+    ksize, h, c_in, c_out = kernel.shape
+    w = jnp.transpose(kernel, (1, 2, 0, 3)).reshape(h, c_in, ksize * c_out)
+    y = self._matmul("bthc,hcd->bthd", x, w)               # [B, T, H, K * Cout]
     out = None
     for tap in range(ksize):
       offset = dilation * (tap - (ksize - 1) // 2)
-      xs = _shift(x, offset, 0.0)
+      ys = _shift(y[..., tap * c_out:(tap + 1) * c_out], offset, 0.0)
       if doc is not None and offset != 0:
         same_doc = _shift(doc, offset, -1) == doc  # [B, T]
-        xs = xs * same_doc[:, :, None, None].astype(xs.dtype)
-      y = self._matmul("bthc,hcd->bthd", xs, kernel[tap])
-      out = y if out is None else out + y
+        ys = ys * same_doc[:, :, None, None].astype(ys.dtype)
+      out = ys if out is None else out + ys
     return out + bias.astype(jnp.float32)
 
   def __call__(self, k_raw: jax.Array, v: jax.Array, *,
