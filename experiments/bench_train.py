@@ -151,9 +151,10 @@ def _run_lte_jax(arch: str) -> dict:
     kept = None
     if FLAGS.lte_kept and model_def.lte_layers:
       from experiments import lte_calibrate
-      params, kept = lte_calibrate.calibrate_kept(model_def, state.params, batch, FLAGS.lte_kept)
+      params, kept_per_head = lte_calibrate.calibrate_kept(model_def, state.params, batch,
+                                                           FLAGS.lte_kept)
       state = state.replace(params=params)
-      kept = float(jnp.mean(kept))
+      kept = float(jnp.mean(kept_per_head))
       _phase(arch, f"LTE scorer biases shifted: {kept:.0f} kept tokens per sequence and head "
              f"(mean over layers and heads)", t0)
     _phase(arch, "parameters and optimizer state initialised; lowering the step", t0)
