@@ -106,6 +106,14 @@ class Plan:
     4.06 ms there (with wy_operands='input'). Off by default: like FLA, the backward
     recomputes rather than keep per-token intermediates (issue 5's contract); on through
     plan_options.
+  qk_key_grid: GPU: the backward's dq / dk / dW kernel (`gdn_chunk_qk_grads`) takes its
+    key blocks (block_k columns) as a third grid axis, one program per (batch*head, chunk,
+    key block), as FLA's chunk_bwd_dqkwg does, instead of walking them in a loop inside
+    one program. Each program recomputes dS = dO V_new^T (C x C x Dv) and reloads the
+    value-side tiles; its per-token scalar gradients are partial sums that XLA adds up.
+    Aimed at Dk = 256, where the loop walks 4 key blocks per program (the kernel took
+    1.69 ms of a 3.67 ms fwd+bwd at (4, 4096, 8, 256)). Off by default; built without a
+    GPU run: untimed.
   """
   platform: str
   interpret: bool = False
@@ -120,6 +128,7 @@ class Plan:
   wy_operands: str = "input"
   decay_on: str = "auto"
   keep_states: bool = False
+  qk_key_grid: bool = False
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -129,8 +138,9 @@ class Plan:
     if self.inverse_form not in forms:
       raise ValueError(f"inverse_form must be one of {forms} on {self.platform}, "
                        f"got {self.inverse_form!r}")
-    if not isinstance(self.keep_states, bool):
-      raise ValueError(f"keep_states must be True or False, got {self.keep_states!r}")
+    for name in ("keep_states", "qk_key_grid"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if self.wy_operands not in ("fp32", "input"):
       raise ValueError(f"wy_operands must be 'fp32' or 'input', got {self.wy_operands!r}")
     if self.decay_on not in ("auto", "keys", "values"):
@@ -249,6 +259,14 @@ class Layout:
     if self.native:
       return (self.batch, self.chunks * self.chunk, self.heads, d)
     return (self.bh, self.chunks, self.chunk, d)
+
+  def column_block(self, width: int) -> pl.BlockSpec:
+    """GPU layout: a chunk's rows, columns [j * width, (j + 1) * width) on a
+    (B*H, N, j) grid."""
+    assert self.native
+    h = self.heads
+    return pl.BlockSpec((pl.squeezed, self.chunk, pl.squeezed, width),
+                        lambda b, n, j: (b // h, n, b % h, j))
 
   def block(self, d: int) -> pl.BlockSpec:
     """A chunk's [C, d] rows on a (B*H, N, ...) grid."""

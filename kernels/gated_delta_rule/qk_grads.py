@@ -76,17 +76,41 @@ def chunk_qk_grads(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_ro
   [BH, N, C, Dv] (the recurrences' layouts); d_o token layout."""
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dvd = d_o.shape[-1]
+  block_k = plan.key_block(dk)
+  key_grid = plan.qk_key_grid and plan.platform == "gpu" and dk > block_k
   chunk, tokens = backend.per_chunk, layout.block
   col, row = chunk(c, 1), chunk(1, c)
   scalar_shapes = [(c, 1), (c, 1), (1, 1), (c, 1), (1, c)]
-  return backend.call(
-      functools.partial(_kernel, scale=scale, block_k=plan.key_block(dk),
-                        block_v=plan.value_block(dvd)), plan,
-      grid=(bh, n),
-      in_specs=[tokens(dk), tokens(dk), col, row, col, row, col, col, chunk(dk, dvd),
-                chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd), tokens(dvd)],
-      out_specs=[tokens(dk), tokens(dk), tokens(dk)] + [chunk(*s) for s in scalar_shapes],
-      out_shape=[jax.ShapeDtypeStruct(layout.shape(dk), dt) for dt in (q.dtype, cm.F32, dw_dtype)]
-      + [jax.ShapeDtypeStruct((bh, n, *s), cm.F32) for s in scalar_shapes],
+  kernel = functools.partial(_kernel, scale=scale, block_k=block_k,
+                             block_v=plan.value_block(dvd))
+  big_shapes = [jax.ShapeDtypeStruct(layout.shape(dk), dt) for dt in (q.dtype, cm.F32, dw_dtype)]
+  inputs = (q, k, g_col, g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o)
+  if not key_grid:
+    return backend.call(
+        kernel, plan, grid=(bh, n),
+        in_specs=[tokens(dk), tokens(dk), col, row, col, row, col, col, chunk(dk, dvd),
+                  chunk(dk, dvd), chunk(c, dvd), chunk(c, dvd), tokens(dvd)],
+        out_specs=[tokens(dk)] * 3 + [chunk(*s) for s in scalar_shapes],
+        out_shape=big_shapes + [jax.ShapeDtypeStruct((bh, n, *s), cm.F32)
+                                for s in scalar_shapes],
+        name="gdn_chunk_qk_grads",
+    )(*inputs)
+  # Plan.qk_key_grid: program (b, n, j) sees key columns j * block_k... of q, k, dq, dk, dW
+  # and key rows of h, dh, so the kernel body runs its key loop once; the scalar
+  # gradients come out per key block, summed below.
+  nk = dk // block_k
+  keys = layout.column_block(block_k)
+  state_rows = pl.BlockSpec((pl.squeezed, pl.squeezed, block_k, dvd),
+                            lambda b, i, j: (b, i, j, 0))
+  per_key = lambda *s: pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, *s),
+                                    lambda b, i, j: (b, i, j) + (0,) * len(s))
+  *big, dqd, dkd, dhd, dg_col, dg_row = backend.call(
+      kernel, plan, grid=(bh, n, nk),
+      in_specs=[keys, keys, col, row, col, row, col, col, state_rows, state_rows,
+                chunk(c, dvd), chunk(c, dvd), tokens(dvd)],
+      out_specs=[keys] * 3 + [per_key(*s) for s in scalar_shapes],
+      out_shape=big_shapes + [jax.ShapeDtypeStruct((bh, n, nk, *s), cm.F32)
+                              for s in scalar_shapes],
       name="gdn_chunk_qk_grads",
-  )(q, k, g_col, g_row, seg_col, seg_row, qd_col, kd_col, h, dh, v_new, dv, d_o)
+  )(*inputs)
+  return (*big, *(x.sum(axis=2) for x in (dqd, dkd, dhd, dg_col, dg_row)))
