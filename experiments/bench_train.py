@@ -70,7 +70,8 @@ flags.DEFINE_integer("profile_steps", 0,
                      "trace stays in --profile_dir/<arch>. 0: off.")
 flags.DEFINE_integer("hlo_copies", 0,
                      "After compiling, print this many groups of the step's HLO copies (by "
-                     "JAX op and source line; experiments.hlo_copies). 0: off.")
+                     "JAX op and source line) and the activation stacks its loops carry "
+                     "(experiments.hlo_copies). 0: off.")
 flags.DEFINE_integer("lte_kept", 0,
                      "Time the LTE models at this many kept tokens per sequence and KV head "
                      "(the lambda controller's target is 512 per 4096, where a run spends "
@@ -179,6 +180,15 @@ def _run_lte_jax(arch: str) -> dict:
             file=sys.stderr, flush=True)
       bench_common.print_table(hlo_copies.summarise(step_fn.as_text(), FLAGS.hlo_copies),
                                ["where", "memcpy", "count", "mib"], file=sys.stderr)
+      print(f"{arch}: activation stacks the step's loops carry (saved residuals of scanned "
+            f"layers, moved by dynamic slices and updates):", file=sys.stderr, flush=True)
+      stacks = hlo_copies.scan_stacks(lowered.as_text(), b, t)
+      bench_common.print_table(stacks, ["loop", "shape", "dtype", "count", "gib"],
+                               file=sys.stderr)
+      for loop in sorted({r["loop"] for r in stacks}):
+        gib = sum(r["gib"] for r in stacks if r["loop"] == loop)
+        print(f"{arch}: loop {loop} carries {gib:.2f} GiB of activation stacks",
+              file=sys.stderr, flush=True)
     carried = [state]          # the step donates its state: each call takes the last one
 
     def one_step():

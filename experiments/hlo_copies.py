@@ -7,9 +7,11 @@ transpose kernels), and every instruction carries the JAX op that made it in its
 copies that XLA inserts itself (loop carries, output aliasing) carry none and are named
 here by the value they copy. This module groups a compiled program's copies by origin.
 On the H200 (BENCHMARKS.md, eighth session) the 0.4B GDN step held only 21 large copies,
-the zero-initialisation of the layer scan's stacked buffers, so most of the profile's
-memcpys are not `copy` instructions (XLA also runs some dynamic slices and in-place
-updates as memcpys).
+the zero-initialisation of the layer scan's stacked buffers; the profile's memcpys are the
+scan's dynamic slices and updates of those buffers, which XLA runs as memcpys: every
+residual a layer saves for the backward is written into a [layers, B, T, ...] stack by the
+forward loop and read back out by the backward loop. `scan_stacks` lists those stacks from
+the lowered program: their bytes, moved twice each way, account for the memcpy time.
 
     copies = hlo_copies.summarise(jax.jit(f).lower(*args).compile().as_text())
 """
@@ -120,3 +122,30 @@ def summarise(hlo_text: str, top: int = 25, min_bytes: int = 0) -> list[dict]:
           for (w, same), (c, b) in groups.items()]
   rows.sort(key=lambda r: -r["mib"])
   return rows[:top]
+
+
+_WHILE = re.compile(r"stablehlo\.while\(.*\)\s*:\s*(.*)$")
+_TENSOR = re.compile(r"tensor<((?:\d+x)+)(\w+)>")
+
+
+def scan_stacks(stablehlo_text: str, batch: int, seq: int) -> list[dict]:
+  """Lowered (StableHLO) text -> the activation stacks each while loop carries: arrays
+  [N, batch, seq, d, ...] (a layer scan's saved residuals), grouped per loop by shape and
+  dtype: loop (its order in the text), shape, dtype, count, gib."""
+  rows = []
+  loops = [m.group(1) for m in map(_WHILE.search, stablehlo_text.splitlines()) if m]
+  for n, types in enumerate(loops):
+    groups: dict[tuple[str, str], int] = collections.Counter()
+    for dims, dtype in _TENSOR.findall(types):
+      shape = tuple(int(d) for d in dims.rstrip("x").split("x"))
+      if len(shape) >= 4 and shape[1:3] == (batch, seq):
+        groups[(shape, dtype)] += 1
+    for (shape, dtype), count in groups.items():
+      size = _bytes(_STABLEHLO_DTYPES.get(dtype, dtype), ",".join(map(str, shape)))
+      rows.append(dict(loop=n, shape="x".join(map(str, shape)), dtype=dtype, count=count,
+                       gib=count * size / 2**30))
+  return rows
+
+
+_STABLEHLO_DTYPES = {"i1": "pred", "i8": "s8", "i16": "s16", "i32": "s32", "i64": "s64",
+                     "ui8": "u8", "ui32": "u32"}

@@ -43,3 +43,21 @@ def test_reads_a_compiled_program():
   (row,) = hlo_copies.summarise(text)
   assert row["where"].startswith("copy of parameter") and row["memcpy"]
   assert row["count"] == 2 and row["mib"] == 1.0
+
+
+def test_lists_the_activation_stacks_of_a_scan():
+  """A scanned layer's saved residuals: [layers, B, T, D] arrays carried by the forward loop
+  (written) and the backward loop (read); the scanned weights [layers, D, D] are not."""
+  def loss(x, ws):
+    def layer(h, w):
+      h = jnp.tanh(h @ w)
+      return h, None
+    return jnp.sum(jax.lax.scan(layer, x, ws)[0])
+
+  text = jax.jit(jax.grad(loss, argnums=1)).lower(jnp.ones((2, 24, 16)),
+                                                  jnp.ones((5, 16, 16))).as_text()
+  rows = hlo_copies.scan_stacks(text, 2, 24)
+  assert {r["loop"] for r in rows} == {0, 1}
+  assert all(r["shape"] == "5x2x24x16" and r["dtype"] == "f32" for r in rows)
+  assert all(r["gib"] == r["count"] * 5 * 2 * 24 * 16 * 4 / 2**30 for r in rows)
+  assert hlo_copies.scan_stacks(text, 3, 24) == []

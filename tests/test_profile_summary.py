@@ -49,6 +49,7 @@ def test_bench_train_profiles_its_steps(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "GDN: copies in the compiled step" in result.stderr      # --hlo_copies' table
   assert "| memcpy | count | mib" in result.stderr
+  assert "GDN: activation stacks the step's loops carry" in result.stderr
   (row,) = json.loads(out.read_text())["results"]
   assert row["tokens_per_s"] > 0 and row["profile"] == []    # CPU: no device plane
   assert list((tmp_path / "profile" / "GDN").rglob("*.xplane.pb"))
