@@ -100,14 +100,15 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("keep_states", True),),
                                      (("decay_on", "keys"),),
                                      (("decay_on", "values"), ("platform", "tpu")),
-                                     (("qk_key_grid", True), ("block_k", 16))])
+                                     (("qk_key_grid", True), ("block_k", 16)),
+                                     (("recurrence_block_v", 16),)])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
   bf16 as FLA), with the backward's key loops in four steps, with the forward's states
   kept for the backward, with the recurrences' decays on the key side (the default at this
   Dk puts them on the value side) and on the value side in the TPU form, and with the
-  dq / dk / dW kernel's four key blocks as a grid axis; value loops in two steps
-  throughout."""
+  dq / dk / dW kernel's four key blocks as a grid axis, and with the recurrences' value
+  columns in four programs; value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   options = dict(options)
@@ -260,6 +261,7 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     (dict(platform="gpu", wy_operands="bf16"), "wy_operands"),
     (dict(platform="gpu", decay_on="queries"), "decay_on"),
     (dict(platform="gpu", qk_key_grid=1), "qk_key_grid must be True or False"),
+    (dict(platform="gpu", recurrence_block_v=24), "recurrence_block_v must be a power of two"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):
   args = _inputs(1, 8, 1, 16, 16, jnp.float32)[:5]
@@ -307,7 +309,7 @@ _sds = helpers.sds
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
     ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
-    ("gpu", "cuda", dict(qk_key_grid=True))])
+    ("gpu", "cuda", dict(qk_key_grid=True)), ("gpu", "cuda", dict(recurrence_block_v=32))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn

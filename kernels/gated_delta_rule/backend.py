@@ -58,6 +58,13 @@ class Plan:
     kernels' loops over value columns (power of two).
   block_k: key columns per step of the backward's loops over key columns (qk_grads,
     wy_grads; power of two, GPU): bounds their [C, block_k] fp32 accumulators.
+  recurrence_block_v: GPU: value columns per program of the two sequential recurrences
+    only (`gdn_chunk_states`, `gdn_chunk_state_grads`); None: block_v. With few (batch x
+    head) sequences the recurrences run B * H * Dv / block programs over every chunk in a
+    row, so halving the block doubles their programs. H200, (1, 16384, 16, 128), sixth
+    session, with block_v = 32 for every kernel: states 0.95 -> 0.87 ms, state_grads 1.22
+    -> 1.13, but the output and dq/dk kernels lost more (0.27 -> 0.43, 0.83 -> 1.15); this
+    field takes the recurrences' gain alone. Untimed as such.
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
     (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
@@ -120,6 +127,7 @@ class Plan:
   chunk: int = 64
   block_v: int = 64
   block_k: int = 64
+  recurrence_block_v: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
   launch: Any = None
@@ -151,6 +159,8 @@ class Plan:
       raise ValueError(f"inverse_precision must be one of {allowed} on {where}, "
                        f"got {self.inverse_precision!r}")
     lowering.check_block_sizes(self, "chunk", "block_v", "block_k")
+    if self.recurrence_block_v is not None:
+      lowering.check_block_sizes(self, "recurrence_block_v")
     lowering.resolve_launch(self, KERNELS, GPU_LAUNCH)
 
   @property
@@ -193,6 +203,12 @@ class Plan:
     value loops (GPU: bounds the [Dk, block] fp32 state tiles that Triton stages in shared
     memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
+
+  def recurrence_value_block(self, dv: int) -> int:
+    """Value columns per program of the GPU recurrences (`recurrence_block_v`)."""
+    if self.platform == "tpu" or self.recurrence_block_v is None:
+      return self.value_block(dv)
+    return min(self.recurrence_block_v, dv)
 
   def key_block(self, dk: int) -> int:
     """Key columns per step of the backward's key loops (GPU; TPU: all of Dk, since lane
