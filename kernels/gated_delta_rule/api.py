@@ -112,10 +112,10 @@ def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
   q, k, _, _, _, _, qd, kd, hd, _ = args
   # dV_new only enters products rounded to the WY operands' dtype (qk_grads, wy_grads):
   # stored so, it is half the traffic in bf16 and changes no result.
-  kw = dict(scale=cfg.scale, state_dtype=jnp.dtype(cfg.state_dtype),
-            dv_dtype=cfg.plan.wy_dtype(k.dtype))
   return state.chunk_state_grads(cfg.plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o,
-                                 dv_local, dh_last, **kw)
+                                 dv_local, dh_last, scale=cfg.scale,
+                                 state_dtype=jnp.dtype(cfg.state_dtype),
+                                 dv_dtype=cfg.plan.wy_dtype(k.dtype))
 
 
 def _qk_grads(cfg, args, h, dh, v_new, dv_new, d_o):

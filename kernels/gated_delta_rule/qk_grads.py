@@ -77,7 +77,7 @@ def chunk_qk_grads(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_ro
   bh, n, c, dk = layout.bh, layout.chunks, layout.chunk, q.shape[-1]
   dvd = d_o.shape[-1]
   block_k = plan.key_block(dk)
-  key_grid = plan.qk_key_grid and plan.platform == "gpu" and dk > block_k
+  key_grid = plan.qk_key_grid and dk > block_k     # TPU: key_block is all of Dk
   chunk, tokens = backend.per_chunk, layout.block
   col, row = chunk(c, 1), chunk(1, c)
   scalar_shapes = [(c, 1), (c, 1), (1, 1), (c, 1), (1, c)]
