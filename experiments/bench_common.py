@@ -65,13 +65,15 @@ def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: s
   """Summed kernel time per call of fn() (a jitted fwd+bwd) from a profiler trace of
   `calls` calls, written below profile_dir/<label>: {key: ms per call,
   'kernels': {name: ms per call} of the `top` longest kernels}. {} when calls <= 0 or off
-  a GPU (no device planes to read)."""
+  a GPU (no device planes to read) or when the trace holds no kernel."""
   if calls <= 0 or jax.default_backend() != "gpu":
     return {}
   from experiments import profile_summary
   out_dir = os.path.join(profile_dir, re.sub(r"[^A-Za-z0-9_.=-]", "_", label))
   path = profile_summary.trace_calls(fn, calls, out_dir)
   ops = profile_summary.op_times(path)
+  if not ops:   # no device events: the profiler could not attach (CUPTI taken), not 0 ms
+    return {}
   return {key: sum(r["total_ms"] for r in ops) / calls,
           "kernels": {r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]}}
 

@@ -311,6 +311,8 @@ def _load_fla():
 
 
 def _time_fla(fla, args):
+  """-> ((fwd, fwd+bwd) do_bench ms, device()): device() sums the kernels' device time with
+  torch's profiler, to be called after every JAX trace of the run (see main)."""
   torch, triton, fla_chunk = fla
   to_torch = lambda x: torch.from_numpy(np.asarray(x, np.float32)).cuda()
   q, k, v, g, beta = (to_torch(x) for x in args)
@@ -326,10 +328,28 @@ def _time_fla(fla, args):
   fwd = lambda: fla_chunk(q, k, v, g, beta)
   label = "x".join(map(str, args[0].shape))
   timed = (bench(fwd), bench(fwdbwd))
-  device = tuple(_device_ms(lambda fn=fn, part=part: bench_common.torch_device_ms(
-      fn, FLAGS.device_calls, os.path.join(FLAGS.profile_dir, f"fla_{label}_{part}.json")),
-      f"fla {label} {part}") for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)))
-  return timed + device
+
+  def device():
+    return tuple(_device_ms(lambda fn=fn, part=part: bench_common.torch_device_ms(
+        fn, FLAGS.device_calls, os.path.join(FLAGS.profile_dir, f"fla_{label}_{part}.json")),
+        f"fla {label} {part}") for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)))
+  return timed, device
+
+
+def _rows(shape: str, timed: list[tuple]) -> list[dict]:
+  """One shape's table rows from its (impl, fwd, fwd+bwd, queued fwd, queued fwd+bwd,
+  device fwd, device fwd+bwd) tuples; ratios against the 'fla/triton' tuple when there."""
+  bytes_moved, flops = forward_cost(*_parse(shape))
+  anchor = {t[0]: t[1:] for t in timed}.get("fla/triton")
+  ratio = lambda i, ms: anchor[i] / ms if anchor and anchor[i] and ms else None
+  return [dict(shape=shape, impl=name, fwd_ms=f, fwdbwd_ms=fb, fwd_queued_ms=fq,
+               fwdbwd_queued_ms=fbq, fwd_device_ms=fd, fwdbwd_device_ms=fbd,
+               fwd_vs_fla=ratio(0, f), fwdbwd_vs_fla=ratio(1, fb),
+               fwd_queued_vs_fla=ratio(0, fq), fwdbwd_queued_vs_fla=ratio(1, fbq),
+               fwd_device_vs_fla=ratio(4, fd), fwdbwd_device_vs_fla=ratio(5, fbd),
+               fwd_bw_frac=bytes_moved / (fq * 1e-3) / H200_BYTES_PER_S,
+               fwd_flop_frac=flops / (fq * 1e-3) / H200_BF16_FLOPS)
+          for name, f, fb, fq, fbq, fd, fbd in timed]
 
 
 def main(argv):
@@ -356,11 +376,10 @@ def main(argv):
       print(f"best launch at {FLAGS.shapes[0]}: {best_launch(tuned, _gpu_launch())}",
             flush=True)
   timed_shapes = FLAGS.shapes if FLAGS.implementations or fla is not None else []
+  timed_by_shape, fla_device = {}, {}
   for shape in timed_shapes:
-    dims = _parse(shape)
-    args = _inputs(*dims)
-    bytes_moved, flops = forward_cost(*dims)
-    timed = []
+    args = _inputs(*_parse(shape))
+    timed = timed_by_shape.setdefault(shape, [])
     for impl in FLAGS.implementations:
       try:
         timed.append((f"lte_jax/{impl}",) + _time_lte_jax(impl, args))
@@ -375,23 +394,21 @@ def main(argv):
         print(f"lte_jax/{impl} failed at {shape}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
     if fla is not None:
       # do_bench times with CUDA events: its numbers are both columns' counterparts.
-      f, fb, fd, fbd = _time_fla(fla, args)
-      timed.append(("fla/triton", f, fb, f, fb, fd, fbd))
-      print(f"{shape} fla/triton: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms (device {fd} / {fbd})",
-            flush=True)
-    anchor = {t[0]: t[1:] for t in timed}.get("fla/triton")
-    ratio = lambda i, ms: anchor[i] / ms if anchor and anchor[i] and ms else None
-    for name, f, fb, fq, fbq, fd, fbd in timed:
-      rows.append(dict(
-          shape=shape, impl=name, fwd_ms=f, fwdbwd_ms=fb, fwd_queued_ms=fq,
-          fwdbwd_queued_ms=fbq, fwd_device_ms=fd, fwdbwd_device_ms=fbd,
-          fwd_vs_fla=ratio(0, f), fwdbwd_vs_fla=ratio(1, fb),
-          fwd_queued_vs_fla=ratio(0, fq), fwdbwd_queued_vs_fla=ratio(1, fbq),
-          fwd_device_vs_fla=ratio(4, fd), fwdbwd_device_vs_fla=ratio(5, fbd),
-          fwd_bw_frac=bytes_moved / (fq * 1e-3) / H200_BYTES_PER_S,
-          fwd_flop_frac=flops / (fq * 1e-3) / H200_BF16_FLOPS))
-      print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+      (f, fb), fla_device[shape] = _time_fla(fla, args)
+      timed.append(("fla/triton", f, fb, f, fb, None, None))
+      print(f"{shape} fla/triton: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+    rows = [r for s, t in timed_by_shape.items() for r in _rows(s, t)]
+    for r in _rows(shape, timed):
+      print(" ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     _write(env, checks, rows, fla, stages, tuned)
+  # torch's profiler, once used, leaves JAX's unable to subscribe to CUPTI in this process
+  # (every later JAX trace came back empty on the H200): FLA's device times come last.
+  for shape, device in fla_device.items():
+    fd, fbd = device()
+    timed = timed_by_shape[shape]
+    timed[-1] = timed[-1][:5] + (fd, fbd)
+    print(f"{shape} fla/triton: device {fd} / {fbd} ms", flush=True)
+  rows = [r for s, t in timed_by_shape.items() for r in _rows(s, t)]
   if rows:
     bench_common.print_table(rows, ["shape", "impl", "fwd_ms", "fwdbwd_ms", "fwd_queued_ms",
                                     "fwdbwd_queued_ms", "fwd_queued_vs_fla",

@@ -56,6 +56,8 @@ flags.DEFINE_string("gdn_plan_options", None,
                     "'keep_states=True;block_k=32'.")
 flags.DEFINE_enum("lte_scorer_dtype", None, ["float32", "bfloat16"],
                   "LTE scorer matmul operands (LTEConfig.scorer_dtype); None: the config's.")
+flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
+                  "Dropout mask bits (config.dropout_rng; lte_jax.training.step.dropout_key).")
 flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")
@@ -80,6 +82,7 @@ flags.DEFINE_integer("lte_kept", 0,
                      "(experiments.lte_calibrate). 0: the fresh init, which keeps almost "
                      "every token (a run's first steps).")
 flags.DEFINE_string("profile_dir", "bench_train_profile", "Where --profile_steps traces go.")
+flags.DEFINE_integer("profile_top", 30, "Kernels listed per profiled model (largest first).")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
 
@@ -159,7 +162,8 @@ def _run_lte_jax(arch: str) -> dict:
       _phase(arch, f"LTE scorer biases shifted: {kept:.0f} kept tokens per sequence and head "
              f"(mean over layers and heads)", t0)
     _phase(arch, "parameters and optimizer state initialised; lowering the step", t0)
-    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule),
+    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule,
+                                                dropout_rng=FLAGS.dropout_rng),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     start = time.perf_counter()
@@ -218,6 +222,8 @@ def _run_lte_jax(arch: str) -> dict:
     name += f", conv {FLAGS.conv_implementation}"
   if FLAGS.lte_scorer_dtype:
     name += f", LTE scorer {FLAGS.lte_scorer_dtype}"
+  if FLAGS.dropout_rng != "threefry":
+    name += f", dropout rng {FLAGS.dropout_rng}"
   if kept is not None:
     name += f", LTE kept {FLAGS.lte_kept}"
   if jax.device_count() > 1:
@@ -238,7 +244,8 @@ def _profile(arch: str, step: Callable[[], Any]) -> list[dict] | None:
   from experiments import bench_common, profile_summary
   path = profile_summary.trace_calls(step, FLAGS.profile_steps,
                                      os.path.join(FLAGS.profile_dir, arch))
-  rows = profile_summary.per_call(profile_summary.op_times(path), FLAGS.profile_steps, 30)
+  rows = profile_summary.per_call(profile_summary.op_times(path), FLAGS.profile_steps,
+                                   FLAGS.profile_top)
   print(f"{arch}: device time per step by kernel ({path}):", file=sys.stderr, flush=True)
   with contextlib.redirect_stdout(sys.stderr):
     bench_common.print_table(rows, ["name", "hlo_op", "ms_per_call", "count", "share"])
@@ -340,7 +347,7 @@ def main(argv):
   env = bench_common.environment()
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
-      "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh",
+      "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh", "dropout_rng",
       "lte_scorer_dtype")}
   rows = []
   for worker in workers:

@@ -100,14 +100,14 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("keep_states", True),),
                                      (("decay_on", "keys"),),
                                      (("decay_on", "values"), ("platform", "tpu")),
-                                     (("qk_key_grid", True), ("block_k", 16)),
+                                     (("qk_key_grid", False), ("block_k", 16)),
                                      (("recurrence_block_v", 16),)])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
   bf16 as FLA), with the backward's key loops in four steps, with the forward's states
   kept for the backward, with the recurrences' decays on the key side (the default at this
   Dk puts them on the value side) and on the value side in the TPU form, and with the
-  dq / dk / dW kernel's four key blocks as a grid axis, and with the recurrences' value
+  dq / dk / dW kernel's four key blocks walked in a loop (the default takes them as a grid axis), and with the recurrences' value
   columns in four programs; value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
@@ -251,6 +251,16 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     Plan("gpu", launch=launch)
 
 
+@pytest.mark.parametrize("sequences,dv,want", [(16, 128, 16), (64, 128, 64), (32, 256, 64),
+                                                (1, 64, 16), (128, 32, 32), (24, 128, 16)])
+def test_recurrence_value_block_fills_the_gpu(sequences, dv, want):
+  """The recurrences' value blocks halve until B * H * Dv / block reaches the program
+  target, never below 16 columns; a given recurrence_block_v wins; TPU takes all of Dv."""
+  assert Plan("gpu").recurrence_value_block(dv, sequences) == want
+  assert Plan("gpu", recurrence_block_v=32).recurrence_value_block(dv, sequences) == min(32, dv)
+  assert Plan("tpu").recurrence_value_block(dv, sequences) == dv
+
+
 @pytest.mark.parametrize("options,needle", [
     (dict(platform="cuda"), "platform"),
     (dict(platform="tpu", inverse_precision="tf32x3"), "inverse_precision"),
@@ -309,7 +319,7 @@ _sds = helpers.sds
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
     ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
-    ("gpu", "cuda", dict(qk_key_grid=True)), ("gpu", "cuda", dict(recurrence_block_v=32))])
+    ("gpu", "cuda", dict(qk_key_grid=False)), ("gpu", "cuda", dict(recurrence_block_v=32))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn

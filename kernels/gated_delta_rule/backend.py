@@ -46,6 +46,12 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
 }
 
 
+# The recurrences' value blocks shrink until they run this many programs (the H200 has 132
+# SMs): Plan.recurrence_block_v.
+RECURRENCE_PROGRAMS = 128
+_MIN_RECURRENCE_BLOCK = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Static choices for one call: target lowering and tuning knobs (hashable).
@@ -59,12 +65,13 @@ class Plan:
   block_k: key columns per step of the backward's loops over key columns (qk_grads,
     wy_grads; power of two, GPU): bounds their [C, block_k] fp32 accumulators.
   recurrence_block_v: GPU: value columns per program of the two sequential recurrences
-    only (`gdn_chunk_states`, `gdn_chunk_state_grads`); None: block_v. With few (batch x
-    head) sequences the recurrences run B * H * Dv / block programs over every chunk in a
-    row, so halving the block doubles their programs. H200, (1, 16384, 16, 128), sixth
-    session, with block_v = 32 for every kernel: states 0.95 -> 0.87 ms, state_grads 1.22
-    -> 1.13, but the output and dq/dk kernels lost more (0.27 -> 0.43, 0.83 -> 1.15); this
-    field takes the recurrences' gain alone. Untimed as such.
+    only (`gdn_chunk_states`, `gdn_chunk_state_grads`). The recurrences run B * H * Dv /
+    block programs, each over every chunk in a row, so with few (batch x head) sequences
+    most of the GPU idles. None: block_v, halved (down to 16) while that leaves fewer than
+    RECURRENCE_PROGRAMS programs (`recurrence_value_block`). H200, ninth session,
+    fwd+bwd queued ms with 64 / 32 / 16 columns: (1, 16384, 16, 128) (32 / 64 / 128
+    programs) 3.09 / 2.70 / 2.51; (4, 4096, 16, 128) (128 / 256 / 512) 1.98 / 2.19 / 2.26;
+    (4, 4096, 8, 256) (128 / 256 / 512) 3.71 / 3.90 / 5.01.
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
     (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
@@ -118,9 +125,9 @@ class Plan:
     key block), as FLA's chunk_bwd_dqkwg does, instead of walking them in a loop inside
     one program. Each program recomputes dS = dO V_new^T (C x C x Dv) and reloads the
     value-side tiles; its per-token scalar gradients are partial sums that XLA adds up.
-    Aimed at Dk = 256, where the loop walks 4 key blocks per program (the kernel took
-    1.69 ms of a 3.67 ms fwd+bwd at (4, 4096, 8, 256)). Off by default; built without a
-    GPU run: untimed.
+    H200, ninth session, the kernel's stage without / with: (4, 4096, 8, 256) 1.88 / 1.22
+    ms, (4, 4096, 16, 128) 0.91 / 0.75, (1, 16384, 16, 128) 0.91 / 0.75; fwd+bwd queued
+    3.71 / 3.29, 1.98 / 1.86, 3.09 / 2.97. On by default.
   """
   platform: str
   interpret: bool = False
@@ -136,7 +143,7 @@ class Plan:
   wy_operands: str = "input"
   decay_on: str = "auto"
   keep_states: bool = False
-  qk_key_grid: bool = False
+  qk_key_grid: bool = True
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -204,11 +211,17 @@ class Plan:
     memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
 
-  def recurrence_value_block(self, dv: int) -> int:
-    """Value columns per program of the GPU recurrences (`recurrence_block_v`)."""
-    if self.platform == "tpu" or self.recurrence_block_v is None:
+  def recurrence_value_block(self, dv: int, sequences: int) -> int:
+    """Value columns per program of the GPU recurrences over `sequences` (batch x head)
+    rows (`recurrence_block_v`)."""
+    if self.platform == "tpu":
       return self.value_block(dv)
-    return min(self.recurrence_block_v, dv)
+    if self.recurrence_block_v is not None:
+      return min(self.recurrence_block_v, dv)
+    block = self.value_block(dv)
+    while block > _MIN_RECURRENCE_BLOCK and sequences * (dv // block) < RECURRENCE_PROGRAMS:
+      block //= 2
+    return block
 
   def key_block(self, dk: int) -> int:
     """Key columns per step of the backward's key loops (GPU; TPU: all of Dk, since lane

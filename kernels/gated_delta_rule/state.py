@@ -120,7 +120,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
         out_specs=[chunk(dk, dv), chunk(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_states")(*args)
-  bv = plan.recurrence_value_block(dv)
+  bv = plan.recurrence_value_block(dv, bh)
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
@@ -200,7 +200,7 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
         out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_state_grads")(*args)
-  bv = plan.recurrence_value_block(dv)
+  bv = plan.recurrence_value_block(dv, bh)
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
