@@ -56,8 +56,6 @@ flags.DEFINE_string("gdn_plan_options", None,
                     "'keep_states=True;block_k=32'.")
 flags.DEFINE_enum("lte_scorer_dtype", None, ["float32", "bfloat16"],
                   "LTE scorer matmul operands (LTEConfig.scorer_dtype); None: the config's.")
-flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
-                  "Dropout mask bits (config.dropout_rng; lte_jax.training.step.dropout_key).")
 flags.DEFINE_integer("worker_timeout", None,
                      "Seconds each model's subprocess may take (compile included); one that "
                      "runs over is recorded as an error and the next model starts. None: no limit.")
@@ -162,8 +160,7 @@ def _run_lte_jax(arch: str) -> dict:
       _phase(arch, f"LTE scorer biases shifted: {kept:.0f} kept tokens per sequence and head "
              f"(mean over layers and heads)", t0)
     _phase(arch, "parameters and optimizer state initialised; lowering the step", t0)
-    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule,
-                                                dropout_rng=FLAGS.dropout_rng),
+    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     start = time.perf_counter()
@@ -222,8 +219,6 @@ def _run_lte_jax(arch: str) -> dict:
     name += f", conv {FLAGS.conv_implementation}"
   if FLAGS.lte_scorer_dtype:
     name += f", LTE scorer {FLAGS.lte_scorer_dtype}"
-  if FLAGS.dropout_rng != "threefry":
-    name += f", dropout rng {FLAGS.dropout_rng}"
   if kept is not None:
     name += f", LTE kept {FLAGS.lte_kept}"
   if jax.device_count() > 1:
@@ -347,7 +342,7 @@ def main(argv):
   env = bench_common.environment()
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
-      "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh", "dropout_rng",
+      "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh",
       "lte_scorer_dtype")}
   rows = []
   for worker in workers:

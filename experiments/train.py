@@ -78,8 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     state = ckpt.restore_latest(mesh_lib.with_shardings(abstract, shardings), data_iter)
     if state is None:
       state = train_state.create_train_state(model_def, tx, exp.seed, shardings)
-    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum,
-                                               dropout_rng=exp.dropout_rng),
+    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     start = step = int(state.step)

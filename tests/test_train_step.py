@@ -24,16 +24,15 @@ def make_batch(seed: int, vocab: int = 512) -> dict:
               positions=positions, loss_mask=(seg != 0).astype(np.float32))
 
 
-def build(arch="laLTE", grad_accum=1, lr=1e-3, dropout=0.0, dropout_rng="threefry", **overrides):
+def build(arch="laLTE", grad_accum=1, lr=1e-3, **overrides):
   model_cfg = configs.get_config(arch, "tiny", num_layers=2, **overrides)
-  model_cfg = configs.replace(model_cfg, lte=configs.replace(model_cfg.lte, dropout=dropout))
+  model_cfg = configs.replace(model_cfg, lte=configs.replace(model_cfg.lte, dropout=0.0))
   model_def = train_state.make_model_def(model_cfg)
   tx, schedule = optimizer.make_optimizer(
       optimizer.OptimizerConfig(learning_rate=lr, warmup_steps=0), total_steps=100)
   state = jax.jit(lambda: train_state.init_train_state(model_def, tx, seed=0))()
   fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=grad_accum,
-                                        lte_target=4.0, exclude_last=model_cfg.lte.lookahead,
-                                        dropout_rng=dropout_rng))
+                                        lte_target=4.0, exclude_last=model_cfg.lte.lookahead))
   return model_def, state, fn
 
 
@@ -91,22 +90,6 @@ def test_gradient_accumulation_matches_one_big_batch(lalte):
   np.testing.assert_allclose(np.asarray(m2["kept"]), np.asarray(m1["kept"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
-
-
-def test_rbg_dropout_is_deterministic_and_draws_its_own_masks():
-  """dropout_rng='rbg': the same state and batch give the same update, and other masks
-  than threefry's (the LTE scorer's dropout reaches the parameters); a bad name is refused
-  when the step is made."""
-  batch = make_batch(5)
-  model_def, state, threefry = build(dropout=0.5)
-  _, _, rbg = build(dropout=0.5, dropout_rng="rbg")
-  a, b, c = rbg(state, batch)[0], rbg(state, batch)[0], threefry(state, batch)[0]
-  assert_trees_equal(a.params, b.params)
-  assert any(not np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params)))
-  tx, schedule = optimizer.make_optimizer(optimizer.OptimizerConfig(warmup_steps=0), total_steps=10)
-  with pytest.raises(ValueError, match=r"dropout_rng must be one of \('threefry', 'rbg'\)"):
-    step_lib.make_train_step(model_def, tx, schedule, dropout_rng="philox")
 
 
 def test_non_finite_step_is_skipped_and_counted(lalte):

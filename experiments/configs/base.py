@@ -23,9 +23,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.size = "tiny"          # tiny | 0.4B | 1.4B
   config.steps = 300            # optimizer updates
   config.seed = 42
-  # Dropout mask bits: threefry (sharding-invariant) | rbg (XLA RngBitGenerator, far cheaper
-  # on GPU; lte_jax.training.step.dropout_key).
-  config.dropout_rng = "threefry"
 
   # ModelConfig overrides; None keeps the preset's value.
   config.model = ml_collections.ConfigDict()

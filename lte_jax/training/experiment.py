@@ -14,7 +14,6 @@ import ml_collections
 
 from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
-from lte_jax.training import step as step_lib
 from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 
 _MIXER_CONFIGS = ("gdn", "attn", "swa", "lte", "nsa")
@@ -31,7 +30,6 @@ class Experiment:
   steps: int
   seed: int
   grad_accum: int
-  dropout_rng: str = "threefry"
 
 
 def _dataclass_from(cls: type, values: dict, prefix: str) -> Any:
@@ -119,14 +117,10 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
   if data.batch_size % grad_accum:
     raise ValueError(f"config.data.batch_size={data.batch_size} must be divisible by "
                      f"config.optim.grad_accum={grad_accum}")
-  dropout_rng = config.get("dropout_rng", "threefry")
-  if dropout_rng not in step_lib.DROPOUT_RNGS:
-    raise ValueError(f"config.dropout_rng must be one of {step_lib.DROPOUT_RNGS}, "
-                     f"got {dropout_rng!r}")
   optim = optimizer_config(config)
   learning_rate_schedule(optim, config.steps)  # checks warmup_steps < steps
   return Experiment(model=model, data=data, optim=optim, steps=config.steps,
-                    seed=config.seed, grad_accum=grad_accum, dropout_rng=dropout_rng)
+                    seed=config.seed, grad_accum=grad_accum)
 
 
 def to_json(config: ml_collections.ConfigDict, experiment: Experiment) -> str:

@@ -22,24 +22,6 @@ from lte_jax import sharding as sh
 from lte_jax.training.train_state import ModelDef, TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-# Generators of the dropout masks' random bits (make_train_step's dropout_rng).
-DROPOUT_RNGS = ("threefry", "rbg")
-
-
-def dropout_key(key: jax.Array, dropout_rng: str) -> jax.Array:
-  """The key the model's dropout draws from, derived from a threefry `key`.
-
-  'threefry': `key` itself (bits invariant to how the step is sharded). 'rbg': a key of
-  JAX's 'rbg' implementation seeded from `key`, whose bits come from XLA's RngBitGenerator
-  (Philox on GPU) instead of threefry hashes: far cheaper for the LTE scorer's dropout
-  masks (~117M per LTE layer at 8 x 4096 tokens) but, unlike threefry, not guaranteed to
-  give the same bits under another sharding. Only the dropout keys change: TrainState.rng,
-  and with it the checkpoint format, stays threefry."""
-  if dropout_rng not in DROPOUT_RNGS:
-    raise ValueError(f"dropout_rng must be one of {DROPOUT_RNGS}, got {dropout_rng!r}")
-  if dropout_rng == "threefry":
-    return key
-  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
 
 
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -69,7 +51,6 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum: int = 1,
                     lte_target: float | None = None,
                     exclude_last: int | None = None,
-                    dropout_rng: str = "threefry",
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step(state, batch) -> (state, metrics)``; pure, ready for jax.jit.
 
@@ -77,9 +58,8 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   ``lam`` [L, H] for the L LTE layers. ``lte_target`` (kept tokens per
   sequence) defaults to lte_controller.target_for_seq_len(config.lte, T);
   ``exclude_last`` (positions left out of the regulariser) to the scorer's
-  look-ahead. ``dropout_rng``: where the dropout masks' bits come from (`dropout_key`).
+  look-ahead.
   """
-  dropout_key(jax.random.key(0), dropout_rng)   # a bad name fails here, not when traced
   num_lte = len(model_def.lte_layers)
   lte_cfg = model_def.config.lte
   exclude_last = lte_cfg.lookahead if exclude_last is None else exclude_last
@@ -115,8 +95,7 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
       grads, ce, reg, kept = carry
       micro_batch, key = xs
       micro_batch = {k: sh.constrain(v, (sh.BATCH, sh.LENGTH)) for k, v in micro_batch.items()}
-      g, (ce_i, reg_i, kept_i) = grad_fn(state.params, micro_batch, dropout_key(key, dropout_rng),
-                                         lam, num_tokens)
+      g, (ce_i, reg_i, kept_i) = grad_fn(state.params, micro_batch, key, lam, num_tokens)
       grads = jax.tree.map(jnp.add, grads, g)
       return (grads, ce + ce_i, reg + reg_i, kept + kept_i / grad_accum), None
 
