@@ -160,3 +160,30 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=2)
   print(f"wrote {path}")
+
+
+def anchor_ratios(rows: list[dict], round_: int) -> None:
+  """vs_fla of round `round_`'s rows (bench_train --rounds): tokens/s over that round's FLA
+  row's."""
+  this = [r for r in rows if r["round"] == round_]
+  anchor = next((r.get("tokens_per_s") for r in this if r["model"].startswith("FLA")), None)
+  for r in this:
+    if anchor and r.get("tokens_per_s"):
+      r["vs_fla"] = r["tokens_per_s"] / anchor
+
+
+def rounds_summary(rows: list[dict]) -> list[dict]:
+  """Per model over the rounds: median, min and max of the step time and of vs_fla."""
+  out = []
+  for model in dict.fromkeys(r["model"] for r in rows):
+    steps = [r["step_s"] for r in rows if r["model"] == model and r.get("step_s")]
+    ratios = [r["vs_fla"] for r in rows if r["model"] == model and r.get("vs_fla")]
+    if not steps:
+      continue
+    row = dict(model=model, rounds=len(steps), step_s_median=statistics.median(steps),
+               step_s_min=min(steps), step_s_max=max(steps))
+    if ratios:
+      row.update(vs_fla_median=statistics.median(ratios), vs_fla_min=min(ratios),
+                 vs_fla_max=max(ratios))
+    out.append(row)
+  return out

@@ -34,6 +34,10 @@ flags.DEFINE_integer("batch", 8, "Sequences per step (global).")
 flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after warm-up).")
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_integer("rounds", 1, "Times every model in turn this many times (FLA, ours, FLA, "
+                     "ours, ...), each in a fresh process; vs_fla compares within a round and a "
+                     "summary gives the spread over rounds (FLA's own step moved by 10% between "
+                     "calls on the H200).", lower_bound=1)
 flags.DEFINE_bool("fla", True, "Also time flash-linear-attention's GatedDeltaNet (the anchor).")
 flags.DEFINE_enum("remat", "dots_mixers", list(REMAT_POLICIES),
                   "What each lte_jax block keeps for the backward pass (ModelConfig.remat; "
@@ -345,18 +349,23 @@ def main(argv):
       "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh",
       "lte_scorer_dtype")}
   rows = []
-  for worker in workers:
-    rows.append(_spawn(worker, passthrough))
-    print("RESULT " + json.dumps(rows[-1]), flush=True)
-    anchor = rows[0].get("tokens_per_s") if FLAGS.fla else None
-    for r in rows:
-      if anchor and r.get("tokens_per_s"):
-        r["vs_fla"] = r["tokens_per_s"] / anchor
-    # Written after every model so a run cut short keeps what it measured.
-    bench_common.write_json(FLAGS.out, dict(environment=env, flags=run_flags, results=rows))
+  for round_ in range(FLAGS.rounds):
+    for worker in workers:
+      rows.append(dict(_spawn(worker, passthrough), round=round_))
+      print("RESULT " + json.dumps(rows[-1]), flush=True)
+      bench_common.anchor_ratios(rows, round_)
+      # Written after every model so a run cut short keeps what it measured.
+      bench_common.write_json(FLAGS.out, dict(environment=env, flags=run_flags, results=rows,
+                                              summary=bench_common.rounds_summary(rows)))
   print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
-  bench_common.print_table(rows, ["model", "params", "devices", "step_s", "tokens_per_s",
+  bench_common.print_table(rows, ["model", "round", "params", "devices", "step_s", "tokens_per_s",
                                   "vs_fla", "peak_mem_gib", "mfu", "compile_s", "final_loss"])
+  if FLAGS.rounds > 1:
+    print(f"\nover {FLAGS.rounds} rounds (each model's median step per round; vs_fla against "
+          f"the same round's FLA)")
+    bench_common.print_table(bench_common.rounds_summary(rows), ["model", "rounds", "step_s_median", "step_s_min",
+                                              "step_s_max", "vs_fla_median", "vs_fla_min",
+                                              "vs_fla_max"])
 
 
 if __name__ == "__main__":

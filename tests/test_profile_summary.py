@@ -13,6 +13,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments import profile_summary
 
@@ -52,4 +53,25 @@ def test_bench_train_profiles_its_steps(tmp_path):
   assert "GDN: activation stacks the step's loops carry" in result.stderr
   (row,) = json.loads(out.read_text())["results"]
   assert row["tokens_per_s"] > 0 and row["profile"] == []    # CPU: no device plane
+  assert row["round"] == 0
   assert list((tmp_path / "profile" / "GDN").rglob("*.xplane.pb"))
+
+
+def test_bench_train_rounds_compare_within_a_round():
+  """--rounds: each round's rows are set against that round's FLA row; the summary gives
+  each model's median, min and max over the rounds; a failed row joins neither."""
+  from experiments import bench_common
+  rows = [dict(model="FLA 0.6.0 GatedDeltaNet", round=0, step_s=0.30, tokens_per_s=100.0),
+          dict(model="lte_jax GDN", round=0, step_s=0.28, tokens_per_s=110.0),
+          dict(model="FLA 0.6.0 GatedDeltaNet", round=1, step_s=0.27, tokens_per_s=120.0),
+          dict(model="lte_jax GDN", round=1, step_s=0.26, tokens_per_s=126.0),
+          dict(model="lte_jax laLTE", round=1, error="timeout after 5 s")]
+  for round_ in (0, 1):
+    bench_common.anchor_ratios(rows, round_)
+  assert rows[1]["vs_fla"] == pytest.approx(1.10) and rows[3]["vs_fla"] == pytest.approx(1.05)
+  assert "vs_fla" not in rows[4]
+  summary = {r["model"]: r for r in bench_common.rounds_summary(rows)}
+  assert set(summary) == {"FLA 0.6.0 GatedDeltaNet", "lte_jax GDN"}
+  gdn = summary["lte_jax GDN"]
+  assert gdn["rounds"] == 2 and gdn["step_s_min"] == 0.26 and gdn["step_s_max"] == 0.28
+  assert gdn["vs_fla_median"] == pytest.approx(1.075) and gdn["vs_fla_min"] == pytest.approx(1.05)
