@@ -93,20 +93,23 @@ DEFAULT_WARPS, DEFAULT_STAGES = 4, 2
 def resolve_launch(plan: Any, kernels: Sequence[str], table: dict) -> None:
   """Fill a frozen Plan's num_warps / num_stages / launch in place.
 
-  The measured per-kernel `table` applies only when the plan asks for nothing: launch,
-  num_warps and num_stages all None, on a real (not interpreted) GPU. A uniform
-  num_warps / num_stages given alone applies to every kernel (the table would otherwise
-  override it silently); the unset one defaults to 4 warps / 2 stages.
+  The measured per-kernel `table` applies on a real (not interpreted) GPU unless the plan
+  gives a uniform num_warps / num_stages (the table would otherwise override it silently;
+  the unset one of the two defaults to 4 warps / 2 stages). `launch` entries override the
+  table, or the uniform values, for the kernels they name only, so one kernel can be
+  re-launched without restating the others.
   """
-  launch = plan.launch
-  if launch is None:
-    untouched = plan.num_warps is None and plan.num_stages is None
-    launch = table if untouched and plan.platform == "gpu" and not plan.interpret else ()
+  untouched = plan.num_warps is None and plan.num_stages is None
+  measured = table if untouched and plan.platform == "gpu" and not plan.interpret else ()
+  merged = {name: (warps, stages) for name, warps, stages in parse_launch(measured, kernels)}
+  if plan.launch is not None:
+    merged.update({name: (warps, stages)
+                   for name, warps, stages in parse_launch(plan.launch, kernels)})
   for name, default in (("num_warps", DEFAULT_WARPS), ("num_stages", DEFAULT_STAGES)):
     if getattr(plan, name) is None:
       object.__setattr__(plan, name, default)
   check_counts(plan, "num_warps", "num_stages")
-  object.__setattr__(plan, "launch", parse_launch(launch, kernels))
+  object.__setattr__(plan, "launch", parse_launch(merged, kernels))
 
 
 def launch_params(plan: Any, name: str) -> tuple[int, int]:

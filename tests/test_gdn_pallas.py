@@ -223,14 +223,20 @@ def test_plan_inverse_precision_default_per_target():
 
 
 def test_plan_launch_table():
-  """Per-kernel launch parameters: the measured GPU table by default, an explicit table
-  (flag string or mapping) replaces it, kernels without an entry take num_warps/stages."""
+  """Per-kernel launch parameters: the measured GPU table by default; launch entries (flag
+  string or mapping) override the kernels they name and the rest keep the table, or the
+  uniform num_warps/stages when those are given."""
   from lte_jax.kernels import lowering
   from lte_jax.kernels.gated_delta_rule.backend import GPU_LAUNCH, KERNELS, Plan
   assert set(GPU_LAUNCH) <= set(KERNELS)
   gpu = Plan("gpu")
   assert dict((n, (w, s)) for n, w, s in gpu.launch) == GPU_LAUNCH
   assert Plan("gpu", interpret=True).launch == () and Plan("tpu").launch == ()
+  one = Plan("gpu", launch="gdn_chunk_states=1/1")
+  assert dict((n, (w, s)) for n, w, s in one.launch) == {**GPU_LAUNCH, "gdn_chunk_states": (1, 1)}
+  assert one == Plan("gpu", launch=one.launch)      # a resolved plan's launch round-trips
+  assert Plan("gpu", interpret=True, launch="gdn_chunk_states=1/1").launch == (
+      ("gdn_chunk_states", 1, 1),)
   plan = Plan("gpu", num_warps=8, num_stages=1, launch="gdn_wy_inverse=2/3+gdn_chunk_states=1/1")
   assert plan == Plan("gpu", num_warps=8, num_stages=1,
                       launch={"gdn_chunk_states": (1, 1), "gdn_wy_inverse": (2, 3)})

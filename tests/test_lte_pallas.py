@@ -302,13 +302,14 @@ def test_plan_defaults_and_parsing():
     Plan("cuda")
   with pytest.raises(ValueError, match="unknown plan option"):
     parse_options("chunk=64")
-  # Per-kernel launches: the measured table on a real GPU, none interpreted or on TPU.
+  # Per-kernel launches: the measured table on a real GPU, none interpreted or on TPU; a
+  # launch string overrides the kernels it names, the others keep the table.
   from lte_jax.kernels.lte_attention.backend import GPU_LAUNCH
   assert dict((n, (w, s)) for n, w, s in Plan("gpu").launch) == GPU_LAUNCH
   assert Plan("gpu", interpret=True).launch == () == Plan("tpu").launch
   options = parse_options("block_q=128;launch=lte_attention_fwd=8/3+lte_attention_dq=2/1")
-  assert make_plan("gpu", False, options).launch == (("lte_attention_dq", 2, 1),
-                                                     ("lte_attention_fwd", 8, 3))
+  assert dict((n, (w, s)) for n, w, s in make_plan("gpu", False, options).launch) == {
+      **GPU_LAUNCH, "lte_attention_dq": (2, 1), "lte_attention_fwd": (8, 3)}
   with pytest.raises(ValueError, match="unknown kernel 'lte_fwd'"):
     make_plan("gpu", False, parse_options("launch=lte_fwd=8/3"))
 

@@ -73,10 +73,11 @@ class Plan:
     programs) 3.09 / 2.70 / 2.51; (4, 4096, 16, 128) (128 / 256 / 512) 1.98 / 2.19 / 2.26;
     (4, 4096, 8, 256) (128 / 256 / 512) 3.71 / 3.90 / 5.01.
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
-    (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
+    (None: 4 and 2). Giving either sets every kernel not named in `launch` (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
-    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a real GPU when
-    num_warps and num_stages are None too, else none (lowering.resolve_launch).
+    (lowering.parse_launch; names in KERNELS), overriding the kernels it names only: on a
+    real GPU with num_warps and num_stages None, the rest keep GPU_LAUNCH
+    (lowering.resolve_launch).
   inverse_precision: products of the (I + A)^-1 inverse: 'highest' (fp32) or,
     GPU only, 'tf32x3' (three TF32 tensor-core passes, close to fp32) or 'tf32' (one
     pass, about 1e-3 relative: FLA's solve_tril precision). None: on a GPU 'tf32' when T

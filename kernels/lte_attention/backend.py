@@ -46,10 +46,11 @@ class Plan:
     128 on TPU.
   block_q_dkv, block_k_dkv: the same for the dk/dv kernels (None: block_q, block_k).
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
-    (None: 4 and 2). Giving either without `launch` sets every kernel (no GPU_LAUNCH).
+    (None: 4 and 2). Giving either sets every kernel not named in `launch` (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'lte_attention_fwd=8/3'
-    (lowering.parse_launch; names in KERNELS). None: GPU_LAUNCH on a real GPU when
-    num_warps and num_stages are None too, else none (lowering.resolve_launch).
+    (lowering.parse_launch; names in KERNELS), overriding the kernels it names only: on a
+    real GPU with num_warps and num_stages None, the rest keep GPU_LAUNCH
+    (lowering.resolve_launch).
   vmem_limit_mib: Mosaic's scoped VMEM limit; the TPU kernels keep one (batch,
     head)'s whole sequence of K/V (or Q/dO) in VMEM, more than the 16-32 MiB default
     at T = 4096 with grouped heads.
