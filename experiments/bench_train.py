@@ -358,14 +358,15 @@ def main(argv):
       bench_common.write_json(FLAGS.out, dict(environment=env, flags=run_flags, results=rows,
                                               summary=bench_common.rounds_summary(rows)))
   print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
-  bench_common.print_table(rows, ["model", "round", "params", "devices", "step_s", "tokens_per_s",
-                                  "vs_fla", "peak_mem_gib", "mfu", "compile_s", "final_loss"])
+  bench_common.print_table(rows, ["model", "round", "params", "devices", "step_s",
+                                  "tokens_per_s", "vs_fla", "peak_mem_gib", "mfu", "compile_s",
+                                  "final_loss"])
   if FLAGS.rounds > 1:
     print(f"\nover {FLAGS.rounds} rounds (each model's median step per round; vs_fla against "
           f"the same round's FLA)")
-    bench_common.print_table(bench_common.rounds_summary(rows), ["model", "rounds", "step_s_median", "step_s_min",
-                                              "step_s_max", "vs_fla_median", "vs_fla_min",
-                                              "vs_fla_max"])
+    bench_common.print_table(bench_common.rounds_summary(rows), [
+        "model", "rounds", "step_s_median", "step_s_min", "step_s_max", "vs_fla_median",
+        "vs_fla_min", "vs_fla_max"])
 
 
 if __name__ == "__main__":
