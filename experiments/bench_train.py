@@ -58,6 +58,9 @@ flags.DEFINE_enum("conv_implementation", None, ["xla", "pallas"],
 flags.DEFINE_string("gdn_plan_options", None,
                     "GDN Pallas kernel options 'name=value;...' (GDNConfig.plan_options), e.g. "
                     "'keep_states=True;block_k=32'.")
+flags.DEFINE_string("lte_plan_options", None,
+                    "LTE attention Pallas kernel options 'name=value;...' "
+                    "(LTEConfig.plan_options), e.g. 'far_gather=kernel'.")
 flags.DEFINE_enum("lte_scorer_dtype", None, ["float32", "bfloat16"],
                   "LTE scorer matmul operands (LTEConfig.scorer_dtype); None: the config's.")
 flags.DEFINE_integer("worker_timeout", None,
@@ -123,6 +126,8 @@ def _run_lte_jax(arch: str) -> dict:
     config.model.gdn_plan_options = FLAGS.gdn_plan_options
   if FLAGS.lte_scorer_dtype:
     config.model.lte_scorer_dtype = FLAGS.lte_scorer_dtype
+  if FLAGS.lte_plan_options:
+    config.model.lte_plan_options = FLAGS.lte_plan_options
   if FLAGS.conv_implementation:
     config.model.gdn_conv_implementation = FLAGS.conv_implementation
   if FLAGS.mesh:
@@ -223,6 +228,8 @@ def _run_lte_jax(arch: str) -> dict:
     name += f", conv {FLAGS.conv_implementation}"
   if FLAGS.lte_scorer_dtype:
     name += f", LTE scorer {FLAGS.lte_scorer_dtype}"
+  if FLAGS.lte_plan_options:
+    name += f", LTE {FLAGS.lte_plan_options}"
   if kept is not None:
     name += f", LTE kept {FLAGS.lte_kept}"
   if jax.device_count() > 1:
@@ -347,7 +354,7 @@ def main(argv):
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
       "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh",
-      "lte_scorer_dtype")}
+      "lte_scorer_dtype", "lte_plan_options")}
   rows = []
   for round_ in range(FLAGS.rounds):
     for worker in workers:

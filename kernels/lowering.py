@@ -170,7 +170,8 @@ def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
          grid: tuple[int, ...], in_specs: Sequence[Any], out_specs: Sequence[Any],
          out_shape: Sequence[jax.ShapeDtypeStruct], name: str, num_warps: int,
          num_stages: int, sequential_last: bool = False, scratch_shapes: Sequence[Any] = (),
-         vmem_limit_bytes: int | None = None) -> Any:
+         vmem_limit_bytes: int | None = None,
+         input_output_aliases: dict[int, int] | None = None) -> Any:
   """pallas_call with the lowering's parameters.
 
   Every grid axis is parallel except, with `sequential_last`, the last (TPU
@@ -178,7 +179,8 @@ def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
   kernels must not ask for it). Scratch memory is a TPU notion. Interpreted, the
   TPU form runs in the TPU interpreter (it models VMEM/SMEM and the grid's order,
   poisons uninitialised memory and raises on out-of-bounds reads), the GPU form
-  in the generic one.
+  in the generic one. input_output_aliases: {input index: output index}, an output that
+  updates its input's buffer in place (pallas_call's argument).
   """
   if platform == "tpu":
     semantics = ("parallel",) * (len(grid) - 1) + (
@@ -195,4 +197,5 @@ def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
   grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
                           scratch_shapes=list(scratch_shapes))
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
-                        compiler_params=params, interpret=mode, name=name)
+                        compiler_params=params, interpret=mode, name=name,
+                        input_output_aliases=dict(input_output_aliases or {}))

@@ -128,10 +128,15 @@ class LTEConfig:
   rope_theta: float = 10000.0
   implementation: str | None = None
   scorer_dtype: str | None = None
+  # 'pallas' kernel Plan fields as 'name=value;...' (lte_jax.kernels.lte_attention.
+  # parse_options), e.g. 'far_gather=kernel'; '' keeps the kernels' defaults.
+  plan_options: str = ""
 
   def __post_init__(self):
     _positive(self, "num_heads", "num_kv_heads", "head_dim", "window_size", "budget",
               "target_kept", "target_seq_len")
+    _require(isinstance(self.plan_options, str), "LTEConfig.plan_options",
+             "a string 'name=value;...'", self.plan_options)
     _require(self.scorer_dtype is None or self.scorer_dtype in SCORER_DTYPES,
              "LTEConfig.scorer_dtype", f"None or one of {SCORER_DTYPES}", self.scorer_dtype)
     _require(isinstance(self.sink_size, int) and self.sink_size >= 0, "LTEConfig.sink_size",

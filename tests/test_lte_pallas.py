@@ -69,6 +69,14 @@ CASES = [
     # One document, no budget, w well under T: whole far tiles skip the masking.
     (1, 130, 2, 2, 32, 32, 2, 9, None, False, "random", jnp.float32, "gpu", SMALL),
     (1, 130, 2, 1, 32, 16, 2, 9, None, False, "all", jnp.bfloat16, "tpu", SMALL),
+    # Far keys' rows gathered by the kernels, far dk/dv added in place (Plan.far_gather):
+    # GQA with documents, a budget, and everything kept (unmasked far tiles).
+    (2, 70, 4, 2, 32, 16, 2, 5, None, True, "random", jnp.float32, "gpu",
+     dict(SMALL, far_gather="kernel")),
+    (1, 130, 4, 1, 16, 16, 3, 9, 12, False, "random", jnp.bfloat16, "gpu",
+     dict(block_q=16, block_k=32, far_gather="kernel")),
+    (1, 130, 2, 2, 32, 32, 2, 9, None, False, "all", jnp.float32, "gpu",
+     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, far_gather="kernel")),
 ]
 
 
@@ -282,6 +290,7 @@ def test_far_keys_compact_kept_tokens_in_time_order(compaction):
 
 @pytest.mark.parametrize("options,needle", [
     (dict(far_compaction="radix"), "far_compaction must be one of"),
+    (dict(far_gather="rows"), r"far_gather must be one of \('copy', 'kernel'\) on gpu"),
     (dict(block_q=24), "block_q must be a power of two >= 16"),
     (dict(block_k_dkv=8), "block_k_dkv must be a power of two >= 16"),
     (dict(num_warps=0), "num_warps must be an integer >= 1"),
@@ -315,8 +324,9 @@ def test_plan_defaults_and_parsing():
 
 
 def test_lte_layer_trains_the_same_on_the_kernels():
-  """LTEAttention with implementation='pallas' vs 'xla': output and every parameter
-  gradient (the scorer's through the straight-through estimator), packed documents."""
+  """LTEAttention with implementation='pallas' (default plan, and LTEConfig.plan_options
+  gathering the far rows in the kernels) vs 'xla': output and every parameter gradient (the
+  scorer's through the straight-through estimator), packed documents."""
   from flax import nnx
   from lte_jax.layers.lte import LTEAttention
   rng = np.random.default_rng(4)
@@ -324,18 +334,38 @@ def test_lte_layer_trains_the_same_on_the_kernels():
   w = jnp.asarray(rng.standard_normal((2, 70, 32)), jnp.float32)
   seg = jnp.asarray(packed_segment_ids(rng, 2, 70))
   results = []
-  for impl in ("xla", "pallas"):
+  for impl, options in (("xla", ""), ("pallas", ""), ("pallas", "far_gather=kernel")):
     cfg = configs.LTEConfig(num_heads=4, num_kv_heads=2, head_dim=16, sink_size=2, window_size=13,
-                            budget=7, dropout=0.0, score_bias_init=0.0, implementation=impl)
+                            budget=7, dropout=0.0, score_bias_init=0.0, implementation=impl,
+                            plan_options=options)
     layer = LTEAttention(cfg, 32, num_layers=2, init_std=0.3, rngs=nnx.Rngs(0))
     loss = lambda m: jnp.sum(m(x, segment_ids=seg)[0] * w)
     results.append(nnx.jit(nnx.value_and_grad(loss))(layer))
-  (l_xla, g_xla), (l_pallas, g_pallas) = results
-  assert abs(float(l_pallas) - float(l_xla)) < 1e-4 * abs(float(l_xla))
-  leaves_xla, leaves_pallas = jax.tree.leaves(g_xla), jax.tree.leaves(g_pallas)
-  assert len(leaves_xla) == len(leaves_pallas) > 8
-  for a, b in zip(leaves_pallas, leaves_xla):
-    assert rel_rms(a, b) < 1e-4
+  (l_xla, g_xla), *pallas = results
+  for l_pallas, g_pallas in pallas:
+    assert abs(float(l_pallas) - float(l_xla)) < 1e-4 * abs(float(l_xla))
+    leaves_xla, leaves_pallas = jax.tree.leaves(g_xla), jax.tree.leaves(g_pallas)
+    assert len(leaves_xla) == len(leaves_pallas) > 8
+    for a, b in zip(leaves_pallas, leaves_xla):
+      assert rel_rms(a, b) < 1e-4
+
+
+def test_lte_layer_checks_its_plan_options():
+  """A bad LTEConfig.plan_options fails when the layer is built, naming the field; the
+  options are left out where another implementation runs (a GPU config evaluates on CPU)."""
+  from flax import nnx
+  from lte_jax.layers.lte import LTEAttention
+  base = dict(num_heads=2, num_kv_heads=2, head_dim=16, window_size=13, dropout=0.0)
+  with pytest.raises(ValueError, match=r"LTEConfig.plan_options='far_gather=rows'.*far_gather"):
+    LTEAttention(configs.LTEConfig(**base, plan_options="far_gather=rows"), 32, num_layers=1,
+                 init_std=0.1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="LTEConfig.plan_options"):
+    configs.LTEConfig(**base, plan_options=3)
+  layer = LTEAttention(configs.LTEConfig(**base, implementation="xla",
+                                         plan_options="far_gather=kernel"),
+                       32, num_layers=1, init_std=0.1, rngs=nnx.Rngs(0))
+  y, _ = layer(jnp.ones((1, 12, 32), jnp.float32))
+  assert y.shape == (1, 12, 32)
 
 
 _SHARDED = textwrap.dedent("""
@@ -400,6 +430,32 @@ def test_lowers_at_preset_shapes(platform, lowering, size):
     f = fn if argnums is None else jax.grad(fn, argnums=argnums)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
     assert text.count(f"@{target}(") == kernels, (fn.__name__, argnums, text.count(f"@{target}("))
+
+
+def test_far_gather_is_gpu_only_and_lowers_for_cuda():
+  """far_gather='kernel' is refused on TPU (no row gather in Mosaic); on 'cuda' the LTE
+  gradient still lowers to four Triton kernels, the far dk/dv one updating dk, dv in place:
+  the XLA gathers of K, V and the scatter of the far keys' gradients are gone."""
+  with pytest.raises(ValueError, match=r"far_gather must be one of \('copy',\) on tpu"):
+    make_plan("tpu", True, dict(far_gather="kernel"))
+  cfg = configs.get_config("laLTE", "0.4B").lte
+  b, t, h, d = 1, 4096, cfg.num_heads, cfg.head_dim
+  args = (_sds(b, t, h, d), _sds(b, t, h, d), _sds(b, t, h, d), _sds(b, t, h, dtype=jnp.float32))
+
+  def op(q, k, v, r, options):
+    return lte_attention_pallas(q, k, v, r, sink_size=cfg.sink_size, window_size=cfg.window_size,
+                                budget=None, segment_ids=None, scale=d ** -0.5, platform="gpu",
+                                interpret=False, plan_options=options).astype(jnp.float32).sum()
+
+  texts = {name: jax.jit(jax.grad(functools.partial(op, options=dict(far_gather=name)),
+                                  argnums=(0, 1, 2, 3))).trace(*args).lower(
+                                      lowering_platforms=("cuda",)).as_text()
+           for name in ("copy", "kernel")}
+  for text in texts.values():
+    assert text.count("@__gpu$xla.gpu.triton(") == 4
+  # Left in both: the scatter compaction of the far keys' int32 indices (sets.far_keys).
+  for op in ("stablehlo.scatter", "stablehlo.gather"):
+    assert texts["kernel"].count(op) < texts["copy"].count(op), op
 
 
 def test_budget_path_lowers_for_cuda():

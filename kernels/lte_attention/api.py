@@ -6,7 +6,9 @@ Pipeline (modules in brackets):
   forward [forward]: one program per (batch, query head, query tile), band tiles
     then reachable compact tiles, one online softmax -> o, lse;
   backward: dq [forward], dk/dv of band tiles and of compact tiles [backward], the
-    compact ones scatter-added back to the sequence here.
+    compact ones scatter-added back to the sequence here, or (Plan.far_gather='kernel',
+    GPU) added into the band's dk/dv in place by the far kernel, which like the forward
+    and dq kernels then reads the far keys' rows from K and V by index (no compact copies).
 The custom VJP covers q, k and v (after padding and, on TPU, the [B, H, T, D]
 transpose, which JAX differentiates). LTE's semantics (which keys are far, the
 budget, the straight-through estimator on v) live in lte_jax.ops.lte_attention.pallas:
@@ -57,11 +59,15 @@ def _rows(x, block):   # [B, H, Tp] -> [B, H, Tp / block, 1, block], a free resh
 
 
 def _far_inputs(cfg, k, v, s: _Sets):
+  """The far refs of the query-side kernels: (kc, vc, idx rows, last rows), or only the
+  rows when the kernels gather K and V themselves (Plan.far_gather)."""
   if not cfg.far:
     return None
-  kc, vc = _compact(cfg, k, s.far_idx), _compact(cfg, v, s.far_idx)
   block = cfg.plan.block_k
-  return kc, vc, _rows(s.far_idx, block), _rows(s.far_last, block)
+  rows = (_rows(s.far_idx, block), _rows(s.far_last, block))
+  if cfg.plan.gathers_far_rows:
+    return rows
+  return (_compact(cfg, k, s.far_idx), _compact(cfg, v, s.far_idx)) + rows
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -99,8 +105,15 @@ def _band_key_grads(cfg, q, k, v, s, d_o, lse, delta):
   return backward.band_key_grads(cfg, q, k, v, d_o, lse, delta, s.lo, s.band_bounds)
 
 
-def _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta):
-  """(dkc, dvc) of the compact far keys (the caller scatters them back); far as _dq's."""
+def _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta, dk=None, dv=None):
+  """The far keys' dk, dv; far as _dq's. Compact copies: (dkc, dvc) per compact slot,
+  for the caller to scatter back. Gathered rows (Plan.far_gather): dk, dv (kernel layout,
+  fp32; None: zeros) with the far keys' gradients added in place."""
+  if cfg.plan.gathers_far_rows:
+    zeros = lambda x: jnp.zeros(x.shape, F32)
+    return backward.far_key_grads_in_place(
+        cfg, q, d_o, lse, delta, k, v, s.far_idx, s.far_last, s.far_bounds,
+        zeros(k) if dk is None else dk, zeros(v) if dv is None else dv)
   kc, vc, *_ = far
   return backward.far_key_grads(cfg, q, d_o, lse, delta, kc, vc, s.far_idx, s.far_last,
                                 s.far_bounds)
@@ -113,7 +126,9 @@ def _core_bwd(cfg, residuals, d_o):
   far = _far_inputs(cfg, k, v, s)
   dq = _dq(cfg, q, k, v, s, far, d_o, lse, delta)
   dk, dv = _band_key_grads(cfg, q, k, v, s, d_o, lse, delta)
-  if cfg.far:
+  if cfg.far and cfg.plan.gathers_far_rows:
+    dk, dv = _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta, dk, dv)
+  elif cfg.far:
     dkc, dvc = _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta)
     dk = _scatter_add(cfg, dk, s.far_idx, dkc)
     dv = _scatter_add(cfg, dv, s.far_idx, dvc)
@@ -176,7 +191,7 @@ def stage_functions(cfg: forward.Static) -> dict:
   """name -> f(q, k, v, s, *extra) on core_inputs' outputs, for timing each part of the
   op alone (jit them): 'forward' () -> (o, lse) [far-key compaction + kernel]; 'dq',
   'dkv_band', 'dkv_far' (d_o, lse, delta) -> that kernel's gradients ['dkv_far' with the
-  compaction, without the scatter back]; 'delta' (d_o, o) -> rowsum(dO * O); 'backward'
+  compaction, without the scatter back; with Plan.far_gather='kernel', into zeroed dk, dv]; 'delta' (d_o, o) -> rowsum(dO * O); 'backward'
   (o, lse, d_o) -> (dq, dk, dv)."""
   # The gradient kernels alone each gather their compact K/V (the backward shares one).
   with_far = lambda fn: lambda q, k, v, s, *extra: fn(cfg, q, k, v, s,

@@ -6,7 +6,9 @@ kernel's key tiles are compact far-key tiles, read by the query tiles after the
 first key's window up to the tile's last reader. Query tiles that see every key of the
 key tile (sets: full_lo, full_hi) skip the masking in both. A program sums over the query
 heads of its KV head (GQA), so dk/dv need no reduction afterwards; the far
-kernel's results are scattered back to the sequence by the caller.
+kernel's results are scattered back to the sequence by the caller, or, when the
+kernel gathers the far keys' rows itself (Plan.far_gather='kernel'), added into the
+band kernel's dk/dv in place at those rows.
 """
 from __future__ import annotations
 
@@ -21,22 +23,32 @@ F32 = jnp.float32
 
 
 def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mask_a_ref,
-                mask_b_ref, dk_ref, dv_ref, *, cfg: Static, band: bool):
+                mask_b_ref, *refs, cfg: Static, band: bool):
   """mask_a/mask_b: band: lo rows [nq, 1, bq] (mask_b unused); far: idx and last columns
   [bk, 1] of the compact keys. Per-query rows are [n, 1, block] so that a tile's row is
   picked by a leading-dim index (Mosaic's simplest dynamic access), never by a
-  dynamic sublane or lane slice."""
+  dynamic sublane or lane slice. refs: dk, dv outputs; far keys gathered by the kernel
+  (Plan.far_gather): k, v are whole sequences and refs are the aliased dk, dv inputs then
+  the outputs, whole sequences too, updated at the tile's rows."""
   tokens = cfg.tokens
   bq, bk = cfg.plan.block_q_dkv, cfg.plan.block_k_dkv
   kt = pl.program_id(2)
+  gather = not band and cfg.plan.gathers_far_rows
+  dk_ref, dv_ref = refs[-2:]
   # This (batch, head)'s row of the table is in bounds_ref: (q_lo, full_lo, full_hi, q_hi)
   # per key tile.
   at = lambda n: bounds_ref[0, kt * sets.KEY_BOUNDS + n]
-  k, v = k_ref[...], v_ref[...]
   if band:
     j = tiles.iota((bk, 1), 0, kt * bk)
   else:
     idx, last = mask_a_ref[...], mask_b_ref[...]                       # [bk, 1]
+  if gather:
+    # Empty slots (index Tp) read and write back the last row unchanged: no row within
+    # w of the end is ever a far key, so no other program writes it.
+    rows = jnp.minimum(mask_a_ref[:, 0], cfg.padded - 1)               # [bk]
+    k, v = k_ref[rows, :], v_ref[rows, :]
+  else:
+    k, v = k_ref[...], v_ref[...]
 
   def query_tile(g, masked):
     def body(qt, carry):
@@ -61,8 +73,13 @@ def _dkv_kernel(bounds_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, mas
 
   init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
   dk, dv = jax.lax.fori_loop(0, cfg.group, head, init)
-  dk_ref[...] = dk * cfg.scale
-  dv_ref[...] = dv
+  if gather:
+    real = idx < cfg.padded                                            # [bk, 1]
+    dk_ref[rows, :] = dk_ref[rows, :] + jnp.where(real, dk * cfg.scale, 0.0)
+    dv_ref[rows, :] = dv_ref[rows, :] + jnp.where(real, dv, 0.0)
+  else:
+    dk_ref[...] = dk * cfg.scale
+    dv_ref[...] = dv
 
 
 def _query_specs(cfg: Static, d: int, dv: int):
@@ -114,3 +131,25 @@ def far_key_grads(cfg: Static, q, d_o, lse, delta, kc, vc, idx, last, bounds):
   return backend.call(kernel, plan, grid=(batch, cfg.heads_kv, cfg.padded // bk),
                       in_specs=in_specs, out_specs=[tile(d), tile(dv)], out_shape=out_shape,
                       name="lte_attention_dkv_far")(*args)
+
+
+def far_key_grads_in_place(cfg: Static, q, d_o, lse, delta, k, v, idx, last, bounds, dk, dv):
+  """dk, dv (fp32, the token layout of k, v) plus the far keys' gradients, with the far
+  keys' rows read from k and v by idx and the sums written back at those rows
+  (Plan.far_gather='kernel', GPU layout); idx, last [B, Hkv, Tp] int32; bounds from
+  sets.far_key_bounds. dk and dv are updated in place (aliased outputs)."""
+  tokens, plan = cfg.tokens, cfg.plan
+  bq, bk = plan.block_q_dkv, plan.block_k_dkv
+  batch, d, dv_dim = q.shape[0], k.shape[-1], v.shape[-1]
+  tile = lambda n: pl.BlockSpec((pl.squeezed, pl.squeezed, bk, n), lambda b, h, c: (b, h, c, 0))
+  whole = lambda n: tokens.sequence(cfg.padded, n)
+  in_specs = ([backend.scalars(plan, bounds, lambda h: h)] + _query_specs(cfg, d, dv_dim)
+              + [whole(d), whole(dv_dim), tile(1), tile(1), whole(d), whole(dv_dim)])
+  args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), k, v, idx[..., None],
+          last[..., None], dk, dv)
+  out_shape = [jax.ShapeDtypeStruct(dk.shape, F32), jax.ShapeDtypeStruct(dv.shape, F32)]
+  kernel = lambda *refs: _dkv_kernel(*refs, cfg=cfg, band=False)
+  return backend.call(kernel, plan, grid=(batch, cfg.heads_kv, cfg.padded // bk),
+                      in_specs=in_specs, out_specs=[whole(d), whole(dv_dim)],
+                      out_shape=out_shape, name="lte_attention_dkv_far",
+                      input_output_aliases={9: 0, 10: 1})(*args)

@@ -77,10 +77,15 @@ def _tile_loaders(cfg: Static, lo_ref, k_ref, v_ref, far_refs, *, block_q: int, 
             (j >= lo) & (j <= i))
 
   def far(c):
-    kc_ref, vc_ref, idx_ref, last_ref = far_refs
+    idx, last = far_refs[-2][c], far_refs[-1][c]                       # [1, bk]
+    mask = (idx < i - cfg.window) & (i <= last)
+    if cfg.plan.gathers_far_rows:
+      # Empty slots (index Tp) read the last row, masked: any real row would do.
+      rows = jnp.minimum(far_refs[-2][c, 0, :], cfg.padded - 1)        # [bk]
+      return k_ref[rows, :], v_ref[rows, :], mask
+    kc_ref, vc_ref = far_refs[:2]
     rows = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
-    idx, last = idx_ref[c], last_ref[c]                                 # [1, bk]
-    return kc_ref[rows, :], vc_ref[rows, :], (idx < i - cfg.window) & (i <= last)
+    return kc_ref[rows, :], vc_ref[rows, :], mask
 
   return band, far
 
@@ -124,15 +129,15 @@ def _dq_kernel(bounds_ref, lo_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_r
 
 
 def _specs(cfg: Static, d: int, dv: int, far):
-  """In-specs shared by both kernels: K and V sequences, then the far refs."""
+  """In-specs shared by both kernels: K and V sequences, then the far refs (api's
+  _far_inputs: compact K and V unless the plan gathers rows, then idx and last)."""
   tokens, group, padded = cfg.tokens, cfg.group, cfg.padded
   kv_head = lambda h: _kv_head(h, group)
   specs = [tokens.sequence(padded, d, head=kv_head), tokens.sequence(padded, dv, head=kv_head)]
   if cfg.far:
-    kc, vc, idx, _ = far
     whole = lambda x: pl.BlockSpec((pl.squeezed, pl.squeezed, *x.shape[2:]),
                                    lambda b, h, n: (b, kv_head(h)) + (0,) * (x.ndim - 2))
-    specs += [whole(kc), whole(vc), whole(idx), whole(idx)]
+    specs += [whole(x) for x in far]
   return specs
 
 
@@ -155,7 +160,8 @@ def _lo_column(block: int) -> pl.BlockSpec:
 def attention_forward(cfg: Static, q, k, v, lo, bounds, far):
   """q [layout, Hq heads, D], k [.., Hkv, D], v [.., Hkv, Dv] (Tp rows); lo [B, Tp]
   int32; bounds from sets.query_bounds; far: (kc [B, Hkv, Tp, D], vc [B, Hkv, Tp, Dv],
-  idx and last [B, Hkv, Tp / block_k, 1, block_k] int32) or None
+  idx and last [B, Hkv, Tp / block_k, 1, block_k] int32), without kc and vc when the
+  plan gathers far rows from k and v (Plan.far_gather), or None
   -> (o like q with Dv, lse [B, Hq, Tp, 1] fp32, base 2)."""
   tokens, plan = cfg.tokens, cfg.plan
   batch, heads = q.shape[0], cfg.heads_kv * cfg.group

@@ -49,7 +49,9 @@ from lte_jax.configs import LTEConfig
 from lte_jax.layers.attention import QKVAttention
 from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.layers.rope import apply_rope
+from lte_jax.kernels.lte_attention import make_plan, parse_options
 from lte_jax.ops.lte_attention import lte_attention
+from lte_jax.ops.lte_attention.api import default_implementation
 from lte_jax.ops.lte_decode import lte_decode_attention
 from lte_jax.ops.lte_decode.reference import ring_positions
 
@@ -67,6 +69,10 @@ class LTEAttention(QKVAttention):
                dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if not isinstance(cfg, LTEConfig):
       raise ValueError(f"cfg must be a lte_jax.configs.LTEConfig, got {type(cfg).__name__}")
+    try:   # a bad field or value fails here, not at the first call (checked as for a GPU)
+      make_plan("gpu", True, parse_options(cfg.plan_options))
+    except ValueError as err:
+      raise ValueError(f"LTEConfig.plan_options={cfg.plan_options!r}: {err}") from None
     self._init_projections(cfg, d_model, num_layers=num_layers, init_std=init_std, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
     self.ring_size = cfg.window_size + 1
@@ -94,9 +100,13 @@ class LTEAttention(QKVAttention):
 
   def _attend(self, q, k, v, r, *, budget, segment_ids=None):
     cfg = self.cfg
+    name = cfg.implementation or default_implementation()
+    # The kernels' options reach the op only where it runs them (a GPU-tuned config still
+    # evaluates on CPU).
+    options = parse_options(cfg.plan_options) if cfg.plan_options and name == "pallas" else None
     return lte_attention(q, k, v, r, sink_size=cfg.sink_size, window_size=cfg.window_size,
                          budget=budget, segment_ids=segment_ids,
-                         implementation=cfg.implementation)
+                         implementation=cfg.implementation, plan_options=options)
 
   # ---- mixer protocol ----
 

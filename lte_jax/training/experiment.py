@@ -18,7 +18,8 @@ from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 
 _MIXER_CONFIGS = ("gdn", "attn", "swa", "lte", "nsa")
 # The mixer config fields config.model may set as <mixer>_<field> (experiments/configs/base.py).
-_MIXER_FIELDS = {"lte": ("dropout", "scorer_dtype"), "gdn": ("plan_options", "conv_implementation")}
+_MIXER_FIELDS = {"lte": ("dropout", "scorer_dtype", "plan_options"),
+                 "gdn": ("plan_options", "conv_implementation")}
 
 
 @dataclasses.dataclass(frozen=True)
