@@ -61,7 +61,7 @@ class Plan:
     kernels, and the far dk/dv scatter-added back to the sequence afterwards) or 'kernel'
     (GPU only: each kernel loads a compact tile's rows straight from K and V by their
     indices, and the far dk/dv kernel adds into the band kernel's dk/dv in place, so
-    neither the copies nor the scatter exist: ~1.3 GB less traffic per layer at 8 x 4096
+    neither the copies nor the scatter exist: ~1 GB less traffic per layer at 8 x 4096
     x 16 x 64). 'kernel' is interpret-tested and lowered for 'cuda' but not yet timed.
   far_compaction: how the far keys are packed into their compact slots (sets.far_keys):
     'scatter' (each kept token to its slot, from a running count) or 'sort' (a stable
