@@ -111,9 +111,9 @@ def _far_key_grads(cfg, q, k, v, s, far, d_o, lse, delta, dk=None, dv=None):
   fp32; None: zeros) with the far keys' gradients added in place."""
   if cfg.plan.gathers_far_rows:
     zeros = lambda x: jnp.zeros(x.shape, F32)
-    return backward.far_key_grads_in_place(
-        cfg, q, d_o, lse, delta, k, v, s.far_idx, s.far_last, s.far_bounds,
-        zeros(k) if dk is None else dk, zeros(v) if dv is None else dv)
+    into = (zeros(k) if dk is None else dk, zeros(v) if dv is None else dv)
+    return backward.far_key_grads(cfg, q, d_o, lse, delta, k, v, s.far_idx, s.far_last,
+                                  s.far_bounds, into=into)
   kc, vc, *_ = far
   return backward.far_key_grads(cfg, q, d_o, lse, delta, kc, vc, s.far_idx, s.far_last,
                                 s.far_bounds)

@@ -115,41 +115,32 @@ def band_key_grads(cfg: Static, q, k, v, d_o, lse, delta, lo, bounds):
                       out_shape=out_shape, name="lte_attention_dkv_band")(*args)
 
 
-def far_key_grads(cfg: Static, q, d_o, lse, delta, kc, vc, idx, last, bounds):
-  """(dkc [B, Hkv, Tp, D], dvc [B, Hkv, Tp, Dv]) fp32 for the compact far keys
-  kc, vc with idx, last [B, Hkv, Tp] int32; bounds from sets.far_key_bounds."""
-  plan = cfg.plan
-  bq, bk = plan.block_q_dkv, plan.block_k_dkv
-  batch, d, dv = q.shape[0], kc.shape[-1], vc.shape[-1]
-  tile = lambda n: pl.BlockSpec((pl.squeezed, pl.squeezed, bk, n), lambda b, h, c: (b, h, c, 0))
-  in_specs = ([backend.scalars(plan, bounds, lambda h: h)] + _query_specs(cfg, d, dv)
-              + [tile(d), tile(dv), tile(1), tile(1)])
-  args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), kc, vc, idx[..., None],
-          last[..., None])
-  out_shape = [jax.ShapeDtypeStruct(kc.shape, F32), jax.ShapeDtypeStruct(vc.shape, F32)]
-  kernel = lambda *refs: _dkv_kernel(*refs, cfg=cfg, band=False)
-  return backend.call(kernel, plan, grid=(batch, cfg.heads_kv, cfg.padded // bk),
-                      in_specs=in_specs, out_specs=[tile(d), tile(dv)], out_shape=out_shape,
-                      name="lte_attention_dkv_far")(*args)
+def far_key_grads(cfg: Static, q, d_o, lse, delta, k, v, idx, last, bounds, into=None):
+  """The far keys' dk, dv (fp32); idx, last [B, Hkv, Tp] int32; bounds from
+  sets.far_key_bounds.
 
-
-def far_key_grads_in_place(cfg: Static, q, d_o, lse, delta, k, v, idx, last, bounds, dk, dv):
-  """dk, dv (fp32, the token layout of k, v) plus the far keys' gradients, with the far
-  keys' rows read from k and v by idx and the sums written back at those rows
-  (Plan.far_gather='kernel', GPU layout); idx, last [B, Hkv, Tp] int32; bounds from
-  sets.far_key_bounds. dk and dv are updated in place (aliased outputs)."""
+  Default plan: k, v are the compact far keys kc [B, Hkv, Tp, D], vc [B, Hkv, Tp, Dv] and
+  the result is (dkc, dvc) per compact slot, for the caller to scatter back.
+  Plan.far_gather='kernel' (GPU layout): k, v are the whole sequences, the kernel reads
+  the far keys' rows by idx, and into = (dk, dv) (fp32, the token layout of k, v; the
+  band kernel's) come back with the far keys' gradients added at those rows, in place
+  (aliased outputs)."""
   tokens, plan = cfg.tokens, cfg.plan
+  if plan.gathers_far_rows != (into is not None):
+    raise ValueError("far_key_grads takes `into` exactly when the plan gathers far rows")
   bq, bk = plan.block_q_dkv, plan.block_k_dkv
-  batch, d, dv_dim = q.shape[0], k.shape[-1], v.shape[-1]
+  batch, d, dv = q.shape[0], k.shape[-1], v.shape[-1]
   tile = lambda n: pl.BlockSpec((pl.squeezed, pl.squeezed, bk, n), lambda b, h, c: (b, h, c, 0))
-  whole = lambda n: tokens.sequence(cfg.padded, n)
-  in_specs = ([backend.scalars(plan, bounds, lambda h: h)] + _query_specs(cfg, d, dv_dim)
-              + [whole(d), whole(dv_dim), tile(1), tile(1), whole(d), whole(dv_dim)])
+  # Compact tiles of kc, vc and of the results, or whole sequences (rows gathered).
+  keys = (lambda n: tokens.sequence(cfg.padded, n)) if into is not None else tile
+  in_specs = ([backend.scalars(plan, bounds, lambda h: h)] + _query_specs(cfg, d, dv)
+              + [keys(d), keys(dv), tile(1), tile(1)]
+              + ([keys(d), keys(dv)] if into is not None else []))
   args = (bounds, q, d_o, _rows(lse, bq), _rows(delta, bq), k, v, idx[..., None],
-          last[..., None], dk, dv)
-  out_shape = [jax.ShapeDtypeStruct(dk.shape, F32), jax.ShapeDtypeStruct(dv.shape, F32)]
+          last[..., None]) + tuple(into or ())
+  out_shape = [jax.ShapeDtypeStruct(k.shape[:-1] + (n,), F32) for n in (d, dv)]
   kernel = lambda *refs: _dkv_kernel(*refs, cfg=cfg, band=False)
+  aliases = {len(args) - 2: 0, len(args) - 1: 1} if into is not None else None
   return backend.call(kernel, plan, grid=(batch, cfg.heads_kv, cfg.padded // bk),
-                      in_specs=in_specs, out_specs=[whole(d), whole(dv_dim)],
-                      out_shape=out_shape, name="lte_attention_dkv_far",
-                      input_output_aliases={9: 0, 10: 1})(*args)
+                      in_specs=in_specs, out_specs=[keys(d), keys(dv)], out_shape=out_shape,
+                      name="lte_attention_dkv_far", input_output_aliases=aliases)(*args)

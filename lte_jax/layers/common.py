@@ -53,3 +53,14 @@ def linear(in_features: int, out_features: int, *, names: tuple, std: float, rng
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
                     param_dtype=param_dtype, kernel_init=normal_init(std, names),
                     bias_init=bias_init, rngs=rngs)
+
+
+def kernel_plan_options(text: str, implementation: str | None,
+                        default_implementation: Callable[[], str],
+                        parse: Callable[[str], dict]) -> dict | None:
+  """A mixer config's kernel options 'name=value;...' as its op's plan_options: None when
+  empty or when the op runs another implementation than 'pallas' on this backend (a
+  GPU-tuned config still evaluates on CPU). `parse`: the kernel folder's parse_options."""
+  if not text or (implementation or default_implementation()) != "pallas":
+    return None
+  return parse(text)

@@ -21,7 +21,7 @@ from lte_jax import remat
 from lte_jax import sharding as sh
 from lte_jax.configs import GDNConfig
 from lte_jax.kernels.gated_delta_rule import parse_options
-from lte_jax.layers.common import linear, output_std, partitioned
+from lte_jax.layers.common import kernel_plan_options, linear, output_std, partitioned
 from lte_jax.layers.norm import GatedRMSNorm
 from lte_jax.layers.short_conv import ShortConv
 from lte_jax.ops.gated_delta_rule import (chunk_gated_delta_rule, default_implementation,
@@ -130,12 +130,9 @@ class GatedDeltaNet(nnx.Module):
 
   @property
   def _plan_options(self) -> dict | None:
-    """GDNConfig.plan_options as the op's plan_options: None when empty or when this
-    backend runs another implementation (a GPU-tuned config still evaluates on CPU)."""
-    if not self.cfg.plan_options:
-      return None
-    name = self.cfg.implementation or default_implementation()
-    return parse_options(self.cfg.plan_options) if name == "pallas" else None
+    """GDNConfig.plan_options as the op's plan_options (common.kernel_plan_options)."""
+    return kernel_plan_options(self.cfg.plan_options, self.cfg.implementation,
+                               default_implementation, parse_options)
 
   # ---- mixer protocol ----
 

@@ -46,10 +46,11 @@ from lte_jax import remat
 from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax.configs import LTEConfig
+from lte_jax.kernels.lte_attention import make_plan, parse_options
 from lte_jax.layers.attention import QKVAttention
+from lte_jax.layers.common import kernel_plan_options
 from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.layers.rope import apply_rope
-from lte_jax.kernels.lte_attention import make_plan, parse_options
 from lte_jax.ops.lte_attention import lte_attention
 from lte_jax.ops.lte_attention.api import default_implementation
 from lte_jax.ops.lte_decode import lte_decode_attention
@@ -100,10 +101,8 @@ class LTEAttention(QKVAttention):
 
   def _attend(self, q, k, v, r, *, budget, segment_ids=None):
     cfg = self.cfg
-    name = cfg.implementation or default_implementation()
-    # The kernels' options reach the op only where it runs them (a GPU-tuned config still
-    # evaluates on CPU).
-    options = parse_options(cfg.plan_options) if cfg.plan_options and name == "pallas" else None
+    options = kernel_plan_options(cfg.plan_options, cfg.implementation, default_implementation,
+                                  parse_options)
     return lte_attention(q, k, v, r, sink_size=cfg.sink_size, window_size=cfg.window_size,
                          budget=budget, segment_ids=segment_ids,
                          implementation=cfg.implementation, plan_options=options)
