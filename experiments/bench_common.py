@@ -87,11 +87,13 @@ def torch_backward(out: Any, grad: Any, inputs: Any) -> None:
   out.backward(grad)
 
 
-def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str) -> float | None:
+def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str,
+                    top: int = 10) -> float | None:
   """Summed device time per call of fn() (a torch GPU computation) from torch's profiler:
   kernels, memcpys and memsets of `calls` calls, read from the Chrome trace it writes to
   trace_path. The torch counterpart of device_time: no host launch delay reaches it.
-  None when calls <= 0, torch has no GPU or the trace holds no device events."""
+  Prints the `top` longest kernels per call. None when calls <= 0, torch has no GPU or the
+  trace holds no device events."""
   import torch
   if calls <= 0 or not torch.cuda.is_available():
     return None
@@ -106,8 +108,14 @@ def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str) -> float
   prof.export_chrome_trace(trace_path)
   with open(trace_path) as f:
     events = json.load(f).get("traceEvents", [])
-  device_us = sum(e.get("dur", 0) for e in events
-                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+  per_name: dict[str, float] = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+      per_name[e.get("name", "?")] = per_name.get(e.get("name", "?"), 0.0) + e.get("dur", 0)
+  # Which of the anchor's kernels carry its time says where ours must catch up.
+  for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"  {os.path.basename(trace_path)}: {us / 1e3 / calls:8.4f} ms  {name[:90]}")
+  device_us = sum(per_name.values())
   return device_us / 1e3 / calls if device_us else None
 
 
