@@ -257,6 +257,40 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     Plan("gpu", launch=launch)
 
 
+@pytest.mark.parametrize("dk,decay_on,states_stages,grads_stages", [
+    (256, "values", 2, 1),    # 3 stages of W, K, U tiles + the state: 254 KB > 227 KB
+    (128, "values", 3, 2),    # the measured table fits: unchanged
+    (256, "keys", 3, 2),      # K and Q pass through registers: not capped
+])
+def test_recurrence_stages_fit_shared_memory(monkeypatch, dk, decay_on, states_stages,
+                                             grads_stages):
+  """The GPU recurrences' value-side form stages every step's loads in shared memory, so
+  its stages are capped to what fits (Triton refused 3 stages at Dk = 256 on the H200);
+  other kernels and forms keep their launch table. Traced only: the launch parameters
+  are recorded where the pallas_call would be built."""
+  from lte_jax.kernels import lowering
+  seen = {}
+
+  def record(kernel, *, name, num_stages, out_shape, **_):
+    seen[name] = num_stages
+    return lambda *args: [jnp.zeros(o.shape, o.dtype) for o in out_shape]
+
+  monkeypatch.setattr(lowering, "call", record)
+
+  def loss(q, k, v, g, beta):
+    o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=dk ** -0.5, platform="gpu",
+                                         interpret=False, decay_on=decay_on,
+                                         recurrence_block_v=64)   # the H200's shape's
+    return o.astype(jnp.float32).sum()
+
+  sds = helpers.sds
+  jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), sds(1, 256, 2, dk), sds(1, 256, 2, dk),
+                 sds(1, 256, 2, dk), sds(1, 256, 2, dtype=jnp.float32), sds(1, 256, 2))
+  assert seen["gdn_chunk_states"] == states_stages
+  assert seen["gdn_chunk_state_grads"] == grads_stages
+  assert seen["gdn_chunk_outputs"] == 3      # GPU_LAUNCH, untouched
+
+
 @pytest.mark.parametrize("sequences,dv,want", [(16, 128, 16), (64, 128, 64), (32, 256, 64),
                                                 (1, 64, 16), (128, 32, 32), (24, 128, 16)])
 def test_recurrence_value_block_fills_the_gpu(sequences, dv, want):

@@ -108,10 +108,12 @@ class Plan:
     rounding moved to the other operand. 'auto' (default): 'values' on GPU up to Dk = 128,
     else 'keys' (`decays_on_values`). H200, bf16, (1, 16384, 16, 128): fwd / fwd+bwd 1.187 /
     4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the 0.4B GDN train step 0.295 vs
-    0.294 s. At Dk = 256 'values' does not fit: K and Q then feed the dots straight from
-    the loads, which Triton pipelines through shared memory, and the states kernel's three
-    stages asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200). The TPU form
-    is untimed either way and keeps 'keys'.
+    0.294 s. In the 'values' form K and Q feed the dots straight from the loads, which
+    Triton pipelines through shared memory: at Dk = 256 the states kernel's three stages
+    asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200), so that form's stages
+    are now capped to what fits (`stages_that_fit`: 2 forward, 1 backward there); whether
+    it then beats 'keys' at Dk = 256 is unmeasured. The TPU form is untimed either way and
+    keeps 'keys'.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
@@ -242,13 +244,32 @@ def parse_options(text: str) -> dict:
   return lowering.parse_options(text, Plan, exclude=("chunk",))
 
 
+# Shared memory one Hopper block may claim (H100 / H200: 227 KB).
+GPU_SHARED_MEMORY = 227 * 1024
+
+
+def stages_that_fit(num_stages: int, step_bytes: int, fixed_bytes: int) -> int:
+  """The most pipeline stages, at most num_stages and at least 1, for which that many
+  copies of one loop step's loaded tiles (`step_bytes`) beside `fixed_bytes` of other
+  shared tiles fit in GPU_SHARED_MEMORY. (Triton's one recorded refusal, the value-side
+  states kernel at Dk = 256: 3 x 72 KB of W, K, U tiles + 32 KB of bf16 state = 254 KB,
+  the figure it reported.)"""
+  room = (GPU_SHARED_MEMORY - fixed_bytes) // max(step_bytes, 1)
+  return max(1, min(num_stages, room))
+
+
 def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
          out_shape: Sequence[jax.ShapeDtypeStruct], sequential_last: bool = False,
-         scratch_shapes: Sequence[Any] = (), name: str) -> Any:
+         scratch_shapes: Sequence[Any] = (), name: str,
+         shared_bytes: tuple[int, int] | None = None) -> Any:
   """lowering.call with this plan; `sequential_last` marks the last grid axis as
-  ordered (TPU "arbitrary"); scratch is a TPU-only notion."""
+  ordered (TPU "arbitrary"); scratch is a TPU-only notion. shared_bytes (GPU): (bytes one
+  loop step loads, other shared bytes) of a kernel whose loads Triton stages in shared
+  memory: its stages are capped to fit (`stages_that_fit`) rather than fail to compile."""
   num_warps, num_stages = lowering.launch_params(plan, name)
+  if shared_bytes is not None and plan.platform == "gpu":
+    num_stages = stages_that_fit(num_stages, *shared_bytes)
   return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,
                        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, name=name,
                        num_warps=num_warps, num_stages=num_stages,

@@ -57,6 +57,18 @@ def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=F
 
 # --- forward -----------------------------------------------------------------------------
 
+def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype):
+  """backend.call's shared_bytes for a GPU recurrence: in the value-side form the loaded
+  [C, D] tiles go into the dots as loaded, so Triton stages every step's loads
+  (`step_tiles`: (columns, dtype) of each [C, columns] tile) num_stages deep beside the
+  state's [Dk, bv] operand copy; at Dk = 256 three stages overflow shared memory. None
+  for the key-side form (its K / Q tiles pass through registers) and off the GPU."""
+  if plan.platform != "gpu" or not plan.decays_on_values(dk):
+    return None
+  step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in step_tiles)
+  return step, dk * bv * jnp.dtype(state_dtype).itemsize
+
+
 def _rows(n, chunk):
   """Chunk n's rows of a whole-sequence token block [T, D] (GPU layout)."""
   return pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
@@ -124,12 +136,14 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  shared = _value_side_shared(plan, dk, bv, c, [(dk, w.dtype), (bv, u.dtype), (dk, k.dtype),
+                                                 (1, kd_col.dtype)], k.dtype)
   return backend.call(
       functools.partial(_forward_loop_kernel, on_values=plan.decays_on_values(dk)), plan,
       grid=(bh, dv // bv),
       in_specs=[full(c, dk), v_blocked(c), layout.sequence(dk), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
-      name="gdn_chunk_states")(*args)
+      name="gdn_chunk_states", shared_bytes=shared)(*args)
 
 
 # --- backward ----------------------------------------------------------------------------
@@ -204,10 +218,13 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  shared = _value_side_shared(
+      plan, dk, bv, c, [(dk, q.dtype), (1, qd_col.dtype), (dk, k.dtype), (1, kd_col.dtype),
+                        (dk, w.dtype), (bv, d_o.dtype), (bv, dv_local.dtype)], k.dtype)
   return backend.call(
       functools.partial(_backward_loop_kernel, scale=scale,
                         on_values=plan.decays_on_values(dk)), plan, grid=(bh, dv // bv),
       in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
                 full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
-      name="gdn_chunk_state_grads")(*args)
+      name="gdn_chunk_state_grads", shared_bytes=shared)(*args)
