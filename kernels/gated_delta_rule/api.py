@@ -65,7 +65,7 @@ def _inverse(cfg, k, beta, g_cum, seg):
 
 def _states(cfg, t, k, v, beta, qd, kd, hd, h0):
   sd = jnp.dtype(cfg.state_dtype)
-  w, u = prepare.wy_transform(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(qd),
+  w, u = prepare.wy_transform(cfg.plan, cfg.layout, t, k, v, _row(beta), _row(beta * qd),
                               state_dtype=sd)
   h, v_new, h_last = state.chunk_states(cfg.plan, cfg.layout, w, u, k, _col(kd), hd, h0,
                                         state_dtype=sd)

@@ -1,6 +1,6 @@
 """Kernel 3: outputs, and the state-free part of dV_new's gradient; parallel over chunks.
 
-  O = scale [ (qd Q) h + (Q K^T * causal decay) V_new ]      (PAPER.md section 2, step 6)
+  O = scale [ qd (Q h) + (Q K^T * causal decay) V_new ]      (PAPER.md section 2, step 6)
   dV_local = scale (Q K^T * causal decay)^T dO
 """
 from __future__ import annotations
@@ -25,12 +25,15 @@ def _output_kernel(q_ref, k_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
   dtype = q.dtype
   p = _attention(q, k_ref[...], g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...],
                  dtype)
-  q_in = qd_ref[...] * q.astype(cm.F32)
+  # (qd Q) h = qd (Q h): the per-row factor goes on the [C, block_v] product, so Q enters
+  # the dot as loaded (no [C, Dk] fp32 copy held across the value loop, and no rounding
+  # of qd Q to the input dtype).
+  qd = qd_ref[...]
   # The scores once per chunk, then value blocks in turn: only a [Dk, block_v] state tile
   # and a [C, block_v] accumulator live at a time.
   for start in range(0, v_new_ref.shape[-1], block_v):
     cols = pl.ds(start, block_v)
-    o = cm.mm(q_in, h_ref[:, cols], dtype=dtype) + cm.mm(p, v_new_ref[:, cols], dtype=dtype)
+    o = qd * cm.mm(q, h_ref[:, cols], dtype=dtype) + cm.mm(p, v_new_ref[:, cols], dtype=dtype)
     o_ref[:, cols] = (scale * o).astype(o_ref.dtype)
 
 
