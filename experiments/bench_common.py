@@ -111,7 +111,8 @@ def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str,
   per_name: dict[str, float] = {}
   for e in events:
     if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-      per_name[e.get("name", "?")] = per_name.get(e.get("name", "?"), 0.0) + e.get("dur", 0)
+      name = e.get("name", "?")
+      per_name[name] = per_name.get(name, 0.0) + e.get("dur", 0)
   # Which of the anchor's kernels carry its time says where ours must catch up.
   for name, us in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
     print(f"  {os.path.basename(trace_path)}: {us / 1e3 / calls:8.4f} ms  {name[:90]}")

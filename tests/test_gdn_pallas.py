@@ -280,7 +280,7 @@ def test_recurrence_stages_fit_shared_memory(monkeypatch, dk, decay_on, states_s
   def loss(q, k, v, g, beta):
     o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=dk ** -0.5, platform="gpu",
                                          interpret=False, decay_on=decay_on,
-                                         recurrence_block_v=64)   # the H200's shape's
+                                         recurrence_block_v=64)   # as at 4x4096x8x256
     return o.astype(jnp.float32).sum()
 
   sds = helpers.sds

@@ -55,19 +55,20 @@ def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=F
   return dv, hd * dh + scale * from_o - cm.mm(w, dv, ta=True, dtype=dtype)
 
 
-# --- forward -----------------------------------------------------------------------------
-
 def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype):
   """backend.call's shared_bytes for a GPU recurrence: in the value-side form the loaded
   [C, D] tiles go into the dots as loaded, so Triton stages every step's loads
   (`step_tiles`: (columns, dtype) of each [C, columns] tile) num_stages deep beside the
   state's [Dk, bv] operand copy; at Dk = 256 three stages overflow shared memory. None
-  for the key-side form (its K / Q tiles pass through registers) and off the GPU."""
-  if plan.platform != "gpu" or not plan.decays_on_values(dk):
+  for the key-side form (its K / Q tiles pass through registers); backend.call applies it
+  on the GPU only."""
+  if not plan.decays_on_values(dk):
     return None
   step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in step_tiles)
   return step, dk * bv * jnp.dtype(state_dtype).itemsize
 
+
+# --- forward -----------------------------------------------------------------------------
 
 def _rows(n, chunk):
   """Chunk n's rows of a whole-sequence token block [T, D] (GPU layout)."""
