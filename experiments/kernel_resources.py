@@ -1,0 +1,175 @@
+"""Registers, spills and shared memory of the GDN Pallas kernels on sm_90, without a GPU.
+
+  python3 -m pip install -e '.[ptx]'           # the Triton wheel: its compiler and ptxas
+  python3 -m experiments.kernel_resources --shapes=4x4096x8x256 \\
+      --implementations='pallas,pallas:decay_on=values;recurrence_block_v=32'
+  python3 -m experiments.kernel_resources --nocompile    # launch parameters only (no Triton)
+
+Why: GPU time is scarce and a kernel that spills registers to local memory (stack > 0
+below) or stages more than the 227 KB of an H100/H200 SM's shared memory is slow or does
+not compile, which the CPU machine can tell before a GPU call is spent on it. The spread
+of regs/stack across launch parameters says which variants are worth timing.
+
+How: forward and backward of `chunk_gated_delta_rule_pallas` are lowered for 'cuda' on
+the host (as tests/test_lowering.py does); a hook on JAX's Pallas Triton lowering keeps
+each kernel's Triton IR (TTIR) with the num_warps / num_stages it was given; the Triton
+wheel compiles the TTIR for sm_90 and cuobjdump (shipped in the wheel) reads REG, STACK
+and the shared bytes. The hook uses JAX internals (jax._src.pallas; checked with jax
+0.10.2): when they move, this script says so and stops. The GPU machine's jaxlib carries
+its own Triton build, so the numbers approximate what it compiles; the timing still
+decides (experiments/bench_kernels.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+from absl import app, flags
+
+import jax
+import jax.numpy as jnp
+
+from experiments import bench_common
+from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", ["4x4096x8x256"], "BxTxHxD shapes (Dk = Dv = D).")
+flags.DEFINE_list("implementations", ["pallas"],
+                  "'pallas' or 'pallas:k=v;k=v' (fields of the kernels' backend.Plan, as "
+                  "experiments/bench_kernels.py takes them).")
+flags.DEFINE_string("kernels", "", "Regular expression: only kernels whose name matches.")
+flags.DEFINE_bool("compile", True, "Compile with the Triton wheel and report resources "
+                  "(--nocompile: names and launch parameters only).")
+flags.DEFINE_integer("capability", 90, "CUDA compute capability to compile for.")
+flags.DEFINE_string("out", "", "JSON file for the rows ('' : none).")
+
+
+@contextlib.contextmanager
+def captured_kernels():
+  """Within: every pallas_call lowered through the Triton lowering appends
+  {'name', 'num_warps', 'num_stages', 'ttir'} to the yielded list."""
+  try:
+    from jax._src.pallas import core as pallas_core
+    from jax._src.pallas.triton import core as triton_core
+    from jax._src.pallas.triton import pallas_call_registration as registration
+    rules = pallas_core._backend_lowering_rules          # noqa: SLF001 (see the docstring)
+    rule, platform = rules[triton_core.CompilerParams]
+    lower_module = registration.lowering.lower_jaxpr_to_triton_module
+  except (ImportError, AttributeError, KeyError) as e:
+    raise RuntimeError(f"jax {jax.__version__}: the Pallas Triton lowering's internals this "
+                       f"script hooks have moved ({e!r}); update captured_kernels") from e
+  kernels, modules = [], []
+
+  def keep_module(*args, **kwargs):
+    result = lower_module(*args, **kwargs)
+    modules.append(result.module)
+    return result
+
+  def lowering_rule(ctx, *in_nodes, **params):
+    before = len(modules)
+    out = rule(ctx, *in_nodes, **params)
+    compiler = params["compiler_params"]
+    # The lowering's own defaults when a kernel passes none (4 warps, 3 stages on CUDA).
+    kernels.append(dict(
+        name=params["jaxpr"].debug_info.func_name,
+        num_warps=getattr(compiler, "num_warps", None) or 4,
+        num_stages=getattr(compiler, "num_stages", None) or 3,
+        ttir=modules[before].operation.get_asm(enable_debug_info=False)))
+    return out
+
+  rules[triton_core.CompilerParams] = (lowering_rule, platform)
+  registration.lowering.lower_jaxpr_to_triton_module = keep_module
+  try:
+    yield kernels
+  finally:
+    rules[triton_core.CompilerParams] = (rule, platform)
+    registration.lowering.lower_jaxpr_to_triton_module = lower_module
+
+
+def gdn_kernels(shape: tuple[int, int, int, int], options: dict) -> list[dict]:
+  """The distinct kernels of one forward+backward at `shape` (bf16, as the layer calls
+  it), by name."""
+  b, t, h, d = shape
+
+  def loss(q, k, v, g, beta):
+    o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=d ** -0.5, platform="gpu",
+                                         interpret=False, **options)
+    return o.astype(jnp.float32).sum()
+
+  token = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  scalar = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+  with captured_kernels() as kernels:
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(
+        token, token, token, scalar, scalar).lower(lowering_platforms=("cuda",))
+  # The backward recomputes the forward's states: the same kernel, lowered twice.
+  unique = {(k["name"], k["ttir"]): k for k in kernels}
+  return sorted(unique.values(), key=lambda k: k["name"])
+
+
+def resources(kernel: dict, capability: int) -> dict:
+  """Compile one captured kernel with the Triton wheel -> {'regs', 'stack', 'shared'}
+  (registers per thread, local stack bytes per thread: spills, shared memory bytes)."""
+  try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+  except ImportError as e:
+    raise RuntimeError("compiling needs the Triton wheel: python3 -m pip install -e "
+                       "'.[ptx]' (or pass --nocompile)") from e
+  with tempfile.TemporaryDirectory() as tmp:
+    ttir = os.path.join(tmp, f"{kernel['name']}.ttir")
+    with open(ttir, "w") as f:
+      f.write(kernel["ttir"])
+    compiled = triton.compile(ttir, target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=kernel["num_warps"],
+                                           num_stages=kernel["num_stages"]))
+    cubin = os.path.join(tmp, "kernel.cubin")
+    with open(cubin, "wb") as f:
+      f.write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True,
+                           text=True, check=True).stdout
+  field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
+  return dict(regs=field("REG"), stack=field("STACK"), shared=compiled.metadata.shared)
+
+
+def main(argv):
+  del argv
+  pattern = re.compile(FLAGS.kernels)
+  rows = []
+  columns = ["shape", "impl", "kernel", "warps", "stages"]
+  if FLAGS.compile:
+    columns += ["regs", "stack", "shared_kb"]
+  for shape_text in FLAGS.shapes:
+    shape = tuple(int(x) for x in shape_text.split("x"))
+    for impl in FLAGS.implementations:
+      _, options = bench_common.parse_implementation(impl)
+      for kernel in gdn_kernels(shape, options or {}):
+        if not pattern.search(kernel["name"]):
+          continue
+        row = dict(shape=shape_text, impl=impl, kernel=kernel["name"],
+                   warps=kernel["num_warps"], stages=kernel["num_stages"])
+        if FLAGS.compile:
+          try:
+            found = resources(kernel, FLAGS.capability)
+            row.update(found, shared_kb=round(found["shared"] / 1024, 1))
+          except subprocess.CalledProcessError as e:
+            row["error"] = (e.stderr or str(e))[-300:]
+          except Exception as e:   # a kernel Triton refuses (shared memory...): say which
+            if isinstance(e, RuntimeError) and "pip install" in str(e):
+              raise
+            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        rows.append(row)
+  bench_common.print_table(rows, columns + (["error"] if any("error" in r for r in rows)
+                                            else []))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(dict(env=bench_common.environment(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

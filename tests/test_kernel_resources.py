@@ -1,0 +1,48 @@
+"""experiments/kernel_resources.py: the TTIR hook works on this jax, and (with the Triton
+wheel, the 'ptx' extra) the kernels compile for sm_90 with their resources read back."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = {"gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_outputs",
+           "gdn_local_value_grads", "gdn_chunk_state_grads", "gdn_chunk_qk_grads",
+           "gdn_wy_grads"}
+
+
+def _run(tmp_path, *flags):
+  out = tmp_path / "resources.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.kernel_resources", "--shapes=1x128x2x256",
+       f"--out={out}", *flags],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(out.read_text())["rows"]
+
+
+def test_every_kernel_is_captured_once_with_its_launch(tmp_path):
+  rows = _run(tmp_path, "--nocompile",
+              "--implementations=pallas:decay_on=values;recurrence_block_v=64;"
+              "launch=gdn_wy_inverse=2/1")
+  launch = {r["kernel"]: (r["warps"], r["stages"]) for r in rows}
+  assert len(rows) == len(launch) and set(launch) == KERNELS
+  assert launch["gdn_wy_inverse"] == (2, 1)           # the launch entry
+  assert launch["gdn_chunk_states"][1] == 2           # value side at Dk = 256: capped stages
+  assert all("regs" not in r for r in rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs the Triton wheel (pip install -e '.[ptx]')")
+def test_kernels_compile_and_report_resources(tmp_path):
+  rows = _run(tmp_path, "--kernels=gdn_chunk_(states|outputs)$")
+  assert {r["kernel"] for r in rows} == {"gdn_chunk_states", "gdn_chunk_outputs"}
+  for r in rows:
+    assert "error" not in r, r
+    assert 0 < r["regs"] <= 255 and r["stack"] >= 0 and 0 < r["shared"] <= 232448, r
