@@ -156,11 +156,13 @@ def test_plan_options_reach_the_kernels_from_op_and_layer():
   layer(None)(x)     # CPU: 'xla' runs; the GPU kernels' options do not apply
 
 
-@pytest.mark.parametrize("platform,form", [("gpu", None), ("tpu", None), ("gpu", "doubling")])
-def test_wy_inverse_kernel_inverts(platform, form):
+@pytest.mark.parametrize("platform,form,dk", [("gpu", None, 32), ("tpu", None, 32),
+                                              ("gpu", "doubling", 32), ("gpu", None, 256)])
+def test_wy_inverse_kernel_inverts(platform, form, dk):
   """Both inverse algorithms (16-row blocks on GPU, masked doubling on TPU) give
-  (I + A)^-1 for a chunk with a document start inside it."""
-  c, dk = 64, 32
+  (I + A)^-1 for a chunk with a document start inside it; Dk = 256 sums the blocked
+  form's Gram blocks over four slices of key columns."""
+  c = 64
   rng = np.random.default_rng(11)
   k = rng.standard_normal((1, 1, c, dk)).astype(np.float32)
   k /= np.linalg.norm(k, axis=-1, keepdims=True)

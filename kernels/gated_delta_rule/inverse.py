@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 BLOCK = 16
+KEY_COLUMNS = 64
 
 
 def _full_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_ref, *, dtype,
@@ -36,18 +37,28 @@ def _full_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_ref,
 
 def _blocked_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_ref, *, dtype,
                     precision):
-  num_blocks = k_ref.shape[0] // BLOCK
+  chunk, dk = k_ref.shape
+  num_blocks = chunk // BLOCK
   rows = lambda i: pl.ds(i * BLOCK, BLOCK)
   i_iota = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0)
   j_iota = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
-  k = [k_ref[rows(i), :] for i in range(num_blocks)]
+  # The Gram blocks K_i K_j^T summed over key columns KEY_COLUMNS at a time: only those
+  # columns of K are live (all of a [C, 256] K in registers spilled kilobytes a thread).
+  gram = {}
+  for d in range(0, dk, min(dk, KEY_COLUMNS)):
+    cols = pl.ds(d, min(dk, KEY_COLUMNS))
+    k = [k_ref[rows(i), cols] for i in range(num_blocks)]
+    for i in range(num_blocks):
+      for j in range(i + 1):
+        part = cm.mm(k[i], k[j], tb=True, dtype=dtype)
+        gram[i, j] = part if d == 0 else gram[i, j] + part
 
   def a_block(i, j):
     """A's block (i, j), i >= j: [16, 16]."""
     same_doc = seg_ref[rows(i), :] == seg_row_ref[:, rows(j)]
     mask = same_doc & (i_iota > j_iota) if i == j else same_doc
     decay = cm.masked_exp2(g_ref[rows(i), :] - g_row_ref[:, rows(j)], mask)
-    return beta_ref[rows(i), :] * cm.mm(k[i], k[j], tb=True, dtype=dtype) * decay
+    return beta_ref[rows(i), :] * gram.pop((i, j)) * decay
 
   mm = functools.partial(cm.mm, precision=precision)
   t = {}
