@@ -11,22 +11,27 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 
-def _kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, w_ref, u_ref, *, precision, low):
+def _kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, w_ref, u_ref, *, precision, low,
+            block_k, block_v):
   t = t_ref[...]
   # low: operands rounded to the inputs' dtype (bf16 tensor-core products, as FLA).
   mm = (functools.partial(cm.mm, dtype=k_ref.dtype) if low
         else functools.partial(cm.mm, precision=precision))
   # T diag(beta) V: the per-token factors scale T's [C, C] columns (rows [1, C]) rather
   # than V's and K's [C, D] rows, so K and V enter the dots as loaded: no [C, D] fp32
-  # copies (at D = 256, 128 registers a thread at 4 warps each).
-  u = mm(t * beta_ref[...], v_ref[...])
-  w = mm(t * bqd_ref[...], k_ref[...])
-  u_ref[...] = u.astype(u_ref.dtype)
-  w_ref[...] = w.astype(w_ref.dtype)
+  # copies. Column blocks, each stored before the next: one [C, block] fp32 product live
+  # (all of U and W at D = 256 took 256 registers a thread at 4 warps, and spilled).
+  for out_ref, in_ref, factor, block in ((u_ref, v_ref, beta_ref, block_v),
+                                         (w_ref, k_ref, bqd_ref, block_k)):
+    scaled = t * factor[...]
+    for start in range(0, in_ref.shape[-1], block):
+      cols = pl.ds(start, block)
+      out_ref[:, cols] = mm(scaled, in_ref[:, cols]).astype(out_ref.dtype)
 
 
 def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_row, bqd_row, *,
@@ -38,7 +43,8 @@ def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_row, 
   row = backend.per_chunk(1, c)
   return backend.call(
       functools.partial(_kernel, precision=plan.inverse_dot_precision(k.dtype),
-                        low=plan.wy_dtype(k.dtype) != jnp.float32),
+                        low=plan.wy_dtype(k.dtype) != jnp.float32,
+                        block_k=plan.key_block(dk), block_v=plan.value_block(dv)),
       plan, grid=(bh, n),
       in_specs=[backend.per_chunk(c, c), layout.block(dk), layout.block(dv), row, row],
       out_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv)],
