@@ -39,18 +39,26 @@ def _kernel(q_ref, k_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref, kd_ref
   d_s = None
   for k_start in range(0, dk_dim, block_k):
     rows = pl.ds(k_start, block_k)
-    do_h, v_dh, d_w = zeros(chunk, block_k), zeros(chunk, block_k), zeros(chunk, block_k)
-    # Static slices over value blocks: only [block_k, block_v] tiles of the states are live.
-    for v_start in range(0, dv_dim, block_v):
-      cols = pl.ds(v_start, block_v)
+    first = d_s is None
+
+    # Value blocks in a loop: only [block_k, block_v] tiles of the states are live. Unrolled,
+    # the scheduler hoisted later blocks' loads: 472 stack bytes a thread at Dv = 256 on
+    # sm_90 with 4 warps, 104 as a loop (experiments/kernel_resources.py, triton 3.6).
+    def value_block(j, carry):
+      d_p, do_h, v_dh, d_w, dhd = carry
+      cols = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
       h, dh = h_ref[rows, cols].astype(cm.F32), dh_ref[rows, cols].astype(cm.F32)
       d_o, v_new, dv = do_ref[:, cols], v_new_ref[:, cols], dv_ref[:, cols]
-      if d_s is None:   # dL/dP needs one pass over the values: the first key block's
+      if first:   # dL/dP needs one pass over the values: the first key block's
         d_p = d_p + cm.mm(d_o, v_new, tb=True, dtype=dtype)
-      do_h = do_h + cm.mm(d_o, h, tb=True, dtype=dtype)
-      v_dh = v_dh + cm.mm(v_new, dh, tb=True, dtype=dtype)
-      d_w = d_w - cm.mm(dv, h, tb=True, dtype=dtype)
-      dhd = dhd + jnp.sum(cm.rowsum(h * dh), axis=0, keepdims=True)
+      return (d_p, do_h + cm.mm(d_o, h, tb=True, dtype=dtype),
+              v_dh + cm.mm(v_new, dh, tb=True, dtype=dtype),
+              d_w - cm.mm(dv, h, tb=True, dtype=dtype),
+              dhd + jnp.sum(cm.rowsum(h * dh), axis=0, keepdims=True))
+
+    d_p, do_h, v_dh, d_w, dhd = jax.lax.fori_loop(
+        0, dv_dim // block_v, value_block,
+        (d_p, zeros(chunk, block_k), zeros(chunk, block_k), zeros(chunk, block_k), dhd))
     if d_s is None:
       d_s = scale * d_p * causal
     q, k = q_ref[:, rows], k_ref[:, rows]
