@@ -32,20 +32,28 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
           else functools.partial(cm.mm, precision=precision))
   chunk, dk_dim = k_ref.shape
   zeros = lambda *shape: jnp.zeros(shape, cm.F32)
-  d_t, dbeta = zeros(chunk, chunk), zeros(chunk, 1)               # dL/dT
-  # U = T (beta V).
-  for v_start in range(0, v_ref.shape[-1], block_v):
-    cols = pl.ds(v_start, block_v)
+  blocks = lambda size, block: pl.ds(pl.multiple_of(size * block, block), block)
+
+  # The column loops are loops, not unrolled: unrolled, the scheduler hoisted later
+  # blocks' loads and the program spilled (experiments/kernel_resources.py).
+  def value_block(j, carry):          # U = T (beta V)
+    d_t, dbeta = carry
+    cols = blocks(j, block_v)
     dv, vf = dv_ref[:, cols], v_ref[:, cols].astype(cm.F32)
     t_du = mm_t(t, dv, ta=True)
     dvin_ref[:, cols] = (beta * t_du).astype(dvin_ref.dtype)
-    dbeta = dbeta + cm.rowsum(vf * t_du)
-    d_t = d_t + cm.mm(dv, beta * vf, tb=True, dtype=dtype)
-  # W = T (beta qd K): dT needs every key column before dA exists, so two passes.
-  for k_start in range(0, dk_dim, block_k):
-    rows = pl.ds(k_start, block_k)
-    d_t = d_t + cm.mm(dw_ref[:, rows], bq * k_ref[:, rows].astype(cm.F32), tb=True,
-                      dtype=dtype)
+    return (d_t + cm.mm(dv, beta * vf, tb=True, dtype=dtype),
+            dbeta + cm.rowsum(vf * t_du))
+
+  d_t, dbeta = jax.lax.fori_loop(0, v_ref.shape[-1] // block_v, value_block,
+                                 (zeros(chunk, chunk), zeros(chunk, 1)))   # dL/dT
+
+  def key_block_dt(j, d_t):           # W = T (beta qd K): dT needs every key column
+    rows = blocks(j, block_k)         # before dA exists, so two passes over them
+    return d_t + cm.mm(dw_ref[:, rows], bq * k_ref[:, rows].astype(cm.F32), tb=True,
+                       dtype=dtype)
+
+  d_t = jax.lax.fori_loop(0, dk_dim // block_k, key_block_dt, d_t)
   # A = beta (B * Ds) with B = K K^T and Ds the strict decays: everything needing B and dA
   # first, so that only dL/dB stays live through the dk loop below.
   d_a_ds = -mm_t(mm_t(t, d_t, ta=True), t, tb=True) * strict      # dA * Ds
@@ -53,15 +61,17 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   dbeta = dbeta + cm.rowsum(d_a_ds * b)
   e = beta * d_a_ds                                                # dL/dB
   dg_ref[...], dg_row_ref[...] = cm.decay_grads(e * b)            # Z = dDs * Ds
-  k_t_dw = zeros(chunk, 1)
-  for k_start in range(0, dk_dim, block_k):
-    rows = pl.ds(k_start, block_k)
+
+  def key_block_dk(j, k_t_dw):
+    rows = blocks(j, block_k)
     k = k_ref[:, rows]
     t_dw = mm_t(t, dw_ref[:, rows], ta=True)                        # [C, block_k]
-    k_t_dw = k_t_dw + cm.rowsum(k.astype(cm.F32) * t_dw)
     dk = (dk_part_ref[:, rows] + bq * t_dw + cm.mm(e, k, dtype=dtype)
           + cm.mm(e, k, ta=True, dtype=dtype))
     dk_ref[:, rows] = dk.astype(dk_ref.dtype)
+    return k_t_dw + cm.rowsum(k.astype(cm.F32) * t_dw)
+
+  k_t_dw = jax.lax.fori_loop(0, dk_dim // block_k, key_block_dk, zeros(chunk, 1))
   dbeta_ref[...] = dbeta + qd * k_t_dw
   dqd_ref[...] = beta * k_t_dw
 
