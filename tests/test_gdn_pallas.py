@@ -303,6 +303,34 @@ def test_recurrence_value_block_fills_the_gpu(sequences, dv, want):
   assert Plan("tpu").recurrence_value_block(dv, sequences) == dv
 
 
+@pytest.mark.parametrize("dk,kernel,want", [
+    (256, "gdn_chunk_states", 32),         # 4 warps: [256, 64] fp32 is 128 registers a thread
+    (256, "gdn_chunk_state_grads", 64),    # 8 warps: 64 a thread, kept
+    (128, "gdn_chunk_states", 64),         # the Dk = 128 shapes keep their measured blocks
+    (64, "gdn_chunk_states", 64),
+])
+def test_recurrence_value_block_keeps_the_state_in_registers(dk, kernel, want):
+  """At (4, 4096, 8, 256) (32 sequences, Dv 256) the program target alone gives 64
+  columns; the register cap halves them where the kernel's warps cannot hold the fp32
+  [Dk, block] state in STATE_REGISTERS a thread. An explicit recurrence_block_v wins."""
+  assert Plan("gpu").recurrence_value_block(256, 32, dk, kernel) == want
+  assert Plan("gpu", recurrence_block_v=64).recurrence_value_block(256, 32, dk, kernel) == 64
+  assert Plan("gpu", launch="gdn_chunk_states=8/3").recurrence_value_block(
+      256, 32, 256, "gdn_chunk_states") == 64
+
+
+def test_decays_on_values_auto_per_recurrence():
+  """'auto': the forward recurrence takes the decays on the value side on GPU at every
+  Dk; the reverse one up to Dk = 128 (at 256 the key side was faster on the H100); TPU
+  keeps the key side; an explicit choice applies to both."""
+  gpu, tpu = Plan("gpu"), Plan("tpu")
+  assert gpu.decays_on_values(256) and gpu.decays_on_values(128, backward=True)
+  assert not gpu.decays_on_values(256, backward=True)
+  assert not tpu.decays_on_values(64) and not tpu.decays_on_values(64, backward=True)
+  assert not Plan("gpu", decay_on="keys").decays_on_values(64)
+  assert Plan("gpu", decay_on="values").decays_on_values(256, backward=True)
+
+
 @pytest.mark.parametrize("options,needle", [
     (dict(platform="cuda"), "platform"),
     (dict(platform="tpu", inverse_precision="tf32x3"), "inverse_precision"),

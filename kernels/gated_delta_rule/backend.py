@@ -50,6 +50,11 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
 # SMs): Plan.recurrence_block_v.
 RECURRENCE_PROGRAMS = 128
 _MIN_RECURRENCE_BLOCK = 16
+# ... and no wider than keeps the carried fp32 state within this many registers a thread
+# (of 255): H100, (4, 4096, 8, 256), the forward recurrence's [256, 64] state at 4 warps
+# (128 a thread) spilled 880 bytes a thread; [256, 32] ran spill-free, its stage 0.750 ->
+# 0.611 ms (with decays on the values; twelfth session, BENCHMARKS.md).
+STATE_REGISTERS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,15 +110,17 @@ class Plan:
     apply the per-token decay factors: 'keys' (scale the [C, Dk] key and query tiles in
     fp32, then cast them for the dot) or 'values' (scale the [C, block_v] value-side tiles
     instead, as FLA's recurrence does, so K and Q go into the dots as loaded). Same math,
-    rounding moved to the other operand. 'auto' (default): 'values' on GPU up to Dk = 128,
-    else 'keys' (`decays_on_values`). H200, bf16, (1, 16384, 16, 128): fwd / fwd+bwd 1.187 /
+    rounding moved to the other operand. 'auto' (default): on GPU 'values' for the forward
+    recurrence, and for the reverse one up to Dk = 128; else 'keys' (`decays_on_values`).
+    H100, twelfth session, (4, 4096, 8, 256): the forward stage (WY transform + states)
+    0.750 ms 'keys' (spilling) against 0.611 'values' with 32-column blocks; the reverse
+    0.653 'keys' against 0.888 'values' (8 warps, 1 stage). H200, bf16, (1, 16384, 16, 128): fwd / fwd+bwd 1.187 /
     4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the 0.4B GDN train step 0.295 vs
     0.294 s. In the 'values' form K and Q feed the dots straight from the loads, which
     Triton pipelines through shared memory: at Dk = 256 the states kernel's three stages
-    asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200), so that form's stages
-    are now capped to what fits (`stages_that_fit`: 2 forward, 1 backward there); whether
-    it then beats 'keys' at Dk = 256 is unmeasured. The TPU form is untimed either way and
-    keeps 'keys'.
+    of 64-column blocks asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200), so
+    that form's stages are capped to what fits (`stages_that_fit`; 32-column blocks fit 3).
+    The TPU form is untimed either way and keeps 'keys'.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
     transform and the state recurrence (FLA recomputes them; on the H200 that stage took
@@ -202,10 +209,11 @@ class Plan:
     low = self.wy_operands == "input" and jax.numpy.dtype(input_dtype) != jax.numpy.float32
     return jax.numpy.dtype(input_dtype) if low else jax.numpy.dtype("float32")
 
-  def decays_on_values(self, dk: int) -> bool:
-    """Whether the recurrences put the decay factors on the value side (`decay_on`)."""
+  def decays_on_values(self, dk: int, *, backward: bool = False) -> bool:
+    """Whether the forward (or, `backward`, the reverse) recurrence puts the decay factors
+    on the value side (`decay_on`)."""
     if self.decay_on == "auto":
-      return self.platform == "gpu" and dk <= 128
+      return self.platform == "gpu" and (not backward or dk <= 128)
     return self.decay_on == "values"
 
   def value_block(self, dv: int) -> int:
@@ -214,9 +222,11 @@ class Plan:
     memory; TPU: all of Dv, VMEM holds it)."""
     return dv if self.platform == "tpu" else min(self.block_v, dv)
 
-  def recurrence_value_block(self, dv: int, sequences: int) -> int:
-    """Value columns per program of the GPU recurrences over `sequences` (batch x head)
-    rows (`recurrence_block_v`)."""
+  def recurrence_value_block(self, dv: int, sequences: int, dk: int | None = None,
+                             kernel: str | None = None) -> int:
+    """Value columns per program of the GPU recurrence `kernel` over `sequences` (batch x
+    head) rows (`recurrence_block_v`); given dk and kernel, also no more than keep the
+    fp32 [dk, block] state within STATE_REGISTERS a thread at that kernel's warps."""
     if self.platform == "tpu":
       return self.value_block(dv)
     if self.recurrence_block_v is not None:
@@ -224,6 +234,10 @@ class Plan:
     block = self.value_block(dv)
     while block > _MIN_RECURRENCE_BLOCK and sequences * (dv // block) < RECURRENCE_PROGRAMS:
       block //= 2
+    if dk is not None and kernel is not None:
+      threads = 32 * (lowering.launch_params(self, kernel)[0] or 4)
+      while block > _MIN_RECURRENCE_BLOCK and dk * block > STATE_REGISTERS * threads:
+        block //= 2
     return block
 
   def key_block(self, dk: int) -> int:

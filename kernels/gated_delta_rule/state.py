@@ -55,14 +55,14 @@ def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=F
   return dv, hd * dh + scale * from_o - cm.mm(w, dv, ta=True, dtype=dtype)
 
 
-def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype):
+def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype, *, backward):
   """backend.call's shared_bytes for a GPU recurrence: in the value-side form the loaded
   [C, D] tiles go into the dots as loaded, so Triton stages every step's loads
   (`step_tiles`: (columns, dtype) of each [C, columns] tile) num_stages deep beside the
   state's [Dk, bv] operand copy; at Dk = 256 three stages overflow shared memory. None
   for the key-side form (its K / Q tiles pass through registers); backend.call applies it
   on the GPU only."""
-  if not plan.decays_on_values(dk):
+  if not plan.decays_on_values(dk, backward=backward):
     return None
   step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in step_tiles)
   return step, dk * bv * jnp.dtype(state_dtype).itemsize
@@ -133,12 +133,12 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
         out_specs=[chunk(dk, dv), chunk(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_states")(*args)
-  bv = plan.recurrence_value_block(dv, bh)
+  bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_states")
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   shared = _value_side_shared(plan, dk, bv, c, [(dk, w.dtype), (bv, u.dtype), (dk, k.dtype),
-                                                 (1, kd_col.dtype)], k.dtype)
+                                                 (1, kd_col.dtype)], k.dtype, backward=False)
   return backend.call(
       functools.partial(_forward_loop_kernel, on_values=plan.decays_on_values(dk)), plan,
       grid=(bh, dv // bv),
@@ -209,22 +209,25 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
         functools.partial(_backward_grid_kernel, scale=scale,
-                          on_values=plan.decays_on_values(dk)), plan, grid=(bh, n),
+                          on_values=plan.decays_on_values(dk, backward=True)), plan,
+        grid=(bh, n),
         in_specs=[rev(c, dk), rev(c, 1), rev(c, dk), rev(c, 1), rev(1, 1), rev(c, dk),
                   rev(c, dv), rev(c, dv), whole],
         out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_state_grads")(*args)
-  bv = plan.recurrence_value_block(dv, bh)
+  bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_state_grads")
   full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
   v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
   state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
   shared = _value_side_shared(
       plan, dk, bv, c, [(dk, q.dtype), (1, qd_col.dtype), (dk, k.dtype), (1, kd_col.dtype),
-                        (dk, w.dtype), (bv, d_o.dtype), (bv, dv_local.dtype)], k.dtype)
+                        (dk, w.dtype), (bv, d_o.dtype), (bv, dv_local.dtype)], k.dtype,
+      backward=True)
   return backend.call(
       functools.partial(_backward_loop_kernel, scale=scale,
-                        on_values=plan.decays_on_values(dk)), plan, grid=(bh, dv // bv),
+                        on_values=plan.decays_on_values(dk, backward=True)), plan,
+      grid=(bh, dv // bv),
       in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
                 full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
