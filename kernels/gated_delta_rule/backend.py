@@ -53,7 +53,7 @@ _MIN_RECURRENCE_BLOCK = 16
 # ... and no wider than keeps the carried fp32 state within this many registers a thread
 # (of 255): H100, (4, 4096, 8, 256), the forward recurrence's [256, 64] state at 4 warps
 # (128 a thread) spilled 880 bytes a thread; [256, 32] ran spill-free, its stage 0.750 ->
-# 0.611 ms (with decays on the values; twelfth session, BENCHMARKS.md).
+# 0.611 ms (with decays on the values; eleventh session, BENCHMARKS.md).
 STATE_REGISTERS = 64
 
 
@@ -112,7 +112,7 @@ class Plan:
     instead, as FLA's recurrence does, so K and Q go into the dots as loaded). Same math,
     rounding moved to the other operand. 'auto' (default): on GPU 'values' for the forward
     recurrence, and for the reverse one up to Dk = 128; else 'keys' (`decays_on_values`).
-    H100, twelfth session, (4, 4096, 8, 256): the forward stage (WY transform + states)
+    H100, eleventh session, (4, 4096, 8, 256): the forward stage (WY transform + states)
     0.750 ms 'keys' (spilling) against 0.611 'values' with 32-column blocks; the reverse
     0.653 'keys' against 0.888 'values' (8 warps, 1 stage). H200, bf16, (1, 16384, 16, 128): fwd / fwd+bwd 1.187 /
     4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the 0.4B GDN train step 0.295 vs
