@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 F32 = jnp.float32
 
@@ -25,6 +26,13 @@ def mm(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False,
   if precision is None and dtype == F32:
     precision = jax.lax.Precision.HIGHEST
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def column_block(j, block: int):
+  """Columns [j * block, (j + 1) * block) of a ref, for a loop index j (a traced
+  scalar: qk_grads and wy_grads loop over column blocks with fori_loop, as unrolled
+  Python loops let Triton hoist later blocks' loads and spill)."""
+  return pl.ds(pl.multiple_of(j * block, block), block)
 
 
 def masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -46,7 +46,7 @@ def _kernel(q_ref, k_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref, kd_ref
     # sm_90 with 4 warps, 104 as a loop (experiments/kernel_resources.py, triton 3.6).
     def value_block(j, carry):
       d_p, do_h, v_dh, d_w, dhd = carry
-      cols = pl.ds(pl.multiple_of(j * block_v, block_v), block_v)
+      cols = cm.column_block(j, block_v)
       h, dh = h_ref[rows, cols].astype(cm.F32), dh_ref[rows, cols].astype(cm.F32)
       d_o, v_new, dv = do_ref[:, cols], v_new_ref[:, cols], dv_ref[:, cols]
       if first:   # dL/dP needs one pass over the values: the first key block's

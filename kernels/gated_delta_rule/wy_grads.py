@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
@@ -32,13 +31,11 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
           else functools.partial(cm.mm, precision=precision))
   chunk, dk_dim = k_ref.shape
   zeros = lambda *shape: jnp.zeros(shape, cm.F32)
-  blocks = lambda size, block: pl.ds(pl.multiple_of(size * block, block), block)
-
   # The column loops are loops, not unrolled: unrolled, the scheduler hoisted later
   # blocks' loads and the program spilled (experiments/kernel_resources.py).
   def value_block(j, carry):          # U = T (beta V)
     d_t, dbeta = carry
-    cols = blocks(j, block_v)
+    cols = cm.column_block(j, block_v)
     dv, vf = dv_ref[:, cols], v_ref[:, cols].astype(cm.F32)
     t_du = mm_t(t, dv, ta=True)
     dvin_ref[:, cols] = (beta * t_du).astype(dvin_ref.dtype)
@@ -48,8 +45,8 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   d_t, dbeta = jax.lax.fori_loop(0, v_ref.shape[-1] // block_v, value_block,
                                  (zeros(chunk, chunk), zeros(chunk, 1)))   # dL/dT
 
-  def key_block_dt(j, d_t):           # W = T (beta qd K): dT needs every key column
-    rows = blocks(j, block_k)         # before dA exists, so two passes over them
+  def key_block_dt(j, d_t):   # W = T (beta qd K): dT needs every key column before dA
+    rows = cm.column_block(j, block_k)   # exists, so two passes over them
     return d_t + cm.mm(dw_ref[:, rows], bq * k_ref[:, rows].astype(cm.F32), tb=True,
                        dtype=dtype)
 
@@ -63,7 +60,7 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   dg_ref[...], dg_row_ref[...] = cm.decay_grads(e * b)            # Z = dDs * Ds
 
   def key_block_dk(j, k_t_dw):
-    rows = blocks(j, block_k)
+    rows = cm.column_block(j, block_k)
     k = k_ref[:, rows]
     t_dw = mm_t(t, dw_ref[:, rows], ta=True)                        # [C, block_k]
     dk = (dk_part_ref[:, rows] + bq * t_dw + cm.mm(e, k, dtype=dtype)
