@@ -101,14 +101,16 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("decay_on", "keys"),),
                                      (("decay_on", "values"), ("platform", "tpu")),
                                      (("qk_key_grid", False), ("block_k", 16)),
-                                     (("recurrence_block_v", 16),)])
+                                     (("recurrence_block_v", 16),),
+                                     (("output_value_grid", True), ("block_k", 32))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
   bf16 as FLA), with the backward's key loops in four steps, with the forward's states
   kept for the backward, with the recurrences' decays on the key side (the default at this
   Dk puts them on the value side) and on the value side in the TPU form, and with the
   dq / dk / dW kernel's four key blocks walked in a loop (the default takes them as a grid axis), and with the recurrences' value
-  columns in four programs; value loops in two steps throughout."""
+  columns in four programs, and with the outputs over a grid of value blocks (key loop in
+  two steps); value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   options = dict(options)
@@ -341,6 +343,7 @@ def test_decays_on_values_auto_per_recurrence():
     (dict(platform="gpu", wy_operands="bf16"), "wy_operands"),
     (dict(platform="gpu", decay_on="queries"), "decay_on"),
     (dict(platform="gpu", qk_key_grid=1), "qk_key_grid must be True or False"),
+    (dict(platform="gpu", output_value_grid="yes"), "output_value_grid must be True or False"),
     (dict(platform="gpu", recurrence_block_v=24), "recurrence_block_v must be a power of two"),
 ])
 def test_kernel_plan_rejects_bad_options(options, needle):
@@ -389,7 +392,8 @@ _sds = helpers.sds
     ("gpu", "cuda", {}), ("tpu", "tpu", {}),
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
     ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
-    ("gpu", "cuda", dict(qk_key_grid=False)), ("gpu", "cuda", dict(recurrence_block_v=32))])
+    ("gpu", "cuda", dict(qk_key_grid=False)), ("gpu", "cuda", dict(recurrence_block_v=32)),
+    ("gpu", "cuda", dict(output_value_grid=True))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
