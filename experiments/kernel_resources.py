@@ -1,8 +1,10 @@
-"""Registers, spills and shared memory of the GDN Pallas kernels on sm_90, without a GPU.
+"""Registers, spills and shared memory of the Pallas GPU kernels on sm_90, without a GPU.
 
   python3 -m pip install -e '.[ptx]'           # the Triton wheel: its compiler and ptxas
   python3 -m experiments.kernel_resources --shapes=4x4096x8x256 \\
       --implementations='pallas,pallas:decay_on=values;recurrence_block_v=32'
+  python3 -m experiments.kernel_resources --op=lte --shapes=8x4096x16x64 \\
+      --implementations='pallas,pallas:far_gather=kernel'
   python3 -m experiments.kernel_resources --nocompile    # launch parameters only (no Triton)
 
 Why: GPU time is scarce and a kernel that spills registers to local memory (stack > 0
@@ -10,7 +12,8 @@ below) or stages more than the 227 KB of an H100/H200 SM's shared memory is slow
 not compile, which the CPU machine can tell before a GPU call is spent on it. The spread
 of regs/stack across launch parameters says which variants are worth timing.
 
-How: forward and backward of `chunk_gated_delta_rule_pallas` are lowered for 'cuda' on
+How: forward and backward of `chunk_gated_delta_rule_pallas` (--op=gdn) or of LTE
+attention with far keys (--op=lte: `attention_with_far_keys`) are lowered for 'cuda' on
 the host (as tests/test_lowering.py does); a hook on JAX's Pallas Triton lowering keeps
 each kernel's Triton IR (TTIR) with the num_warps / num_stages it was given; the Triton
 wheel compiles the TTIR for sm_90 and cuobjdump (shipped in the wheel) reads REG, STACK
@@ -35,12 +38,17 @@ import jax.numpy as jnp
 
 from experiments import bench_common
 from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas
+from lte_jax.kernels.lte_attention.api import attention_with_far_keys
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("shapes", ["4x4096x8x256"], "BxTxHxD shapes (Dk = Dv = D).")
+flags.DEFINE_enum("op", "gdn", ["gdn", "lte"], "Whose kernels: the chunked gated delta rule "
+                  "or LTE attention (band + far keys).")
+flags.DEFINE_list("shapes", ["4x4096x8x256"], "BxTxHxD shapes (Dk = Dv = D; for lte, H query "
+                  "and KV heads).")
+flags.DEFINE_integer("window", 768, "lte: the sliding window.")
 flags.DEFINE_list("implementations", ["pallas"],
-                  "'pallas' or 'pallas:k=v;k=v' (fields of the kernels' backend.Plan, as "
-                  "experiments/bench_kernels.py takes them).")
+                  "'pallas' or 'pallas:k=v;k=v' (fields of the op's backend.Plan, as "
+                  "experiments/bench_kernels.py and bench_lte.py take them).")
 flags.DEFINE_string("kernels", "", "Regular expression: only kernels whose name matches.")
 flags.DEFINE_bool("compile", True, "Compile with the Triton wheel and report resources "
                   "(--nocompile: names and launch parameters only).")
@@ -90,22 +98,32 @@ def captured_kernels():
     registration.lowering.lower_jaxpr_to_triton_module = lower_module
 
 
-def gdn_kernels(shape: tuple[int, int, int, int], options: dict) -> list[dict]:
-  """The distinct kernels of one forward+backward at `shape` (bf16, as the layer calls
-  it), by name."""
+def op_kernels(op: str, shape: tuple[int, int, int, int], options: dict,
+               window: int = 768) -> list[dict]:
+  """The distinct kernels of one forward+backward of `op` at `shape` (bf16, as the layers
+  call them), by name."""
   b, t, h, d = shape
-
-  def loss(q, k, v, g, beta):
-    o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=d ** -0.5, platform="gpu",
-                                         interpret=False, **options)
-    return o.astype(jnp.float32).sum()
-
   token = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
-  scalar = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+  if op == "gdn":
+    def loss(q, k, v, g, beta):
+      o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=d ** -0.5,
+                                           platform="gpu", interpret=False, **options)
+      return o.astype(jnp.float32).sum()
+
+    scalar = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+    args = (token, token, token, scalar, scalar)
+  else:
+    def loss(q, k, v, keep):
+      o = attention_with_far_keys(q, k, v, keep=keep, last=None, window_size=window,
+                                  segment_ids=None, scale=d ** -0.5, platform="gpu",
+                                  interpret=False, plan_options=options)
+      return o.astype(jnp.float32).sum()
+
+    args = (token, token, token, jax.ShapeDtypeStruct((b, t, h), jnp.bool_))
   with captured_kernels() as kernels:
-    jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(
-        token, token, token, scalar, scalar).lower(lowering_platforms=("cuda",))
-  # The backward recomputes the forward's states: the same kernel, lowered twice.
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=("cuda",))
+  # A backward may recompute forward kernels: the same kernel, lowered twice.
   unique = {(k["name"], k["ttir"]): k for k in kernels}
   return sorted(unique.values(), key=lambda k: k["name"])
 
@@ -148,7 +166,7 @@ def main(argv):
     shape = tuple(int(x) for x in shape_text.split("x"))
     for impl in FLAGS.implementations:
       _, options = bench_common.parse_implementation(impl)
-      for kernel in gdn_kernels(shape, options or {}):
+      for kernel in op_kernels(FLAGS.op, shape, options or {}, FLAGS.window):
         if not pattern.search(kernel["name"]):
           continue
         row = dict(shape=shape_text, impl=impl, kernel=kernel["name"],

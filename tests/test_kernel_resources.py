@@ -1,5 +1,6 @@
-"""experiments/kernel_resources.py: the TTIR hook works on this jax, and (with the Triton
-wheel, the 'ptx' extra) the kernels compile for sm_90 with their resources read back."""
+"""experiments/kernel_resources.py: the TTIR hook works on this jax for the GDN and LTE
+kernels, and (with the Triton wheel, the 'ptx' extra) the kernels compile for sm_90 with
+their resources read back."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,10 +17,10 @@ KERNELS = {"gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_
            "gdn_wy_grads"}
 
 
-def _run(tmp_path, *flags):
+def _run(tmp_path, *flags, shape="1x128x2x256"):
   out = tmp_path / "resources.json"
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.kernel_resources", "--shapes=1x128x2x256",
+      [sys.executable, "-m", "experiments.kernel_resources", f"--shapes={shape}",
        f"--out={out}", *flags],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600)
@@ -36,6 +37,12 @@ def test_every_kernel_is_captured_once_with_its_launch(tmp_path):
   assert launch["gdn_wy_inverse"] == (2, 1)           # the launch entry
   assert launch["gdn_chunk_states"][1] == 2           # value side at Dk = 256: capped stages
   assert all("regs" not in r for r in rows)
+
+
+def test_lte_attention_kernels_are_captured(tmp_path):
+  rows = _run(tmp_path, "--nocompile", "--op=lte", "--window=64", shape="1x256x2x64")
+  assert {r["kernel"] for r in rows} == {"lte_attention_fwd", "lte_attention_dq",
+                                         "lte_attention_dkv_band", "lte_attention_dkv_far"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
