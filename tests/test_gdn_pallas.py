@@ -107,10 +107,11 @@ def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
   bf16 as FLA), with the backward's key loops in four steps, with the forward's states
   kept for the backward, with the recurrences' decays on the key side (the default at this
-  Dk puts them on the value side) and on the value side in the TPU form, and with the
-  dq / dk / dW kernel's four key blocks walked in a loop (the default takes them as a grid axis), and with the recurrences' value
-  columns in four programs, and with the outputs over a grid of value blocks (key loop in
-  two steps); value loops in two steps throughout."""
+  Dk puts them on the value side) and on the value side in the TPU form, with the dq / dk /
+  dW kernel's four key blocks walked in a loop (the default takes them as a grid axis),
+  with the recurrences' value columns in four programs, and with the outputs and dV_local
+  over a grid of value blocks (key loops in two steps); value loops in two steps
+  throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   options = dict(options)

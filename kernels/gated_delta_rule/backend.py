@@ -114,9 +114,9 @@ class Plan:
     recurrence, and for the reverse one up to Dk = 128; else 'keys' (`decays_on_values`).
     H100, eleventh session, (4, 4096, 8, 256): the forward stage (WY transform + states)
     0.750 ms 'keys' (spilling) against 0.611 'values' with 32-column blocks; the reverse
-    0.653 'keys' against 0.888 'values' (8 warps, 1 stage). H200, bf16, (1, 16384, 16, 128): fwd / fwd+bwd 1.187 /
-    4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the 0.4B GDN train step 0.295 vs
-    0.294 s. In the 'values' form K and Q feed the dots straight from the loads, which
+    0.653 'keys' against 0.888 'values' (8 warps, 1 stage). H200, bf16, (1, 16384, 16,
+    128): fwd / fwd+bwd 1.187 / 4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the
+    0.4B GDN train step 0.295 vs 0.294 s. In the 'values' form K and Q feed the dots straight from the loads, which
     Triton pipelines through shared memory: at Dk = 256 the states kernel's three stages
     of 64-column blocks asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200), so
     that form's stages are capped to what fits (`stages_that_fit`; 32-column blocks fit 3).

@@ -106,7 +106,8 @@ def _common_specs(layout, dk):
 
 # Both kernels run one program per chunk by default (B*H*N of them, plenty): the [C, C]
 # scores and their decays are computed once, not once per value block as a grid over value
-# blocks would (Plan.output_value_grid: that grid for the outputs, as FLA's chunk_fwd_o).
+# blocks would (Plan.output_value_grid: that grid, as FLA's chunk_fwd_o and
+# chunk_bwd_dv_local).
 
 def chunk_outputs(plan: backend.Plan, layout: backend.Layout, q, k, g_col, g_row, seg_col,
                   seg_row, qd_col, h, v_new, *, scale: float, out_dtype):
