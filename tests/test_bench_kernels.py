@@ -17,7 +17,7 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_kernels", f"--out={out}", "--nofla",
        "--implementations=pallas,pallas:inverse_form=doubling;wy_operands=input;keep_states=True",
-       "--shapes=1x64x2x32", "--check_shape=1x32x2x16", "--reps=1", "--stages",
+       "--shapes=1x64x1x32", "--check_shape=1x32x1x16", "--reps=1", "--stages",
        "--tune=gdn_wy_inverse,gdn_chunk_state_grads", "--tune_launch=1/1,4/2"],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600)
