@@ -128,15 +128,21 @@ def op_kernels(op: str, shape: tuple[int, int, int, int], options: dict,
   return sorted(unique.values(), key=lambda k: k["name"])
 
 
+def _triton():
+  """The Triton wheel's module, or a usage error saying how to get it."""
+  try:
+    import triton
+  except ImportError as e:
+    raise app.UsageError("compiling needs the Triton wheel: python3 -m pip install -e "
+                         "'.[ptx]' (or pass --nocompile)") from e
+  return triton
+
+
 def resources(kernel: dict, capability: int) -> dict:
   """Compile one captured kernel with the Triton wheel -> {'regs', 'stack', 'shared'}
   (registers per thread, local stack bytes per thread: spills, shared memory bytes)."""
-  try:
-    import triton
-    from triton.backends.compiler import GPUTarget
-  except ImportError as e:
-    raise RuntimeError("compiling needs the Triton wheel: python3 -m pip install -e "
-                       "'.[ptx]' (or pass --nocompile)") from e
+  triton = _triton()
+  from triton.backends.compiler import GPUTarget
   with tempfile.TemporaryDirectory() as tmp:
     ttir = os.path.join(tmp, f"{kernel['name']}.ttir")
     with open(ttir, "w") as f:
@@ -161,6 +167,7 @@ def main(argv):
   rows = []
   columns = ["shape", "impl", "kernel", "warps", "stages"]
   if FLAGS.compile:
+    _triton()        # before any lowering: a missing wheel stops the run, not each row
     columns += ["regs", "stack", "shared_kb"]
   for shape_text in FLAGS.shapes:
     shape = tuple(int(x) for x in shape_text.split("x"))
@@ -178,8 +185,6 @@ def main(argv):
           except subprocess.CalledProcessError as e:
             row["error"] = (e.stderr or str(e))[-300:]
           except Exception as e:   # a kernel Triton refuses (shared memory...): say which
-            if isinstance(e, RuntimeError) and "pip install" in str(e):
-              raise
             row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
         rows.append(row)
   bench_common.print_table(rows, columns + (["error"] if any("error" in r for r in rows)

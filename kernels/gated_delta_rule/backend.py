@@ -116,10 +116,11 @@ class Plan:
     0.750 ms 'keys' (spilling) against 0.611 'values' with 32-column blocks; the reverse
     0.653 'keys' against 0.888 'values' (8 warps, 1 stage). H200, bf16, (1, 16384, 16,
     128): fwd / fwd+bwd 1.187 / 4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the
-    0.4B GDN train step 0.295 vs 0.294 s. In the 'values' form K and Q feed the dots straight from the loads, which
-    Triton pipelines through shared memory: at Dk = 256 the states kernel's three stages
-    of 64-column blocks asked for 254 KB of the 227 KB (RESOURCE_EXHAUSTED on the H200), so
-    that form's stages are capped to what fits (`stages_that_fit`; 32-column blocks fit 3).
+    0.4B GDN train step 0.295 vs 0.294 s. In the 'values' form K and Q feed the dots
+    straight from the loads, which Triton pipelines through shared memory: at Dk = 256 the
+    states kernel's three stages of 64-column blocks asked for 254 KB of the 227 KB
+    (RESOURCE_EXHAUSTED on the H200), so that form's stages are capped to what fits
+    (`stages_that_fit`; 32-column blocks fit 3).
     The TPU form is untimed either way and keeps 'keys'.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY

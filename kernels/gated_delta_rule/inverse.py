@@ -44,9 +44,9 @@ def _blocked_kernel(k_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, t_r
   j_iota = jax.lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1)
   # The Gram blocks K_i K_j^T summed over key columns KEY_COLUMNS at a time: only those
   # columns of K are live (all of a [C, 256] K in registers spilled kilobytes a thread).
-  gram = {}
-  for d in range(0, dk, min(dk, KEY_COLUMNS)):
-    cols = pl.ds(d, min(dk, KEY_COLUMNS))
+  gram, step = {}, min(dk, KEY_COLUMNS)
+  for d in range(0, dk, step):
+    cols = pl.ds(d, step)
     k = [k_ref[rows(i), cols] for i in range(num_blocks)]
     for i in range(num_blocks):
       for j in range(i + 1):
