@@ -64,8 +64,8 @@ def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: s
                 top: int = 8, key: str = "fwdbwd_device_ms") -> dict[str, Any]:
   """Summed kernel time per call of fn() (a jitted fwd+bwd) from a profiler trace of
   `calls` calls, written below profile_dir/<label>: {key: ms per call,
-  'kernels': {name: ms per call} of the `top` longest kernels}. {} when calls <= 0 or off
-  a GPU (no device planes to read) or when the trace holds no kernel."""
+  'kernels': {name: ms per call} of the `top` longest kernels, also printed}. {} when
+  calls <= 0 or off a GPU (no device planes to read) or when the trace holds no kernel."""
   if calls <= 0 or jax.default_backend() != "gpu":
     return {}
   from experiments import profile_summary
@@ -74,8 +74,12 @@ def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: s
   ops = profile_summary.op_times(path)
   if not ops:   # no device events: the profiler could not attach (CUPTI taken), not 0 ms
     return {}
-  return {key: sum(r["total_ms"] for r in ops) / calls,
-          "kernels": {r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]}}
+  kernels = {r["name"]: round(r["total_ms"] / calls, 4) for r in ops[:top]}
+  # Per kernel, as torch_device_ms prints the anchor's: the two lists side by side say
+  # which of our kernels is behind which of theirs.
+  for name, ms in kernels.items():
+    print(f"  {label}: {ms:8.4f} ms  {name[:90]}", flush=True)
+  return {key: sum(r["total_ms"] for r in ops) / calls, "kernels": kernels}
 
 
 def torch_backward(out: Any, grad: Any, inputs: Any) -> None:
