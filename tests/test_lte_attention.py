@@ -232,6 +232,19 @@ def test_implementation_choice():
     lte_attention(q, k, v, r, sink_size=1, window_size=2, plan_options={"block_q": 16})
 
 
+def test_plan_options_follow_the_resolved_default(monkeypatch):
+  """implementation=None with plan_options, where the default is 'pallas' (a GPU): the
+  options reach the kernels (model configs tune the default this way)."""
+  from lte_jax.ops.lte_attention import api
+  q, k, v, r, _ = make_inputs(0, 1, 8, 2, 2, 16, 16, jnp.float32)
+  monkeypatch.setitem(api.DEFAULT_IMPLEMENTATIONS, jax.default_backend(), "pallas")
+  kw = dict(sink_size=1, window_size=2, plan_options={"block_q": 16, "block_k": 16})
+  np.testing.assert_array_equal(lte_attention(q, k, v, r, **kw),
+                                lte_attention(q, k, v, r, implementation="pallas", **kw))
+  with pytest.raises(ValueError, match="block_q must be"):
+    lte_attention(q, k, v, r, sink_size=1, window_size=2, plan_options={"block_q": 24})
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(scores=jnp.zeros((1, 8, 2))), "scores must have shape"),
     (dict(scores=jnp.zeros((1, 8))), "scores must have rank 3"),

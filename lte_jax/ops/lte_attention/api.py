@@ -77,8 +77,10 @@ def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *
   _checks.check_segment_ids(segment_ids, batch, time)
   scale = resolve_scale(scale, q.shape[-1])
   check_implementation(implementation, IMPLEMENTATIONS)
-  _checks.check_plan_options(plan_options, implementation)
-  fn = IMPLEMENTATIONS[default_implementation() if implementation is None else implementation]
+  name = default_implementation() if implementation is None else implementation
+  # Resolved first: a model config leaves implementation None and tunes the GPU default.
+  _checks.check_plan_options(plan_options, name)
+  fn = IMPLEMENTATIONS[name]
   extra = {} if plan_options is None else {"plan_options": plan_options}
   return fn(q, k, v, scores, sink_size=sink_size, window_size=window_size, budget=budget,
             segment_ids=segment_ids, scale=scale, **extra)
