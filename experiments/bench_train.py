@@ -60,7 +60,7 @@ flags.DEFINE_string("gdn_plan_options", None,
                     "'keep_states=True;block_k=32'.")
 flags.DEFINE_string("lte_plan_options", None,
                     "LTE attention Pallas kernel options 'name=value;...' "
-                    "(LTEConfig.plan_options), e.g. 'far_gather=kernel'.")
+                    "(LTEConfig.plan_options), e.g. 'far_gather=copy'.")
 flags.DEFINE_enum("lte_scorer_dtype", None, ["float32", "bfloat16"],
                   "LTE scorer matmul operands (LTEConfig.scorer_dtype); None: the config's.")
 flags.DEFINE_integer("worker_timeout", None,

@@ -129,7 +129,7 @@ class LTEConfig:
   implementation: str | None = None
   scorer_dtype: str | None = None
   # 'pallas' kernel Plan fields as 'name=value;...' (lte_jax.kernels.lte_attention.
-  # parse_options), e.g. 'far_gather=kernel'; '' keeps the kernels' defaults.
+  # parse_options), e.g. 'far_gather=copy'; '' keeps the kernels' defaults.
   plan_options: str = ""
 
   def __post_init__(self):

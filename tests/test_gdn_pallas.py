@@ -285,7 +285,8 @@ def test_recurrence_stages_fit_shared_memory(monkeypatch, dk, decay_on, states_s
   def loss(q, k, v, g, beta):
     o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=dk ** -0.5, platform="gpu",
                                          interpret=False, decay_on=decay_on,
-                                         recurrence_block_v=64)   # as at 4x4096x8x256
+                                         recurrence_block_v=64,   # as at 4x4096x8x256
+                                         launch="gdn_chunk_states=4/3")  # at every Dk
     return o.astype(jnp.float32).sum()
 
   sds = helpers.sds
@@ -307,7 +308,7 @@ def test_recurrence_value_block_fills_the_gpu(sequences, dv, want):
 
 
 @pytest.mark.parametrize("dk,kernel,want", [
-    (256, "gdn_chunk_states", 32),         # 4 warps: [256, 64] fp32 is 128 registers a thread
+    (256, "gdn_chunk_states", 64),         # 8 warps above Dk = 128 (WIDE_KEY_LAUNCH): kept
     (256, "gdn_chunk_state_grads", 64),    # 8 warps: 64 a thread, kept
     (128, "gdn_chunk_states", 64),         # the Dk = 128 shapes keep their measured blocks
     (64, "gdn_chunk_states", 64),
@@ -320,6 +321,24 @@ def test_recurrence_value_block_keeps_the_state_in_registers(dk, kernel, want):
   assert Plan("gpu", recurrence_block_v=64).recurrence_value_block(256, 32, dk, kernel) == 64
   assert Plan("gpu", launch="gdn_chunk_states=8/3").recurrence_value_block(
       256, 32, 256, "gdn_chunk_states") == 64
+  # 4 warps: [256, 64] fp32 would be 128 registers a thread (it spilled 880 bytes).
+  assert Plan("gpu", launch="gdn_chunk_states=4/3").recurrence_value_block(
+      256, 32, 256, "gdn_chunk_states") == 32
+
+
+def test_plan_launch_for_wide_keys():
+  """Above Dk = 128 the forward recurrence takes WIDE_KEY_LAUNCH's launch, unless the
+  caller named the kernel in `launch` or gave uniform warps / stages; interpreted and
+  TPU plans have no measured launches at any width."""
+  from lte_jax.kernels.gated_delta_rule.backend import GPU_LAUNCH, WIDE_KEY_LAUNCH
+  gpu = Plan("gpu")
+  for name, wide in WIDE_KEY_LAUNCH.items():
+    assert gpu.launch_for(name, 256) == wide
+    assert gpu.launch_for(name, 128) == gpu.launch_for(name) == GPU_LAUNCH[name]
+  assert Plan("gpu", launch="gdn_chunk_states=4/3").launch_for("gdn_chunk_states", 256) == (4, 3)
+  assert Plan("gpu", launch="gdn_wy_inverse=2/1").launch_for("gdn_chunk_states", 256) == (8, 2)
+  assert Plan("gpu", num_warps=4).launch_for("gdn_chunk_states", 256) == (4, 2)
+  assert Plan("gpu", interpret=True).launch_for("gdn_chunk_states", 256) == (4, 2)
 
 
 def test_decays_on_values_auto_per_recurrence():

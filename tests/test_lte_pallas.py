@@ -69,14 +69,14 @@ CASES = [
     # One document, no budget, w well under T: whole far tiles skip the masking.
     (1, 130, 2, 2, 32, 32, 2, 9, None, False, "random", jnp.float32, "gpu", SMALL),
     (1, 130, 2, 1, 32, 16, 2, 9, None, False, "all", jnp.bfloat16, "tpu", SMALL),
-    # Far keys' rows gathered by the kernels, far dk/dv added in place (Plan.far_gather):
-    # GQA with documents, a budget, and everything kept (unmasked far tiles).
+    # The GPU default gathers far keys' rows in the kernels (Plan.far_gather); XLA copies
+    # them here: GQA with documents, a budget, and everything kept (unmasked far tiles).
     (2, 70, 4, 2, 32, 16, 2, 5, None, True, "random", jnp.float32, "gpu",
-     dict(SMALL, far_gather="kernel")),
+     dict(SMALL, far_gather="copy")),
     (1, 130, 4, 1, 16, 16, 3, 9, 12, False, "random", jnp.bfloat16, "gpu",
-     dict(block_q=16, block_k=32, far_gather="kernel")),
+     dict(block_q=16, block_k=32, far_gather="copy")),
     (1, 130, 2, 2, 32, 32, 2, 9, None, False, "all", jnp.float32, "gpu",
-     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, far_gather="kernel")),
+     dict(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, far_gather="copy")),
 ]
 
 
@@ -334,7 +334,7 @@ def test_lte_layer_trains_the_same_on_the_kernels():
   w = jnp.asarray(rng.standard_normal((2, 70, 32)), jnp.float32)
   seg = jnp.asarray(packed_segment_ids(rng, 2, 70))
   results = []
-  for impl, options in (("xla", ""), ("pallas", ""), ("pallas", "far_gather=kernel")):
+  for impl, options in (("xla", ""), ("pallas", ""), ("pallas", "far_gather=copy")):
     cfg = configs.LTEConfig(num_heads=4, num_kv_heads=2, head_dim=16, sink_size=2, window_size=13,
                             budget=7, dropout=0.0, score_bias_init=0.0, implementation=impl,
                             plan_options=options)

@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # GDN 'pallas' kernel options 'name=value;...' (GDNConfig.plan_options), e.g.
   # 'keep_states=True;block_k=32'.
   config.model.gdn_plan_options = config_dict.placeholder(str)
-  # LTE 'pallas' kernel options (LTEConfig.plan_options), e.g. 'far_gather=kernel'.
+  # LTE 'pallas' kernel options (LTEConfig.plan_options), e.g. 'far_gather=copy'.
   config.model.lte_plan_options = config_dict.placeholder(str)
   # GDN q/k/v short convs: 'pallas' | 'xla' (GDNConfig.conv_implementation); None: per backend.
   config.model.gdn_conv_implementation = config_dict.placeholder(str)

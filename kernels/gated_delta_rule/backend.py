@@ -46,6 +46,17 @@ GPU_LAUNCH: dict[str, tuple[int, int]] = {
 }
 
 
+# Launches that replace GPU_LAUNCH's where the key width is above 128 (Plan.launch_for).
+# H100, twelfth session, (4, 4096, 8, 256), device ms fwd / fwd+bwd: the forward
+# recurrence at 4 warps / 3 stages on [256, 32] state blocks (256 programs) 0.693 / 2.773;
+# at 8 / 2 on [256, 64] blocks (128 programs; the register cap of recurrence_value_block
+# allows 64 columns at 8 warps) 0.662 / 2.709; 4 / 2, 4 / 1 and 2 / 2 at 32 columns 0.721,
+# 0.762, 0.958 fwd.
+WIDE_KEY_LAUNCH: dict[str, tuple[int, int]] = {
+    "gdn_chunk_states": (8, 2),
+}
+WIDE_KEYS = 128
+
 # The recurrences' value blocks shrink until they run this many programs (the H200 has 132
 # SMs): Plan.recurrence_block_v.
 RECURRENCE_PROGRAMS = 128
@@ -188,7 +199,22 @@ class Plan:
     lowering.check_block_sizes(self, "chunk", "block_v", "block_k")
     if self.recurrence_block_v is not None:
       lowering.check_block_sizes(self, "recurrence_block_v")
+    # The kernels a caller re-launched by name keep that launch at every key width.
+    named = (() if self.launch is None
+             else tuple(name for name, *_ in lowering.parse_launch(self.launch, KERNELS)))
+    measured = (self.num_warps is None and self.num_stages is None and self.platform == "gpu"
+                and not self.interpret)
     lowering.resolve_launch(self, KERNELS, GPU_LAUNCH)
+    object.__setattr__(self, "_wide_key_kernels", frozenset(
+        set(WIDE_KEY_LAUNCH) - set(named) if measured else ()))
+
+  def launch_for(self, kernel: str, dk: int | None = None) -> tuple[int, int]:
+    """(num_warps, num_stages) of `kernel` at key width dk: WIDE_KEY_LAUNCH's entry above
+    WIDE_KEYS on a real GPU where neither a uniform num_warps / num_stages nor a `launch`
+    entry for the kernel was given, else its resolved launch."""
+    if dk is not None and dk > WIDE_KEYS and kernel in self._wide_key_kernels:
+      return WIDE_KEY_LAUNCH[kernel]
+    return lowering.launch_params(self, kernel)
 
   @property
   def sequential_in_grid(self) -> bool:
@@ -245,7 +271,7 @@ class Plan:
     while block > _MIN_RECURRENCE_BLOCK and sequences * (dv // block) < RECURRENCE_PROGRAMS:
       block //= 2
     if dk is not None and kernel is not None:
-      threads = 32 * (lowering.launch_params(self, kernel)[0] or 4)
+      threads = 32 * (self.launch_for(kernel, dk)[0] or 4)
       while block > _MIN_RECURRENCE_BLOCK and dk * block > STATE_REGISTERS * threads:
         block //= 2
     return block
@@ -286,12 +312,13 @@ def call(kernel: Callable[..., None], plan: Plan, *, grid: tuple[int, ...],
          in_specs: Sequence[pl.BlockSpec], out_specs: Sequence[pl.BlockSpec],
          out_shape: Sequence[jax.ShapeDtypeStruct], sequential_last: bool = False,
          scratch_shapes: Sequence[Any] = (), name: str,
-         shared_bytes: tuple[int, int] | None = None) -> Any:
+         shared_bytes: tuple[int, int] | None = None, dk: int | None = None) -> Any:
   """lowering.call with this plan; `sequential_last` marks the last grid axis as
   ordered (TPU "arbitrary"); scratch is a TPU-only notion. shared_bytes (GPU): (bytes one
   loop step loads, other shared bytes) of a kernel whose loads Triton stages in shared
-  memory: its stages are capped to fit (`stages_that_fit`) rather than fail to compile."""
-  num_warps, num_stages = lowering.launch_params(plan, name)
+  memory: its stages are capped to fit (`stages_that_fit`) rather than fail to compile.
+  dk: the key width, for launches keyed on it (Plan.launch_for)."""
+  num_warps, num_stages = plan.launch_for(name, dk)
   if shared_bytes is not None and plan.platform == "gpu":
     num_stages = stages_that_fit(num_stages, *shared_bytes)
   return lowering.call(kernel, platform=plan.platform, interpret=plan.interpret, grid=grid,

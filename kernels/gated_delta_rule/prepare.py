@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
@@ -25,13 +24,18 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, w_ref, u_ref, *, precision, 
   # T diag(beta) V: the per-token factors scale T's [C, C] columns (rows [1, C]) rather
   # than V's and K's [C, D] rows, so K and V enter the dots as loaded: no [C, D] fp32
   # copies. Column blocks, each stored before the next: one [C, block] fp32 product live
-  # (all of U and W at D = 256 took 256 registers a thread at 4 warps, and spilled).
+  # (all of U and W at D = 256 took 256 registers a thread at 4 warps, and spilled), in
+  # a fori_loop so Triton can pipeline the next block's load behind this one's product.
   for out_ref, in_ref, factor, block in ((u_ref, v_ref, beta_ref, block_v),
                                          (w_ref, k_ref, bqd_ref, block_k)):
     scaled = t * factor[...]
-    for start in range(0, in_ref.shape[-1], block):
-      cols = pl.ds(start, block)
+
+    def column(j, carry, out_ref=out_ref, in_ref=in_ref, scaled=scaled, block=block):
+      cols = cm.column_block(j, block)
       out_ref[:, cols] = mm(scaled, in_ref[:, cols]).astype(out_ref.dtype)
+      return carry
+
+    jax.lax.fori_loop(0, in_ref.shape[-1] // block, column, 0)
 
 
 def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_row, bqd_row, *,

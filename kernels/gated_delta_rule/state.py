@@ -144,7 +144,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
       grid=(bh, dv // bv),
       in_specs=[full(c, dk), v_blocked(c), layout.sequence(dk), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
-      name="gdn_chunk_states", shared_bytes=shared)(*args)
+      name="gdn_chunk_states", shared_bytes=shared, dk=dk)(*args)
 
 
 # --- backward ----------------------------------------------------------------------------
