@@ -102,6 +102,7 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("decay_on", "values"), ("platform", "tpu")),
                                      (("qk_key_grid", False), ("block_k", 16)),
                                      (("recurrence_block_v", 16),),
+                                     (("fused_forward", True),),
                                      (("output_value_grid", True), ("block_k", 32))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
@@ -109,7 +110,8 @@ def test_plan_variants_match_reference(options):
   kept for the backward, with the recurrences' decays on the key side (the default at this
   Dk puts them on the value side) and on the value side in the TPU form, with the dq / dk /
   dW kernel's four key blocks walked in a loop (the default takes them as a grid axis),
-  with the recurrences' value columns in four programs, and with the outputs and dV_local
+  with the recurrences' value columns in four programs, with the forward's recurrence
+  straight from T (no W, U), and with the outputs and dV_local
   over a grid of value blocks (key loops in two steps); value loops in two steps
   throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)

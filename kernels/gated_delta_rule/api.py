@@ -86,10 +86,21 @@ def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   return o, h_last
 
 
+def _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0):
+  """Plan.fused_forward: (h, V_new, h_last) from T directly; no W."""
+  return state.fused_chunk_states(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(beta * qd),
+                                  _col(kd), hd, h0, state_dtype=jnp.dtype(cfg.state_dtype))
+
+
 def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
-  """-> (o, final state, (T, W, h, V_new))."""
+  """-> (o, final state, (T, W, h, V_new)); W is None where the forward never forms it
+  (Plan.fused_forward without keep_states: the backward recomputes what it needs)."""
   t = _inverse(cfg, k, beta, g_cum, seg)
-  w, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  if cfg.plan.fuses_forward and not cfg.plan.keep_states:
+    w = None
+    h, v_new, h_last = _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  else:
+    w, h, v_new, h_last = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
   return _outputs(cfg, q, k, v, g_cum, seg, qd, h, v_new), h_last, (t, w, h, v_new)
 
 

@@ -90,6 +90,29 @@ def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
   h_last_ref[...] = jax.lax.fori_loop(0, w_ref.shape[0], body, h0_ref[...].astype(cm.F32))
 
 
+def _fused_forward_kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, kd_ref, hd_ref, h0_ref,
+                          h_ref, v_new_ref, h_last_ref, *, low, precision):
+  """GPU, Plan.fused_forward: one program walks all chunks of one (batch*head, value
+  block) with V_new = T (beta V - beta qd (K h)), the WY identity U - W h with
+  U = T beta V and W = T beta qd K multiplied out: W and U are never formed, and K, loaded
+  once a chunk, feeds both K h and the update K^T (kd V_new)."""
+  chunk = t_ref.shape[1]
+  dtype = k_ref.dtype
+  t_dot = (functools.partial(cm.mm, dtype=dtype) if low
+           else functools.partial(cm.mm, precision=precision))
+
+  def body(n, h):
+    rows = _rows(n, chunk)
+    h_ref[n] = h.astype(h_ref.dtype)
+    k = k_ref[rows, :]
+    r = beta_ref[n] * v_ref[rows, :].astype(cm.F32) - bqd_ref[n] * cm.mm(k, h, dtype=dtype)
+    v_new = t_dot(t_ref[n], r)
+    v_new_ref[n] = v_new.astype(v_new_ref.dtype)
+    return hd_ref[n] * h + cm.mm(k, kd_ref[n] * v_new, ta=True, dtype=dtype)
+
+  h_last_ref[...] = jax.lax.fori_loop(0, t_ref.shape[0], body, h0_ref[...].astype(cm.F32))
+
+
 def _forward_grid_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
                          h_ref, v_new_ref, h_last_ref, h_scratch, *, on_values):
   """TPU: one grid step per chunk, in order; the state stays in fp32 VMEM."""
@@ -145,6 +168,35 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
       in_specs=[full(c, dk), v_blocked(c), layout.sequence(dk), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
       name="gdn_chunk_states", shared_bytes=shared, dk=dk)(*args)
+
+
+def fused_chunk_states(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, bqd_col,
+                       kd_col, hd, h0, *, state_dtype=jnp.float32):
+  """Plan.fused_forward (GPU form): the forward recurrence straight from T, without the WY
+  transform. t [BH, N, C, C]; k, v token tensors (layout); beta_col, bqd_col (beta * qd),
+  kd_col [BH, N, C, 1]; hd [BH, N, 1, 1]; h0 [BH, Dk, Dv] -> as chunk_states."""
+  assert layout.native, "the fused forward recurrence is the GPU form"
+  bh, n, c, _ = t.shape
+  dk, dv = k.shape[-1], v.shape[-1]
+  bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_states")
+  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
+  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
+  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  # Its loads go into the dots as loaded (as the value-side form's): staged in shared memory.
+  step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in
+             [(c, t.dtype), (dk, k.dtype), (bv, v.dtype)] + [(1, jnp.float32)] * 3)
+  return backend.call(
+      functools.partial(_fused_forward_kernel, low=plan.wy_dtype(k.dtype) != jnp.float32,
+                        precision=plan.inverse_dot_precision(k.dtype)), plan,
+      grid=(bh, dv // bv),
+      in_specs=[full(c, c), layout.sequence(dk), layout.sequence(dv, bv), full(c, 1),
+                full(c, 1), full(c, 1), full(1, 1), state],
+      out_specs=[v_blocked(dk), v_blocked(c), state],
+      out_shape=[jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
+                 jax.ShapeDtypeStruct((bh, n, c, dv), state_dtype),
+                 jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
+      name="gdn_chunk_states", shared_bytes=(step, dk * bv * jnp.dtype(k.dtype).itemsize),
+      dk=dk)(t, k, v, beta_col, bqd_col, kd_col, hd, h0)
 
 
 # --- backward ----------------------------------------------------------------------------
