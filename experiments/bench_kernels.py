@@ -240,7 +240,7 @@ def _time_stages(options: dict, args, only=None) -> dict:
     if name == "backward":    # with keep_states, the forward's W, h, V_new as residuals
       return (t, d_o, dh_last, *((w, h, v_new) if cfg.plan.keep_states else ()))
     if name == "state_grads":
-      return (w, d_o, get("dv_local"), dh_last)
+      return (w, d_o, get("dv_local"), dh_last, t)
     dh, dv_new, _ = get("state_grads")
     if name == "qk_grads":
       return (h, dh, v_new, dv_new, d_o)

@@ -102,7 +102,7 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("decay_on", "values"), ("platform", "tpu")),
                                      (("qk_key_grid", False), ("block_k", 16)),
                                      (("recurrence_block_v", 16),),
-                                     (("fused_forward", True),),
+                                     (("fuse_wy", True),),
                                      (("output_value_grid", True), ("block_k", 32))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
@@ -415,7 +415,7 @@ _sds = helpers.sds
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
     ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
     ("gpu", "cuda", dict(qk_key_grid=False)), ("gpu", "cuda", dict(recurrence_block_v=32)),
-    ("gpu", "cuda", dict(output_value_grid=True))])
+    ("gpu", "cuda", dict(output_value_grid=True)), ("gpu", "cuda", dict(fuse_wy=True))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
@@ -434,9 +434,10 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
   target = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}[lowering]
   # Forward: inverse, WY, states, outputs. With gradients: those, then WY and states
   # again (recomputed from the saved inverse, unless kept), local dV,
-  # reverse states, dq/dk/dW, WY grads.
+  # reverse states, dq/dk/dW, WY grads. fuse_wy: no WY transform, forward or backward.
   kept = options.get("keep_states", False)
-  for fn, kernels in ((op, 4), (jax.value_and_grad(op, argnums=tuple(range(6))),
-                                8 if kept else 10)):
+  fused = options.get("fuse_wy", False)
+  for fn, kernels in ((op, 4 - fused), (jax.value_and_grad(op, argnums=tuple(range(6))),
+                                        8 if kept else 10 - 2 * fused)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()
     assert text.count(f"@{target}(") == kernels, (target, text.count(f"@{target}("))

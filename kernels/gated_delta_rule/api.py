@@ -87,16 +87,16 @@ def _core(cfg: _Static, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
 
 
 def _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0):
-  """Plan.fused_forward: (h, V_new, h_last) from T directly; no W."""
+  """Plan.fuse_wy: (h, V_new, h_last) from T directly; no W."""
   return state.fused_chunk_states(cfg.plan, cfg.layout, t, k, v, _col(beta), _col(beta * qd),
                                   _col(kd), hd, h0, state_dtype=jnp.dtype(cfg.state_dtype))
 
 
 def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   """-> (o, final state, (T, W, h, V_new)); W is None where the forward never forms it
-  (Plan.fused_forward without keep_states: the backward recomputes what it needs)."""
+  (Plan.fuse_wy without keep_states: the backward recomputes what it needs)."""
   t = _inverse(cfg, k, beta, g_cum, seg)
-  if cfg.plan.fuses_forward and not cfg.plan.keep_states:
+  if cfg.plan.fuses_wy and not cfg.plan.keep_states:
     w = None
     h, v_new, h_last = _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0)
   else:
@@ -119,14 +119,16 @@ def _dv_local(cfg, args, d_o):
                                   scale=cfg.scale)
 
 
-def _state_grads(cfg, args, w, d_o, dv_local, dh_last):
-  q, k, _, _, _, _, qd, kd, hd, _ = args
+def _state_grads(cfg, args, w, d_o, dv_local, dh_last, t=None):
+  """W, or with w None (Plan.fuse_wy) T, enters the W^T dV term."""
+  q, k, _, beta, _, _, qd, kd, hd, _ = args
   # dV_new only enters products rounded to the WY operands' dtype (qk_grads, wy_grads):
   # stored so, it is half the traffic in bf16 and changes no result.
   return state.chunk_state_grads(cfg.plan, cfg.layout, q, _col(qd), k, _col(kd), hd, w, d_o,
                                  dv_local, dh_last, scale=cfg.scale,
                                  state_dtype=jnp.dtype(cfg.state_dtype),
-                                 dv_dtype=cfg.plan.wy_dtype(k.dtype))
+                                 dv_dtype=cfg.plan.wy_dtype(k.dtype), t=t,
+                                 bqd_col=None if w is not None else _col(beta * qd))
 
 
 def _qk_grads(cfg, args, h, dh, v_new, dv_new, d_o):
@@ -146,12 +148,16 @@ def _core_bwd(cfg, residuals, cotangents):
   t, states, args = residuals
   _, k, v, beta, _, seg, qd, kd, hd, h0 = args
   d_o, dh_last = cotangents
-  if states is None:
-    w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
-  else:
+  if states is not None:
     w, h, v_new = states
+  elif cfg.plan.fuses_wy:
+    # Neither recurrence needs W: the backward skips the WY transform as the forward did.
+    w = None
+    h, v_new, _ = _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0)
+  else:
+    w, h, v_new, _ = _states(cfg, t, k, v, beta, qd, kd, hd, h0)
   dv_local = _dv_local(cfg, args, d_o)
-  dh, dv_new, dh0 = _state_grads(cfg, args, w, d_o, dv_local, dh_last)
+  dh, dv_new, dh0 = _state_grads(cfg, args, w, d_o, dv_local, dh_last, t=t)
   dq, dk_part, dw, dqd, dkd, dhd, dg_col, dg_row = _qk_grads(cfg, args, h, dh, v_new, dv_new,
                                                              d_o)
   dk, dv, dbeta, dqd_wy, dg_col_wy, dg_row_wy = _wy_grads(cfg, args, t, dv_new, dw, dk_part)
@@ -237,11 +243,12 @@ def core_inputs(q, k, v, g, beta, *, scale: float, initial_state=None, segment_i
 
 def stage_functions(cfg: _Static) -> dict:
   """name -> f(*core args, *extra) for timing each stage on its own (jit them):
-  'inverse' (args) -> T; 'states' (args, T) -> (W, h, V_new, h_last) [prepare + recurrence];
+  'inverse' (args) -> T; 'states' (args, T) -> (W, h, V_new, h_last) [prepare + recurrence;
+  W None under Plan.fuse_wy, which has no prepare];
   'output' (args, h, V_new) -> o; 'backward' (args, T, d_o, dh_last[, W, h, V_new: what
   Plan.keep_states keeps]) -> input grads; and the
   backward's own kernels: 'dv_local' (args, d_o); 'state_grads' (args, W, d_o, dV_local,
-  dh_last) -> (dh, dV_new, dh0); 'qk_grads' (args, h, dh, V_new, dV_new, d_o) -> (dq,
+  dh_last, T) -> (dh, dV_new, dh0) (T is read where W is None); 'qk_grads' (args, h, dh, V_new, dV_new, d_o) -> (dq,
   dk_part, dW, ...); 'wy_grads' (args, T, dV_new, dW, dk_part)."""
   def inverse(*args):
     _, k, _, beta, g_cum, seg, *_ = args
@@ -250,6 +257,8 @@ def stage_functions(cfg: _Static) -> dict:
   def states(*args_t):
     *args, t = args_t
     _, k, v, beta, _, _, qd, kd, hd, h0 = args
+    if cfg.plan.fuses_wy:
+      return (None, *_fused_states(cfg, t, k, v, beta, qd, kd, hd, h0))
     return _states(cfg, t, k, v, beta, qd, kd, hd, h0)
 
   def outputs(*args_h):
@@ -265,7 +274,7 @@ def stage_functions(cfg: _Static) -> dict:
 
   return {"inverse": inverse, "states": states, "output": outputs, "backward": backward_,
           "dv_local": lambda *a: _dv_local(cfg, a[:n], *a[n:]),
-          "state_grads": lambda *a: _state_grads(cfg, a[:n], *a[n:]),
+          "state_grads": lambda *a: _state_grads(cfg, a[:n], *a[n:n + 4], t=a[n + 4]),
           "qk_grads": lambda *a: _qk_grads(cfg, a[:n], *a[n:]),
           "wy_grads": lambda *a: _wy_grads(cfg, a[:n], *a[n:])}
 

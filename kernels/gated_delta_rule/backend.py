@@ -88,11 +88,13 @@ class Plan:
     fwd+bwd queued ms with 64 / 32 / 16 columns: (1, 16384, 16, 128) (32 / 64 / 128
     programs) 3.09 / 2.70 / 2.51; (4, 4096, 16, 128) (128 / 256 / 512) 1.98 / 2.19 / 2.26;
     (4, 4096, 8, 256) (128 / 256 / 512) 3.71 / 3.90 / 5.01.
-  fused_forward: GPU: the forward's recurrence computes V_new = T (beta V - beta qd (K h))
-    from T, K and V itself (the WY identity multiplied out), so the forward never forms W
-    and U: no WY transform kernel, and each chunk step loads T (C x C) instead of W
-    (C x Dk) and U. The backward still recomputes W (transform + recurrence); with
-    keep_states the forward takes the unfused path (it must keep W). Untimed, off.
+  fuse_wy: GPU: both recurrences take T instead of W and U (the WY identity multiplied
+    out): the forward's V_new = T (beta V - beta qd (K h)), the reverse one's
+    W^T dV = K^T (beta qd T^T dV). So no WY transform kernel runs, forward or backward,
+    W and U never reach HBM, and each chunk step loads T [C, C] (and the K tile it loads
+    anyway) instead of W [C, Dk] (and U). With keep_states the forward takes the unfused
+    path (it keeps W). Decays on the value side in the forward (decay_on 'keys' turns it
+    off). Interpret-tested; untimed (the twelfth session's device time ran out), so off.
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
     (None: 4 and 2). Giving either sets every kernel not named in `launch` (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
@@ -180,7 +182,7 @@ class Plan:
   keep_states: bool = False
   qk_key_grid: bool = True
   output_value_grid: bool = False
-  fused_forward: bool = False
+  fuse_wy: bool = False
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -190,7 +192,7 @@ class Plan:
     if self.inverse_form not in forms:
       raise ValueError(f"inverse_form must be one of {forms} on {self.platform}, "
                        f"got {self.inverse_form!r}")
-    for name in ("keep_states", "qk_key_grid", "output_value_grid", "fused_forward"):
+    for name in ("keep_states", "qk_key_grid", "output_value_grid", "fuse_wy"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
     if self.wy_operands not in ("fp32", "input"):
@@ -223,10 +225,10 @@ class Plan:
     return lowering.launch_params(self, kernel)
 
   @property
-  def fuses_forward(self) -> bool:
-    """The forward takes the fused recurrence (`fused_forward`): GPU form, decays on the
-    value side (the only form it has; 'auto' puts the forward's there on GPU)."""
-    return self.fused_forward and not self.sequential_in_grid and self.decay_on != "keys"
+  def fuses_wy(self) -> bool:
+    """The recurrences take T, not W and U (`fuse_wy`): GPU form, the forward's decays on
+    the value side (its only form; 'auto' puts them there on GPU)."""
+    return self.fuse_wy and not self.sequential_in_grid and self.decay_on != "keys"
 
   @property
   def sequential_in_grid(self) -> bool:

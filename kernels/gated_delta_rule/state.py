@@ -43,8 +43,8 @@ def _forward_step(h, w, u, k, kd, hd, *, on_values=False):
   return v_new, hd * h + update
 
 
-def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=False):
-  """One chunk backwards: -> (dV, dh entering it)."""
+def _backward_step(dh, q, qd, k, kd, hd, w_t, d_o, dv_local, scale, *, on_values=False):
+  """One chunk backwards: -> (dV, dh entering it). w_t(dv) -> W^T dV [Dk, bv]."""
   dtype = k.dtype
   if on_values:
     dv = dv_local + kd * cm.mm(k, dh, dtype=dtype)
@@ -52,7 +52,20 @@ def _backward_step(dh, q, qd, k, kd, hd, w, d_o, dv_local, scale, *, on_values=F
   else:
     dv = dv_local + cm.mm(kd * k.astype(cm.F32), dh, dtype=dtype)
     from_o = cm.mm(qd * q.astype(cm.F32), d_o, ta=True, dtype=dtype)
-  return dv, hd * dh + scale * from_o - cm.mm(w, dv, ta=True, dtype=dtype)
+  return dv, hd * dh + scale * from_o - w_t(dv)
+
+
+def _times_w_transposed(w):
+  """W^T dV from a loaded W [C, Dk]."""
+  return lambda dv: cm.mm(w, dv, ta=True, dtype=w.dtype)
+
+
+def _t_dot(dtype, *, low, precision):
+  """Products with T (Plan.fuse_wy's kernels): as the WY transform takes them,
+  operands in the inputs' dtype when `low`, else fp32 at the inverse's precision."""
+  if low:
+    return functools.partial(cm.mm, dtype=dtype)
+  return functools.partial(cm.mm, precision=precision)
 
 
 def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype, *, backward):
@@ -69,6 +82,24 @@ def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype, *, backward):
 
 
 # --- forward -----------------------------------------------------------------------------
+
+def _loop_specs(n, dk, bv):
+  """Block specs of the GPU recurrences on a (B*H, value blocks) grid: full(*tail), all N
+  chunks of a [BH, N, *tail] array; v_blocked(rows), value block j of a
+  [BH, N, rows, Dv] array; state, value block j of a [BH, Dk, Dv] state."""
+  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
+  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
+  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  return full, v_blocked, state
+
+
+def _out_shapes(bh, n, c, dk, dv, state_dtype, per_token_dtype):
+  """Per-chunk states [BH, N, Dk, Dv], a per-token [BH, N, C, Dv] output, and the last
+  state [BH, Dk, Dv] fp32: what both recurrences return."""
+  return [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
+          jax.ShapeDtypeStruct((bh, n, c, dv), per_token_dtype),
+          jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
+
 
 def _rows(n, chunk):
   """Chunk n's rows of a whole-sequence token block [T, D] (GPU layout)."""
@@ -92,14 +123,13 @@ def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
 
 def _fused_forward_kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, kd_ref, hd_ref, h0_ref,
                           h_ref, v_new_ref, h_last_ref, *, low, precision):
-  """GPU, Plan.fused_forward: one program walks all chunks of one (batch*head, value
+  """GPU, Plan.fuse_wy: one program walks all chunks of one (batch*head, value
   block) with V_new = T (beta V - beta qd (K h)), the WY identity U - W h with
   U = T beta V and W = T beta qd K multiplied out: W and U are never formed, and K, loaded
   once a chunk, feeds both K h and the update K^T (kd V_new)."""
   chunk = t_ref.shape[1]
   dtype = k_ref.dtype
-  t_dot = (functools.partial(cm.mm, dtype=dtype) if low
-           else functools.partial(cm.mm, precision=precision))
+  t_dot = _t_dot(dtype, low=low, precision=precision)
 
   def body(n, h):
     rows = _rows(n, chunk)
@@ -141,9 +171,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
   [BH, N, Dk, Dv], V_new [BH, N, C, Dv], final state [BH, Dk, Dv] fp32)."""
   bh, n, c, dk = w.shape
   dv = u.shape[-1]
-  out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
-               jax.ShapeDtypeStruct((bh, n, c, dv), state_dtype),
-               jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
+  out_shape = _out_shapes(bh, n, c, dk, dv, state_dtype, state_dtype)
   args = (w, u, k, kd_col, hd, h0)
   if plan.sequential_in_grid:
     chunk = backend.per_chunk
@@ -157,9 +185,7 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_states")(*args)
   bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_states")
-  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
-  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
-  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  full, v_blocked, state = _loop_specs(n, dk, bv)
   shared = _value_side_shared(plan, dk, bv, c, [(dk, w.dtype), (bv, u.dtype), (dk, k.dtype),
                                                  (1, kd_col.dtype)], k.dtype, backward=False)
   return backend.call(
@@ -172,16 +198,14 @@ def chunk_states(plan: backend.Plan, layout: backend.Layout, w, u, k, kd_col, hd
 
 def fused_chunk_states(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, bqd_col,
                        kd_col, hd, h0, *, state_dtype=jnp.float32):
-  """Plan.fused_forward (GPU form): the forward recurrence straight from T, without the WY
+  """Plan.fuse_wy (GPU form): the forward recurrence straight from T, without the WY
   transform. t [BH, N, C, C]; k, v token tensors (layout); beta_col, bqd_col (beta * qd),
   kd_col [BH, N, C, 1]; hd [BH, N, 1, 1]; h0 [BH, Dk, Dv] -> as chunk_states."""
   assert layout.native, "the fused forward recurrence is the GPU form"
   bh, n, c, _ = t.shape
   dk, dv = k.shape[-1], v.shape[-1]
   bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_states")
-  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
-  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
-  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  full, v_blocked, state = _loop_specs(n, dk, bv)
   # Its loads go into the dots as loaded (as the value-side form's): staged in shared memory.
   step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in
              [(c, t.dtype), (dk, k.dtype), (bv, v.dtype)] + [(1, jnp.float32)] * 3)
@@ -192,9 +216,7 @@ def fused_chunk_states(plan: backend.Plan, layout: backend.Layout, t, k, v, beta
       in_specs=[full(c, c), layout.sequence(dk), layout.sequence(dv, bv), full(c, 1),
                 full(c, 1), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
-                 jax.ShapeDtypeStruct((bh, n, c, dv), state_dtype),
-                 jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)],
+      out_shape=_out_shapes(bh, n, c, dk, dv, state_dtype, state_dtype),
       name="gdn_chunk_states", shared_bytes=(step, dk * bv * jnp.dtype(k.dtype).itemsize),
       dk=dk)(t, k, v, beta_col, bqd_col, kd_col, hd, h0)
 
@@ -211,8 +233,31 @@ def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
     rows = _rows(n, chunk)
     dh_ref[n] = dh.astype(dh_ref.dtype)
     dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k_ref[rows, :], kd_ref[n],
-                            hd_ref[n], w_ref[n], do_ref[rows, :], dvl_ref[n], scale,
-                            on_values=on_values)
+                            hd_ref[n], _times_w_transposed(w_ref[n]), do_ref[rows, :],
+                            dvl_ref[n], scale, on_values=on_values)
+    dv_ref[n] = dv.astype(dv_ref.dtype)
+    return dh
+
+  dh0_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dh_last_ref[...].astype(cm.F32))
+
+
+def _backward_fused_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, t_ref, bqd_ref, do_ref,
+                           dvl_ref, dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale, on_values,
+                           low, precision):
+  """GPU, Plan.fuse_wy: as _backward_loop_kernel with W^T dV = K^T (beta qd T^T dV)
+  (W = T beta qd K): the K tile the step loads anyway and T [C, C] replace W [C, Dk]."""
+  num_chunks, chunk = t_ref.shape[:2]
+  t_dot = _t_dot(k_ref.dtype, low=low, precision=precision)
+
+  def body(i, dh):
+    n = num_chunks - 1 - i
+    rows = _rows(n, chunk)
+    dh_ref[n] = dh.astype(dh_ref.dtype)
+    k = k_ref[rows, :]
+    t, bqd = t_ref[n], bqd_ref[n]
+    w_t = lambda dv: cm.mm(k, bqd * t_dot(t, dv, ta=True), ta=True, dtype=k.dtype)
+    dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k, kd_ref[n], hd_ref[n], w_t,
+                            do_ref[rows, :], dvl_ref[n], scale, on_values=on_values)
     dv_ref[n] = dv.astype(dv_ref.dtype)
     return dh
 
@@ -232,7 +277,8 @@ def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
   dh = dh_scratch[...]
   dh_ref[...] = dh.astype(dh_ref.dtype)
   dv, dh = _backward_step(dh, q_ref[...], qd_ref[...], k_ref[...], kd_ref[...], hd_ref[...],
-                          w_ref[...], do_ref[...], dvl_ref[...], scale, on_values=on_values)
+                          _times_w_transposed(w_ref[...]), do_ref[...], dvl_ref[...], scale,
+                          on_values=on_values)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   dh_scratch[...] = dh
 
@@ -243,16 +289,19 @@ def _backward_grid_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, d
 
 def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, kd_col, hd, w,
                       d_o, dv_local, dh_last, *, scale: float, state_dtype=jnp.float32,
-                      dv_dtype=jnp.float32):
-  """Reverse recurrence. q, k, d_o token tensors (layout); w [BH, N, C, Dk];
+                      dv_dtype=jnp.float32, t=None, bqd_col=None):
+  """Reverse recurrence. q, k, d_o token tensors (layout); w [BH, N, C, Dk], or None with
+  t [BH, N, C, C] and bqd_col (beta * qd) [BH, N, C, 1] (Plan.fuse_wy, GPU form);
   dv_local [BH, N, C, Dv]; dh_last [BH, Dk, Dv] (gradient of the final state)
   -> (dh of the state leaving each chunk [BH, N, Dk, Dv] in state_dtype, total dV_new
   [BH, N, C, Dv] in dv_dtype, dh0 [BH, Dk, Dv] fp32)."""
-  bh, n, c, dk = w.shape
-  dv = d_o.shape[-1]
-  out_shape = [jax.ShapeDtypeStruct((bh, n, dk, dv), state_dtype),
-               jax.ShapeDtypeStruct((bh, n, c, dv), dv_dtype),
-               jax.ShapeDtypeStruct((bh, dk, dv), jnp.float32)]
+  bh, n, c = dv_local.shape[:3]
+  dk, dv = k.shape[-1], d_o.shape[-1]
+  if w is None:
+    return _fused_state_grads(plan, layout, q, qd_col, k, kd_col, hd, t, bqd_col, d_o,
+                              dv_local, dh_last, scale=scale, state_dtype=state_dtype,
+                              dv_dtype=dv_dtype)
+  out_shape = _out_shapes(bh, n, c, dk, dv, state_dtype, dv_dtype)
   args = (q, qd_col, k, kd_col, hd, w, d_o, dv_local, dh_last)
   if plan.sequential_in_grid:
     assert not layout.native, "the reversed index maps assume [BH, N, C, D] token tensors"
@@ -269,9 +318,7 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
         name="gdn_chunk_state_grads")(*args)
   bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_state_grads")
-  full = lambda *tail: pl.BlockSpec((pl.squeezed, n, *tail), lambda b, j: (b, 0, 0, 0))
-  v_blocked = lambda rows: pl.BlockSpec((pl.squeezed, n, rows, bv), lambda b, j: (b, 0, 0, j))
-  state = pl.BlockSpec((pl.squeezed, dk, bv), lambda b, j: (b, 0, j))
+  full, v_blocked, state = _loop_specs(n, dk, bv)
   shared = _value_side_shared(
       plan, dk, bv, c, [(dk, q.dtype), (1, qd_col.dtype), (dk, k.dtype), (1, kd_col.dtype),
                         (dk, w.dtype), (bv, d_o.dtype), (bv, dv_local.dtype)], k.dtype,
@@ -284,3 +331,29 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
                 full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
       name="gdn_chunk_state_grads", shared_bytes=shared)(*args)
+
+
+def _fused_state_grads(plan, layout, q, qd_col, k, kd_col, hd, t, bqd_col, d_o, dv_local,
+                       dh_last, *, scale, state_dtype, dv_dtype):
+  """chunk_state_grads from T instead of W (Plan.fuse_wy, GPU form)."""
+  assert layout.native, "the fused reverse recurrence is the GPU form"
+  bh, n, c = dv_local.shape[:3]
+  dk, dv = k.shape[-1], d_o.shape[-1]
+  bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_state_grads")
+  full, v_blocked, state = _loop_specs(n, dk, bv)
+  shared = _value_side_shared(
+      plan, dk, bv, c, [(dk, q.dtype), (1, qd_col.dtype), (dk, k.dtype), (1, kd_col.dtype),
+                        (c, t.dtype), (1, bqd_col.dtype), (bv, d_o.dtype),
+                        (bv, dv_local.dtype)], k.dtype, backward=True)
+  return backend.call(
+      functools.partial(_backward_fused_kernel, scale=scale,
+                        on_values=plan.decays_on_values(dk, backward=True),
+                        low=plan.wy_dtype(k.dtype) != jnp.float32,
+                        precision=plan.inverse_dot_precision(k.dtype)), plan,
+      grid=(bh, dv // bv),
+      in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
+                full(c, c), full(c, 1), layout.sequence(dv, bv), v_blocked(c), state],
+      out_specs=[v_blocked(dk), v_blocked(c), state],
+      out_shape=_out_shapes(bh, n, c, dk, dv, state_dtype, dv_dtype),
+      name="gdn_chunk_state_grads", shared_bytes=shared, dk=dk)(
+          q, qd_col, k, kd_col, hd, t, bqd_col, d_o, dv_local, dh_last)
