@@ -341,6 +341,13 @@ def test_plan_launch_for_wide_keys():
   assert Plan("gpu", launch="gdn_wy_inverse=2/1").launch_for("gdn_chunk_states", 256) == (8, 2)
   assert Plan("gpu", num_warps=4).launch_for("gdn_chunk_states", 256) == (4, 2)
   assert Plan("gpu", interpret=True).launch_for("gdn_chunk_states", 256) == (4, 2)
+  # A field like any other: equal plans launch alike, and it can be set.
+  assert gpu == Plan("gpu", launch=gpu.launch, wide_key_launch=gpu.wide_key_launch)
+  assert gpu != Plan("gpu", launch=gpu.launch)      # names every kernel: no wide entries
+  assert Plan("gpu", wide_key_launch="gdn_chunk_outputs=8/1").launch_for(
+      "gdn_chunk_outputs", 256) == (8, 1)
+  with pytest.raises(ValueError, match="unknown kernel 'states'"):
+    Plan("gpu", wide_key_launch="states=8/2")
 
 
 def test_decays_on_values_auto_per_recurrence():

@@ -95,6 +95,10 @@ class Plan:
     anyway) instead of W [C, Dk] (and U). With keep_states the forward takes the unfused
     path (it keeps W). Decays on the value side in the forward (decay_on 'keys' turns it
     off). Interpret-tested; untimed (the twelfth session's device time ran out), so off.
+  wide_key_launch: per-kernel (num_warps, num_stages) above Dk = WIDE_KEYS (`launch_for`),
+    in `launch`'s forms. None: WIDE_KEY_LAUNCH's entries on a real GPU, less the kernels
+    named in `launch` (a caller's launch for a kernel holds at every Dk) and none when a
+    uniform num_warps / num_stages is given; () elsewhere.
   num_warps, num_stages: Triton launch parameters of every kernel without a `launch` entry
     (None: 4 and 2). Giving either sets every kernel not named in `launch` (no GPU_LAUNCH).
   launch: per-kernel (num_warps, num_stages), e.g. 'gdn_wy_inverse=2/1,gdn_chunk_outputs=8/2'
@@ -183,6 +187,7 @@ class Plan:
   qk_key_grid: bool = True
   output_value_grid: bool = False
   fuse_wy: bool = False
+  wide_key_launch: Any = None
 
   def __post_init__(self):
     lowering.check_platform(self.platform)
@@ -213,15 +218,19 @@ class Plan:
     measured = (self.num_warps is None and self.num_stages is None and self.platform == "gpu"
                 and not self.interpret)
     lowering.resolve_launch(self, KERNELS, GPU_LAUNCH)
-    object.__setattr__(self, "_wide_key_kernels", frozenset(
-        set(WIDE_KEY_LAUNCH) - set(named) if measured else ()))
+    wide = self.wide_key_launch
+    if wide is None:
+      wide = {name: launch for name, launch in WIDE_KEY_LAUNCH.items()
+              if measured and name not in named}
+    object.__setattr__(self, "wide_key_launch", lowering.parse_launch(wide, KERNELS))
 
   def launch_for(self, kernel: str, dk: int | None = None) -> tuple[int, int]:
-    """(num_warps, num_stages) of `kernel` at key width dk: WIDE_KEY_LAUNCH's entry above
-    WIDE_KEYS on a real GPU where neither a uniform num_warps / num_stages nor a `launch`
-    entry for the kernel was given, else its resolved launch."""
-    if dk is not None and dk > WIDE_KEYS and kernel in self._wide_key_kernels:
-      return WIDE_KEY_LAUNCH[kernel]
+    """(num_warps, num_stages) of `kernel` at key width dk: its `wide_key_launch` entry
+    above WIDE_KEYS, else its resolved launch."""
+    if dk is not None and dk > WIDE_KEYS:
+      for name, warps, stages in self.wide_key_launch:
+        if name == kernel:
+          return warps, stages
     return lowering.launch_params(self, kernel)
 
   @property
