@@ -60,6 +60,22 @@ def time_jax_queued(fn: Callable[..., Any], *, reps: int, calls: int = 20,
   return statistics.median(times)
 
 
+# The roofline of a device not in lte_jax.training.metrics' tables (CPU smoke runs): the
+# H200's, the card the issues' bars are stated on.
+H200_ROOFLINE = ("NVIDIA H200 (reference: this device is not listed)", 4.8e12, 989e12)
+
+
+def roofline(device: Any = None) -> tuple[str, float, float]:
+  """(card, HBM bytes/s, dense bf16 FLOP/s) of `device` (default: the first one), for a
+  kernel's share of the roofline of the card it ran on; H200_ROOFLINE where unlisted."""
+  from lte_jax.training import metrics
+  device = device or jax.devices()[0]
+  bandwidth, flops = metrics.peak_bandwidth(device), metrics.peak_flops(device)
+  if bandwidth is None or flops is None:
+    return H200_ROOFLINE
+  return device.device_kind, bandwidth, flops
+
+
 def device_time(fn: Callable[[], Any], label: str, *, calls: int, profile_dir: str,
                 top: int = 8, key: str = "fwdbwd_device_ms") -> dict[str, Any]:
   """Summed kernel time per call of fn() (a jitted fwd+bwd) from a profiler trace of

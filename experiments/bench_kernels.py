@@ -21,8 +21,10 @@ kernel time is also summed from profiler traces (fwd_device_ms, fwdbwd_device_ms
 JAX's profiler for ours, torch's for FLA), which no host-side delay reaches; FLA's
 do_bench readings have moved by up to 75% between calls on the same machine while ours
 stayed within 1% (BENCHMARKS.md). The table also gives the
-forward's share of the H200 roofline (queued time): minimal bytes over 4.8 TB/s and
-the chunked algorithm's flops over 989 TFLOP/s (dense bf16).
+forward's share of the roofline of the card it ran on (queued time): minimal bytes over
+its HBM bandwidth and the chunked algorithm's flops over its dense bf16 peak
+(bench_common.roofline: H200 4.8 TB/s, H100 3.35 TB/s, both 989 TFLOP/s; the H200's
+where the card is not listed). The JSON's notes name the card.
 """
 from __future__ import annotations
 
@@ -72,8 +74,6 @@ flags.DEFINE_list("tune_launch", ["1/1", "2/1", "2/2", "4/1", "4/2", "4/3", "8/1
 flags.DEFINE_integer("tune_seconds", 400, "Time budget of the --tune sweep (it stops early, "
                      "keeping what it measured).")
 
-H200_BYTES_PER_S = 4.8e12
-H200_BF16_FLOPS = 989e12
 CHUNK = 64
 # Relative-RMS bounds for bf16 inputs, as tests/test_gated_delta_rule.py:
 # output and state, dq/dk/dv/dh0, dg/dbeta.
@@ -340,6 +340,7 @@ def _rows(shape: str, timed: list[tuple]) -> list[dict]:
   """One shape's table rows from its (impl, fwd, fwd+bwd, queued fwd, queued fwd+bwd,
   device fwd, device fwd+bwd) tuples; ratios against the 'fla/triton' tuple when there."""
   bytes_moved, flops = forward_cost(*_parse(shape))
+  _, bytes_per_s, flops_per_s = bench_common.roofline()
   anchor = {t[0]: t[1:] for t in timed}.get("fla/triton")
   ratio = lambda i, ms: anchor[i] / ms if anchor and anchor[i] and ms else None
   return [dict(shape=shape, impl=name, fwd_ms=f, fwdbwd_ms=fb, fwd_queued_ms=fq,
@@ -347,8 +348,8 @@ def _rows(shape: str, timed: list[tuple]) -> list[dict]:
                fwd_vs_fla=ratio(0, f), fwdbwd_vs_fla=ratio(1, fb),
                fwd_queued_vs_fla=ratio(0, fq), fwdbwd_queued_vs_fla=ratio(1, fbq),
                fwd_device_vs_fla=ratio(4, fd), fwdbwd_device_vs_fla=ratio(5, fbd),
-               fwd_bw_frac=bytes_moved / (fq * 1e-3) / H200_BYTES_PER_S,
-               fwd_flop_frac=flops / (fq * 1e-3) / H200_BF16_FLOPS)
+               fwd_bw_frac=bytes_moved / (fq * 1e-3) / bytes_per_s,
+               fwd_flop_frac=flops / (fq * 1e-3) / flops_per_s)
           for name, f, fb, fq, fbq, fd, fbd in timed]
 
 
@@ -433,7 +434,7 @@ def _write(env, checks, rows, fla, stages, tuned=()):
       env=env, checks=checks, rows=rows, stages=stages, tune=list(tuned),
       best_launch=best_launch(tuned, _gpu_launch()) if tuned else None,
       notes=dict(fla_triton_guard_lifted=fla is not None, roofline=dict(
-          bytes_per_s=H200_BYTES_PER_S, flops_per_s=H200_BF16_FLOPS))))
+          zip(("card", "bytes_per_s", "flops_per_s"), bench_common.roofline())))))
 
 
 if __name__ == "__main__":

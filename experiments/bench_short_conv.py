@@ -10,7 +10,7 @@ Then times forward and forward+backward (median ms, bf16 x, fp32 weights) with a
 without segment ids, and flash-linear-attention 0.6.0's `ShortConvolution` (Triton
 backend, no documents) in the same process as the anchor. The table gives each time's
 floor: the bytes one pass must move (x read and y written; the backward reads x and
-dy and writes dx) over 4.8 TB/s, and on a GPU the summed device time of the fwd+bwd kernels
+dy and writes dx) over the card's HBM bandwidth (bench_common.roofline), and on a GPU the summed device time of the fwd+bwd kernels
 per call from a profiler trace (`--profile_calls`).
 """
 from __future__ import annotations
@@ -44,7 +44,6 @@ flags.DEFINE_integer("profile_calls", 10,
                      "wall time of a ~0.1 ms op) and its kernels; 0: off.")
 flags.DEFINE_string("profile_dir", "/tmp/bench_short_conv_profile", "Where the traces go.")
 
-H200_BYTES_PER_S = 4.8e12
 
 
 def _inputs(b, t, c, dtype, seed):
@@ -111,7 +110,7 @@ def main(argv):
   for shape in FLAGS.shapes:
     b, t, c = (int(v) for v in shape.split("x"))
     x, w, seg, dy = _inputs(b, t, c, jnp.bfloat16, seed=0)
-    floor_ms = b * t * c * 2 / H200_BYTES_PER_S * 1e3          # one bf16 pass
+    floor_ms = b * t * c * 2 / bench_common.roofline()[1] * 1e3    # one bf16 pass
     for impl in FLAGS.implementations:
       fwd, grad = _fns(impl)
       for segments in (False, True):

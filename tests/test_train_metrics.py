@@ -21,6 +21,14 @@ def test_peak_flops_by_device_kind(kind, flops):
   assert metrics.peak_flops(types.SimpleNamespace(device_kind=kind)) == flops
 
 
+@pytest.mark.parametrize("kind,bandwidth", [
+    ("NVIDIA H200", 4.8e12), ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12),
+    ("NVIDIA GH200 480GB", 4.0e12), ("NVIDIA A100-SXM4-80GB", 2.039e12), ("cpu", None)])
+def test_peak_bandwidth_by_device_kind(kind, bandwidth):
+  """More specific names win: GH200 is not an H200, an H100 PCIe not an SXM H100."""
+  assert metrics.peak_bandwidth(types.SimpleNamespace(device_kind=kind)) == bandwidth
+
+
 def test_flops_per_token_is_6n_plus_attention():
   cfg = configs.get_config("transformer", "tiny", num_layers=2)
   n, t = 1_000_000, 256

@@ -43,13 +43,36 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+# HBM bandwidth per device (bytes/s), matched as PEAK_BF16_FLOPS (GH200 before H200, the
+# PCIe H100 before the SXM one): the memory side of a kernel's roofline.
+PEAK_HBM_BYTES_PER_S: tuple[tuple[str, float], ...] = (
+    ("GH200", 4.0e12),
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("H800", 3.35e12),
+    ("B200", 8.0e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100", 1.555e12),
+)
+
+
+def _by_device_kind(table: tuple[tuple[str, float], ...], device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "").lower()
+  for name, value in table:
+    if name.lower() in kind:
+      return value
+  return None
+
+
 def peak_flops(device: jax.Device) -> float | None:
   """Peak bf16 FLOP/s of one device, or None when unknown (CPU, unlisted chips)."""
-  kind = getattr(device, "device_kind", "")
-  for name, flops in PEAK_BF16_FLOPS:
-    if name.lower() in kind.lower():
-      return flops
-  return None
+  return _by_device_kind(PEAK_BF16_FLOPS, device)
+
+
+def peak_bandwidth(device: jax.Device) -> float | None:
+  """HBM bytes/s of one device, or None when unknown (CPU, unlisted chips)."""
+  return _by_device_kind(PEAK_HBM_BYTES_PER_S, device)
 
 
 def _mixer_flops(mixer: str, cfg: configs_lib.ModelConfig, seq_len: int) -> float:
