@@ -193,9 +193,10 @@ def _time_lte_jax(impl, args):
            bench_common.time_jax_queued(fwd, reps=FLAGS.reps, args_sets=[a[:-1] for a in sets]),
            bench_common.time_jax_queued(fwdbwd, reps=FLAGS.reps, args_sets=sets))
   # Traced after the timings: compiled and warm, so no compile-time autotuning is summed.
+  # top=14 lists every kernel of a GDN fwd+bwd, where the time goes beside FLA's list.
   device = tuple(_device_ms(lambda fn=fn, part=part: bench_common.device_time(
       fn, f"{label} {part}", calls=FLAGS.device_calls, profile_dir=FLAGS.profile_dir,
-      key="ms").get("ms"), f"{label} {part}")
+      key="ms", top=14).get("ms"), f"{label} {part}")
                  for part, fn in (("fwd", lambda: fwd(*args)),
                                   ("fwdbwd", lambda: fwdbwd(*args, d_o))))
   return timed + device
