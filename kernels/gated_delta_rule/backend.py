@@ -9,6 +9,7 @@ scratch. `Plan.sequential_in_grid` says which form a kernel must take.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -16,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lte_jax.kernels import lowering
+from lte_jax.kernels.gated_delta_rule import chunk_math as cm
 from lte_jax.kernels.lowering import PLATFORMS, default_platform  # noqa: F401  (re-exported)
 
 
@@ -261,6 +263,15 @@ class Plan:
     return {"tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
             "tf32": jax.lax.DotAlgorithmPreset.TF32_TF32_F32}.get(
                 self.inverse_precision_for(input_dtype), jax.lax.Precision.HIGHEST)
+
+  def t_product(self, input_dtype) -> Callable[..., jax.Array]:
+    """chunk_math.mm for the products with T (WY transform, WY backward, the fuse_wy
+    recurrences): operands in `wy_dtype` when that is low precision (bf16 tensor-core
+    products, as FLA), else fp32 at the inverse's precision."""
+    dtype = self.wy_dtype(input_dtype)
+    if dtype != jax.numpy.float32:
+      return functools.partial(cm.mm, dtype=dtype)
+    return functools.partial(cm.mm, precision=self.inverse_dot_precision(input_dtype))
 
   def wy_dtype(self, input_dtype) -> Any:
     """Storage and product dtype of T and the WY operands: the inputs' with

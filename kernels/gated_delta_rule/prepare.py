@@ -15,12 +15,8 @@ import jax.numpy as jnp
 from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 
 
-def _kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, w_ref, u_ref, *, precision, low,
-            block_k, block_v):
+def _kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, w_ref, u_ref, *, t_mm, block_k, block_v):
   t = t_ref[...]
-  # low: operands rounded to the inputs' dtype (bf16 tensor-core products, as FLA).
-  mm = (functools.partial(cm.mm, dtype=k_ref.dtype) if low
-        else functools.partial(cm.mm, precision=precision))
   # T diag(beta) V: the per-token factors scale T's [C, C] columns (rows [1, C]) rather
   # than V's and K's [C, D] rows, so K and V enter the dots as loaded: no [C, D] fp32
   # copies. Column blocks, each stored before the next: one [C, block] fp32 product live
@@ -32,7 +28,7 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, w_ref, u_ref, *, precision, 
 
     def column(j, carry, out_ref=out_ref, in_ref=in_ref, scaled=scaled, block=block):
       cols = cm.column_block(j, block)
-      out_ref[:, cols] = mm(scaled, in_ref[:, cols]).astype(out_ref.dtype)
+      out_ref[:, cols] = t_mm(scaled, in_ref[:, cols]).astype(out_ref.dtype)
       return carry
 
     jax.lax.fori_loop(0, in_ref.shape[-1] // block, column, 0)
@@ -46,9 +42,8 @@ def wy_transform(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_row, 
   dv = v.shape[-1]
   row = backend.per_chunk(1, c)
   return backend.call(
-      functools.partial(_kernel, precision=plan.inverse_dot_precision(k.dtype),
-                        low=plan.wy_dtype(k.dtype) != jnp.float32,
-                        block_k=plan.key_block(dk), block_v=plan.value_block(dv)),
+      functools.partial(_kernel, t_mm=plan.t_product(k.dtype), block_k=plan.key_block(dk),
+                        block_v=plan.value_block(dv)),
       plan, grid=(bh, n),
       in_specs=[backend.per_chunk(c, c), layout.block(dk), layout.block(dv), row, row],
       out_specs=[backend.per_chunk(c, dk), backend.per_chunk(c, dv)],

@@ -60,14 +60,6 @@ def _times_w_transposed(w):
   return lambda dv: cm.mm(w, dv, ta=True, dtype=w.dtype)
 
 
-def _t_dot(dtype, *, low, precision):
-  """Products with T (Plan.fuse_wy's kernels): as the WY transform takes them,
-  operands in the inputs' dtype when `low`, else fp32 at the inverse's precision."""
-  if low:
-    return functools.partial(cm.mm, dtype=dtype)
-  return functools.partial(cm.mm, precision=precision)
-
-
 def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype, *, backward):
   """backend.call's shared_bytes for a GPU recurrence: in the value-side form the loaded
   [C, D] tiles go into the dots as loaded, so Triton stages every step's loads
@@ -77,6 +69,11 @@ def _value_side_shared(plan, dk, bv, c, step_tiles, state_dtype, *, backward):
   on the GPU only."""
   if not plan.decays_on_values(dk, backward=backward):
     return None
+  return _staged_shared(dk, bv, c, step_tiles, state_dtype)
+
+
+def _staged_shared(dk, bv, c, step_tiles, state_dtype):
+  """(bytes of one step's [C, columns] tiles, bytes of the [Dk, bv] state operand)."""
   step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in step_tiles)
   return step, dk * bv * jnp.dtype(state_dtype).itemsize
 
@@ -122,21 +119,20 @@ def _forward_loop_kernel(w_ref, u_ref, k_ref, kd_ref, hd_ref, h0_ref,
 
 
 def _fused_forward_kernel(t_ref, k_ref, v_ref, beta_ref, bqd_ref, kd_ref, hd_ref, h0_ref,
-                          h_ref, v_new_ref, h_last_ref, *, low, precision):
+                          h_ref, v_new_ref, h_last_ref, *, t_mm):
   """GPU, Plan.fuse_wy: one program walks all chunks of one (batch*head, value
   block) with V_new = T (beta V - beta qd (K h)), the WY identity U - W h with
   U = T beta V and W = T beta qd K multiplied out: W and U are never formed, and K, loaded
   once a chunk, feeds both K h and the update K^T (kd V_new)."""
   chunk = t_ref.shape[1]
   dtype = k_ref.dtype
-  t_dot = _t_dot(dtype, low=low, precision=precision)
 
   def body(n, h):
     rows = _rows(n, chunk)
     h_ref[n] = h.astype(h_ref.dtype)
     k = k_ref[rows, :]
     r = beta_ref[n] * v_ref[rows, :].astype(cm.F32) - bqd_ref[n] * cm.mm(k, h, dtype=dtype)
-    v_new = t_dot(t_ref[n], r)
+    v_new = t_mm(t_ref[n], r)
     v_new_ref[n] = v_new.astype(v_new_ref.dtype)
     return hd_ref[n] * h + cm.mm(k, kd_ref[n] * v_new, ta=True, dtype=dtype)
 
@@ -207,57 +203,45 @@ def fused_chunk_states(plan: backend.Plan, layout: backend.Layout, t, k, v, beta
   bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_states")
   full, v_blocked, state = _loop_specs(n, dk, bv)
   # Its loads go into the dots as loaded (as the value-side form's): staged in shared memory.
-  step = sum(c * cols * jnp.dtype(dtype).itemsize for cols, dtype in
-             [(c, t.dtype), (dk, k.dtype), (bv, v.dtype)] + [(1, jnp.float32)] * 3)
+  shared = _staged_shared(dk, bv, c, [(c, t.dtype), (dk, k.dtype), (bv, v.dtype),
+                                      (1, beta_col.dtype), (1, bqd_col.dtype),
+                                      (1, kd_col.dtype)], k.dtype)
   return backend.call(
-      functools.partial(_fused_forward_kernel, low=plan.wy_dtype(k.dtype) != jnp.float32,
-                        precision=plan.inverse_dot_precision(k.dtype)), plan,
+      functools.partial(_fused_forward_kernel, t_mm=plan.t_product(k.dtype)), plan,
       grid=(bh, dv // bv),
       in_specs=[full(c, c), layout.sequence(dk), layout.sequence(dv, bv), full(c, 1),
                 full(c, 1), full(c, 1), full(1, 1), state],
       out_specs=[v_blocked(dk), v_blocked(c), state],
       out_shape=_out_shapes(bh, n, c, dk, dv, state_dtype, state_dtype),
-      name="gdn_chunk_states", shared_bytes=(step, dk * bv * jnp.dtype(k.dtype).itemsize),
-      dk=dk)(t, k, v, beta_col, bqd_col, kd_col, hd, h0)
+      name="gdn_chunk_states", shared_bytes=shared, dk=dk)(
+          t, k, v, beta_col, bqd_col, kd_col, hd, h0)
 
 
 # --- backward ----------------------------------------------------------------------------
 
-def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, w_ref, do_ref, dvl_ref,
-                          dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale, on_values):
-  """GPU: one program walks the chunks of one (batch*head, value block) backwards."""
-  num_chunks, chunk = w_ref.shape[:2]
+def _backward_loop_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, *refs, scale, on_values,
+                          t_mm=None):
+  """GPU: one program walks the chunks of one (batch*head, value block) backwards. refs:
+  w, then do, dV_local, dh_last and the outputs; with t_mm (Plan.fuse_wy) t and beta qd in
+  place of w, and W^T dV = K^T (beta qd T^T dV) (W = T beta qd K): the K tile the step
+  loads anyway and T [C, C] replace W [C, Dk]."""
+  *wy_refs, do_ref, dvl_ref, dh_last_ref, dh_ref, dv_ref, dh0_ref = refs
+  num_chunks, chunk = wy_refs[0].shape[:2]
 
-  def body(i, dh):
-    n = num_chunks - 1 - i
-    rows = _rows(n, chunk)
-    dh_ref[n] = dh.astype(dh_ref.dtype)
-    dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k_ref[rows, :], kd_ref[n],
-                            hd_ref[n], _times_w_transposed(w_ref[n]), do_ref[rows, :],
-                            dvl_ref[n], scale, on_values=on_values)
-    dv_ref[n] = dv.astype(dv_ref.dtype)
-    return dh
-
-  dh0_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dh_last_ref[...].astype(cm.F32))
-
-
-def _backward_fused_kernel(q_ref, qd_ref, k_ref, kd_ref, hd_ref, t_ref, bqd_ref, do_ref,
-                           dvl_ref, dh_last_ref, dh_ref, dv_ref, dh0_ref, *, scale, on_values,
-                           low, precision):
-  """GPU, Plan.fuse_wy: as _backward_loop_kernel with W^T dV = K^T (beta qd T^T dV)
-  (W = T beta qd K): the K tile the step loads anyway and T [C, C] replace W [C, Dk]."""
-  num_chunks, chunk = t_ref.shape[:2]
-  t_dot = _t_dot(k_ref.dtype, low=low, precision=precision)
+  def w_transposed(n, k):
+    if t_mm is None:
+      return _times_w_transposed(wy_refs[0][n])
+    t, bqd = wy_refs[0][n], wy_refs[1][n]
+    return lambda dv: cm.mm(k, bqd * t_mm(t, dv, ta=True), ta=True, dtype=k.dtype)
 
   def body(i, dh):
     n = num_chunks - 1 - i
     rows = _rows(n, chunk)
     dh_ref[n] = dh.astype(dh_ref.dtype)
     k = k_ref[rows, :]
-    t, bqd = t_ref[n], bqd_ref[n]
-    w_t = lambda dv: cm.mm(k, bqd * t_dot(t, dv, ta=True), ta=True, dtype=k.dtype)
-    dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k, kd_ref[n], hd_ref[n], w_t,
-                            do_ref[rows, :], dvl_ref[n], scale, on_values=on_values)
+    dv, dh = _backward_step(dh, q_ref[rows, :], qd_ref[n], k, kd_ref[n], hd_ref[n],
+                            w_transposed(n, k), do_ref[rows, :], dvl_ref[n], scale,
+                            on_values=on_values)
     dv_ref[n] = dv.astype(dv_ref.dtype)
     return dh
 
@@ -297,63 +281,38 @@ def chunk_state_grads(plan: backend.Plan, layout: backend.Layout, q, qd_col, k, 
   [BH, N, C, Dv] in dv_dtype, dh0 [BH, Dk, Dv] fp32)."""
   bh, n, c = dv_local.shape[:3]
   dk, dv = k.shape[-1], d_o.shape[-1]
-  if w is None:
-    return _fused_state_grads(plan, layout, q, qd_col, k, kd_col, hd, t, bqd_col, d_o,
-                              dv_local, dh_last, scale=scale, state_dtype=state_dtype,
-                              dv_dtype=dv_dtype)
   out_shape = _out_shapes(bh, n, c, dk, dv, state_dtype, dv_dtype)
-  args = (q, qd_col, k, kd_col, hd, w, d_o, dv_local, dh_last)
+  on_values = plan.decays_on_values(dk, backward=True)
   if plan.sequential_in_grid:
     assert not layout.native, "the reversed index maps assume [BH, N, C, D] token tensors"
     rev = lambda *tail: pl.BlockSpec((pl.squeezed, pl.squeezed, *tail),
                                      lambda b, i: (b, n - 1 - i) + (0,) * len(tail))
     whole = pl.BlockSpec((pl.squeezed, dk, dv), lambda b, i: (b, 0, 0))
     return backend.call(
-        functools.partial(_backward_grid_kernel, scale=scale,
-                          on_values=plan.decays_on_values(dk, backward=True)), plan,
+        functools.partial(_backward_grid_kernel, scale=scale, on_values=on_values), plan,
         grid=(bh, n),
         in_specs=[rev(c, dk), rev(c, 1), rev(c, dk), rev(c, 1), rev(1, 1), rev(c, dk),
                   rev(c, dv), rev(c, dv), whole],
         out_specs=[rev(dk, dv), rev(c, dv), whole], out_shape=out_shape,
         sequential_last=True, scratch_shapes=[backend.vmem((dk, dv))],
-        name="gdn_chunk_state_grads")(*args)
+        name="gdn_chunk_state_grads")(q, qd_col, k, kd_col, hd, w, d_o, dv_local, dh_last)
   bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_state_grads")
   full, v_blocked, state = _loop_specs(n, dk, bv)
+  kernel = functools.partial(_backward_loop_kernel, scale=scale, on_values=on_values)
+  if w is None:   # Plan.fuse_wy: T and beta qd in W's place
+    wy, wy_specs = (t, bqd_col), [full(c, c), full(c, 1)]
+    wy_tiles = [(c, t.dtype), (1, bqd_col.dtype)]
+    kernel = functools.partial(kernel, t_mm=plan.t_product(k.dtype))
+  else:
+    wy, wy_specs, wy_tiles = (w,), [full(c, dk)], [(dk, w.dtype)]
   shared = _value_side_shared(
       plan, dk, bv, c, [(dk, q.dtype), (1, qd_col.dtype), (dk, k.dtype), (1, kd_col.dtype),
-                        (dk, w.dtype), (bv, d_o.dtype), (bv, dv_local.dtype)], k.dtype,
+                        *wy_tiles, (bv, d_o.dtype), (bv, dv_local.dtype)], k.dtype,
       backward=True)
   return backend.call(
-      functools.partial(_backward_loop_kernel, scale=scale,
-                        on_values=plan.decays_on_values(dk, backward=True)), plan,
-      grid=(bh, dv // bv),
+      kernel, plan, grid=(bh, dv // bv),
       in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
-                full(c, dk), layout.sequence(dv, bv), v_blocked(c), state],
+                *wy_specs, layout.sequence(dv, bv), v_blocked(c), state],
       out_specs=[v_blocked(dk), v_blocked(c), state], out_shape=out_shape,
-      name="gdn_chunk_state_grads", shared_bytes=shared)(*args)
-
-
-def _fused_state_grads(plan, layout, q, qd_col, k, kd_col, hd, t, bqd_col, d_o, dv_local,
-                       dh_last, *, scale, state_dtype, dv_dtype):
-  """chunk_state_grads from T instead of W (Plan.fuse_wy, GPU form)."""
-  assert layout.native, "the fused reverse recurrence is the GPU form"
-  bh, n, c = dv_local.shape[:3]
-  dk, dv = k.shape[-1], d_o.shape[-1]
-  bv = plan.recurrence_value_block(dv, bh, dk, "gdn_chunk_state_grads")
-  full, v_blocked, state = _loop_specs(n, dk, bv)
-  shared = _value_side_shared(
-      plan, dk, bv, c, [(dk, q.dtype), (1, qd_col.dtype), (dk, k.dtype), (1, kd_col.dtype),
-                        (c, t.dtype), (1, bqd_col.dtype), (bv, d_o.dtype),
-                        (bv, dv_local.dtype)], k.dtype, backward=True)
-  return backend.call(
-      functools.partial(_backward_fused_kernel, scale=scale,
-                        on_values=plan.decays_on_values(dk, backward=True),
-                        low=plan.wy_dtype(k.dtype) != jnp.float32,
-                        precision=plan.inverse_dot_precision(k.dtype)), plan,
-      grid=(bh, dv // bv),
-      in_specs=[layout.sequence(dk), full(c, 1), layout.sequence(dk), full(c, 1), full(1, 1),
-                full(c, c), full(c, 1), layout.sequence(dv, bv), v_blocked(c), state],
-      out_specs=[v_blocked(dk), v_blocked(c), state],
-      out_shape=_out_shapes(bh, n, c, dk, dv, state_dtype, dv_dtype),
       name="gdn_chunk_state_grads", shared_bytes=shared, dk=dk)(
-          q, qd_col, k, kd_col, hd, t, bqd_col, d_o, dv_local, dh_last)
+          q, qd_col, k, kd_col, hd, *wy, d_o, dv_local, dh_last)

@@ -19,16 +19,14 @@ from lte_jax.kernels.gated_delta_rule import backend, chunk_math as cm
 def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_ref, qd_ref,
             dv_ref, dw_ref, dk_part_ref,
             dk_ref, dvin_ref, dbeta_ref, dqd_ref, dg_ref, dg_row_ref, *,
-            block_k, block_v, precision, low):
+            block_k, block_v, t_mm):
   dtype = k_ref.dtype
   beta, qd = beta_ref[...], qd_ref[...]
   bq = beta * qd
   _, strict = cm.decay_masks(g_ref[...], g_row_ref[...], seg_ref[...], seg_row_ref[...])
   t = t_ref[...]
-  # Products with T run at the plan's inverse precision or, with `low`, in the inputs'
-  # dtype (FLA's WY backward); the others take the inputs' dtype, fp32 accumulation.
-  mm_t = (functools.partial(cm.mm, dtype=dtype) if low
-          else functools.partial(cm.mm, precision=precision))
+  # Products with T: t_mm (Plan.t_product: FLA's WY backward rounding by default); the
+  # others take the inputs' dtype, fp32 accumulation.
   chunk, dk_dim = k_ref.shape
   zeros = lambda *shape: jnp.zeros(shape, cm.F32)
   # The column loops are loops, not unrolled: unrolled, the scheduler hoisted later
@@ -37,7 +35,7 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
     d_t, dbeta = carry
     cols = cm.column_block(j, block_v)
     dv, vf = dv_ref[:, cols], v_ref[:, cols].astype(cm.F32)
-    t_du = mm_t(t, dv, ta=True)
+    t_du = t_mm(t, dv, ta=True)
     dvin_ref[:, cols] = (beta * t_du).astype(dvin_ref.dtype)
     return (d_t + cm.mm(dv, beta * vf, tb=True, dtype=dtype),
             dbeta + cm.rowsum(vf * t_du))
@@ -53,7 +51,7 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   d_t = jax.lax.fori_loop(0, dk_dim // block_k, key_block_dt, d_t)
   # A = beta (B * Ds) with B = K K^T and Ds the strict decays: everything needing B and dA
   # first, so that only dL/dB stays live through the dk loop below.
-  d_a_ds = -mm_t(mm_t(t, d_t, ta=True), t, tb=True) * strict      # dA * Ds
+  d_a_ds = -t_mm(t_mm(t, d_t, ta=True), t, tb=True) * strict      # dA * Ds
   b = cm.mm(k_ref[...], k_ref[...], tb=True, dtype=dtype)
   dbeta = dbeta + cm.rowsum(d_a_ds * b)
   e = beta * d_a_ds                                                # dL/dB
@@ -62,7 +60,7 @@ def _kernel(t_ref, k_ref, v_ref, beta_ref, g_ref, g_row_ref, seg_ref, seg_row_re
   def key_block_dk(j, k_t_dw):
     rows = cm.column_block(j, block_k)
     k = k_ref[:, rows]
-    t_dw = mm_t(t, dw_ref[:, rows], ta=True)                        # [C, block_k]
+    t_dw = t_mm(t, dw_ref[:, rows], ta=True)                        # [C, block_k]
     dk = (dk_part_ref[:, rows] + bq * t_dw + cm.mm(e, k, dtype=dtype)
           + cm.mm(e, k, ta=True, dtype=dtype))
     dk_ref[:, rows] = dk.astype(dk_ref.dtype)
@@ -85,8 +83,7 @@ def wy_grads(plan: backend.Plan, layout: backend.Layout, t, k, v, beta_col, g_co
   scalar_shapes = [(c, 1), (c, 1), (c, 1), (1, c)]
   return backend.call(
       functools.partial(_kernel, block_k=plan.key_block(dk), block_v=plan.value_block(dvd),
-                        precision=plan.inverse_dot_precision(k.dtype),
-                        low=plan.wy_dtype(k.dtype) != jnp.float32), plan,
+                        t_mm=plan.t_product(k.dtype)), plan,
       grid=(bh, n),
       in_specs=[chunk(c, c), tokens(dk), tokens(dvd), col, col, row, col, row, col,
                 chunk(c, dvd), tokens(dk), tokens(dk)],
