@@ -79,6 +79,10 @@ flags.DEFINE_integer("hlo_copies", 0,
                      "After compiling, print this many groups of the step's HLO copies (by "
                      "JAX op and source line) and the activation stacks its loops carry "
                      "(experiments.hlo_copies). 0: off.")
+flags.DEFINE_string("hlo_dir", None,
+                    "Write each model's compiled step (optimised HLO text, gzip) to "
+                    "<hlo_dir>/<arch>.hlo.txt.gz, to look up the fusions a profile names. "
+                    "None: off.")
 flags.DEFINE_integer("lte_kept", 0,
                      "Time the LTE models at this many kept tokens per sequence and KV head "
                      "(the lambda controller's target is 512 per 4096, where a run spends "
@@ -184,6 +188,11 @@ def _run_lte_jax(arch: str) -> dict:
     temp_gib = getattr(mem, "temp_size_in_bytes", 0) / 2**30
     print(f"{arch}: compiled in {compile_s:.1f} s, XLA temp buffers {temp_gib:.1f} GiB",
           file=sys.stderr, flush=True)
+    if FLAGS.hlo_dir:
+      import gzip
+      os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+      with gzip.open(os.path.join(FLAGS.hlo_dir, f"{arch}.hlo.txt.gz"), "wt") as f:
+        f.write(step_fn.as_text())
     if FLAGS.hlo_copies > 0:
       from experiments import bench_common, hlo_copies
       print(f"{arch}: copies in the compiled step (a loop body's count once per body):",

@@ -102,7 +102,7 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
                                      (("decay_on", "values"), ("platform", "tpu")),
                                      (("qk_key_grid", False), ("block_k", 16)),
                                      (("recurrence_block_v", 16),),
-                                     (("fuse_wy", True),),
+                                     (("fuse_wy", False),),
                                      (("output_value_grid", True), ("block_k", 32))])
 def test_plan_variants_match_reference(options):
   """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
@@ -110,8 +110,9 @@ def test_plan_variants_match_reference(options):
   kept for the backward, with the recurrences' decays on the key side (the default at this
   Dk puts them on the value side) and on the value side in the TPU form, with the dq / dk /
   dW kernel's four key blocks walked in a loop (the default takes them as a grid axis),
-  with the recurrences' value columns in four programs, with the forward's recurrence
-  straight from T (no W, U), and with the outputs and dV_local
+  with the recurrences' value columns in four programs, with the recurrences on W and U
+  from the WY transform (the default, fuse_wy, takes T instead), and with the outputs
+  and dV_local
   over a grid of value blocks (key loops in two steps); value loops in two steps
   throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
@@ -264,13 +265,14 @@ def test_plan_launch_errors_name_the_entry(launch, needle):
     Plan("gpu", launch=launch)
 
 
-@pytest.mark.parametrize("dk,decay_on,states_stages,grads_stages", [
-    (256, "values", 2, 1),    # 3 stages of W, K, U tiles + the state: 254 KB > 227 KB
-    (128, "values", 3, 2),    # the measured table fits: unchanged
-    (256, "keys", 3, 2),      # K and Q pass through registers: not capped
+@pytest.mark.parametrize("dk,decay_on,fuse_wy,states_stages,grads_stages", [
+    (256, "values", False, 2, 1),  # 3 stages of W, K, U tiles + the state: 254 KB > 227 KB
+    (256, "values", True, 3, 2),   # T [C, C] in W's place: the table's stages fit
+    (128, "values", False, 3, 2),  # the measured table fits: unchanged
+    (256, "keys", False, 3, 2),    # K and Q pass through registers: not capped
 ])
-def test_recurrence_stages_fit_shared_memory(monkeypatch, dk, decay_on, states_stages,
-                                             grads_stages):
+def test_recurrence_stages_fit_shared_memory(monkeypatch, dk, decay_on, fuse_wy,
+                                             states_stages, grads_stages):
   """The GPU recurrences' value-side form stages every step's loads in shared memory, so
   its stages are capped to what fits (Triton refused 3 stages at Dk = 256 on the H200);
   other kernels and forms keep their launch table. Traced only: the launch parameters
@@ -286,7 +288,7 @@ def test_recurrence_stages_fit_shared_memory(monkeypatch, dk, decay_on, states_s
 
   def loss(q, k, v, g, beta):
     o, _ = chunk_gated_delta_rule_pallas(q, k, v, g, beta, scale=dk ** -0.5, platform="gpu",
-                                         interpret=False, decay_on=decay_on,
+                                         interpret=False, decay_on=decay_on, fuse_wy=fuse_wy,
                                          recurrence_block_v=64,   # as at 4x4096x8x256
                                          launch="gdn_chunk_states=4/3")  # at every Dk
     return o.astype(jnp.float32).sum()
@@ -422,7 +424,7 @@ _sds = helpers.sds
     ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
     ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
     ("gpu", "cuda", dict(qk_key_grid=False)), ("gpu", "cuda", dict(recurrence_block_v=32)),
-    ("gpu", "cuda", dict(output_value_grid=True)), ("gpu", "cuda", dict(fuse_wy=True))])
+    ("gpu", "cuda", dict(output_value_grid=True)), ("gpu", "cuda", dict(fuse_wy=False))])
 @pytest.mark.parametrize("size", ["0.4B", "1.4B"])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
@@ -443,7 +445,8 @@ def test_lowers_at_preset_shapes(platform, lowering, options, size):
   # again (recomputed from the saved inverse, unless kept), local dV,
   # reverse states, dq/dk/dW, WY grads. fuse_wy: no WY transform, forward or backward.
   kept = options.get("keep_states", False)
-  fused = options.get("fuse_wy", False)
+  fused = (platform == "gpu" and options.get("fuse_wy", True) and not kept
+           and options.get("decay_on") != "keys")
   for fn, kernels in ((op, 4 - fused), (jax.value_and_grad(op, argnums=tuple(range(6))),
                                         8 if kept else 10 - 2 * fused)):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering,)).as_text()

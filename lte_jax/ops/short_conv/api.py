@@ -15,14 +15,16 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "xla": short_conv_reference,
     "pallas": short_conv_pallas,
 }
-# implementation=None, per jax.default_backend(): 'xla' everywhere. On the H200
-# (2026-11-29, 8 x 4096 x 1024 bf16, BENCHMARKS.md) the first kernel version took 0.88 ms
-# fwd+bwd against XLA's 0.59 (FLA's Triton conv 1.28; one pass over the data is 0.014
-# ms), and the 0.4B GDN step 0.312 s against 0.295 with XLA's conv. The kernels have been
-# reworked since (no per-program window cache: fewer live registers) but not timed.
-# TPU: the kernels read unaligned row windows, a GPU-only form; the CPU runs Pallas only
-# interpreted.
-DEFAULT_IMPLEMENTATIONS = {"gpu": "xla", "tpu": "xla", "cpu": "xla"}
+# implementation=None, per jax.default_backend(): 'pallas' on GPU. Alone, XLA's conv is
+# faster (H100, 2026-12-06, 8 x 4096 x 1024 bf16, fwd+bwd device ms: 'xla' 0.357,
+# 'pallas' 0.523; FLA's Triton conv 1.345 queued), but inside the train step XLA fuses the
+# conv's backward (the transpose of its pad) with its neighbours into one multi-output
+# fusion that writes two fp32 [B, T, C] arrays, 1.5 ms a layer: the 0.4B GDN step took
+# 0.325 s with 'xla' and 0.306 with 'pallas' (FLA's 0.302). On the H200 in the ninth
+# session the kernels' first version lost in the step (0.312 against 0.295 s); they were
+# reworked since. TPU: the kernels read unaligned row windows, a GPU-only form; the CPU
+# runs Pallas only interpreted.
+DEFAULT_IMPLEMENTATIONS = {"gpu": "pallas", "tpu": "xla", "cpu": "xla"}
 
 
 def default_implementation(backend: str | None = None) -> str:
@@ -39,7 +41,7 @@ def short_conv(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None = 
     weight: [K, C] float; tap K-1 reads the current token, tap 0 the token K-1 back.
     segment_ids: [B, T] int document ids or None; no tap reads across a document start.
     implementation: 'pallas' (GPU kernels; interpreted on CPU) or 'xla' (plain JAX, the
-      reference); None: `default_implementation()` ('xla' for now).
+      reference); None: `default_implementation()` ('pallas' on GPU, else 'xla').
     plan_options: 'pallas' only: fields of lte_jax.kernels.short_conv.Plan (block_t,
       block_c, num_warps, num_stages, interpret).
 
