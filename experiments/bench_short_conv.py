@@ -10,8 +10,9 @@ Then times forward and forward+backward (median ms, bf16 x, fp32 weights) with a
 without segment ids, and flash-linear-attention 0.6.0's `ShortConvolution` (Triton
 backend, no documents) in the same process as the anchor. The table gives each time's
 floor: the bytes one pass must move (x read and y written; the backward reads x and
-dy and writes dx) over the card's HBM bandwidth (bench_common.roofline), and on a GPU the summed device time of the fwd+bwd kernels
-per call from a profiler trace (`--profile_calls`).
+dy and writes dx) over the card's HBM bandwidth (bench_common.roofline), and on a GPU the
+summed device time of the fwd+bwd kernels per call from a profiler trace
+(`--profile_calls`).
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ flags.DEFINE_integer("profile_calls", 10,
                      "time per call (device_ms: no dispatch or launch gaps, which dominate the "
                      "wall time of a ~0.1 ms op) and its kernels; 0: off.")
 flags.DEFINE_string("profile_dir", "/tmp/bench_short_conv_profile", "Where the traces go.")
-
 
 
 def _inputs(b, t, c, dtype, seed):

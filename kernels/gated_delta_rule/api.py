@@ -94,9 +94,9 @@ def _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0):
 
 def _forward(cfg, q, k, v, beta, g_cum, seg, qd, kd, hd, h0):
   """-> (o, final state, (T, W, h, V_new)); W is None where the forward never forms it
-  (Plan.fuse_wy without keep_states: the backward recomputes what it needs)."""
+  (Plan.fuses_wy: the backward recomputes what it needs)."""
   t = _inverse(cfg, k, beta, g_cum, seg)
-  if cfg.plan.fuses_wy and not cfg.plan.keep_states:
+  if cfg.plan.fuses_wy:
     w = None
     h, v_new, h_last = _fused_states(cfg, t, k, v, beta, qd, kd, hd, h0)
   else:

@@ -242,8 +242,10 @@ class Plan:
   @property
   def fuses_wy(self) -> bool:
     """The recurrences take T, not W and U (`fuse_wy`): GPU form, the forward's decays on
-    the value side (its only form; 'auto' puts them there on GPU)."""
-    return self.fuse_wy and not self.sequential_in_grid and self.decay_on != "keys"
+    the value side (its only form; 'auto' puts them there on GPU), and no keep_states
+    (which keeps W for the backward)."""
+    return (self.fuse_wy and not self.keep_states and not self.sequential_in_grid
+            and self.decay_on != "keys")
 
   @property
   def sequential_in_grid(self) -> bool:
