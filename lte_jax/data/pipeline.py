@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from lte_jax.data.holdout import Split
 from lte_jax.data.packing import PackedBatchIterDataset
 from lte_jax.data.retrieval import NIAH_TASKS, check_mqar_args, make_niah, mqar_batch
 from lte_jax.data.sources import SOURCE_KINDS, make_source
@@ -141,6 +142,12 @@ def _subseed(seed: int, salt: int) -> int:
   return int(np.random.SeedSequence([seed, salt]).generate_state(1)[0])
 
 
+def _split_seed(split: Split | None, seed: int, salt: int) -> int:
+  """A synthetic generator's seed: ``_subseed(seed, salt)``, moved for a validation split."""
+  seed = _subseed(seed, salt)
+  return seed if split is None else split.synthetic_seed(seed)
+
+
 def _doc(ids: Sequence[int] | np.ndarray, kind: str, atomic: bool) -> dict:
   """A text document [BOS, ..., EOS] as its len - 1 (input, next token) pairs."""
   ids = np.asarray(ids, np.int32)
@@ -229,12 +236,14 @@ def _check_vocab(cfg: DataConfig, tokenizer: Tokenizer) -> None:
 
 
 def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
-                          process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                          process_index: int = 0, process_count: int = 1,
+                          split: Split | None = None) -> grain.MapDataset:
   """This process's slice of the mixed, tokenized document stream (a grain MapDataset).
 
   Elements: dict(inputs [n] int32, targets [n] int32, loss_mask [n] float32,
   atomic bool, kind int32 (KIND_IDS)). Element i of the global stream goes to
-  process i % process_count.
+  process i % process_count. ``split`` (lte_jax.data.holdout): the corpus
+  documents and synthetic seeds of a train / validation split; None: all of them.
   """
   if not _is_int(process_count) or process_count < 1:
     raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
@@ -245,17 +254,18 @@ def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *
   parts = []
   for name in cfg.weights:
     if name == "corpus":
-      ds = grain.MapDataset.source(make_source(cfg.source, cfg.path, cfg.text_field))
+      source = make_source(cfg.source, cfg.path, cfg.text_field)
+      ds = grain.MapDataset.source(source if split is None else split.corpus(source))
       if len(ds) == 0:
         _fail("path", "a glob of files holding at least one document", cfg.path)
       if cfg.shuffle:
         ds = ds.shuffle(seed=_subseed(cfg.seed, _SALT_SHUFFLE))
       ds = ds.repeat(cfg.num_epochs).map(_TokenizeText(tokenizer))
     elif name == "mqar":
-      ds = grain.MapDataset.source(_Synthetic(_subseed(cfg.seed, _SALT_MQAR),
+      ds = grain.MapDataset.source(_Synthetic(_split_seed(split, cfg.seed, _SALT_MQAR),
                                               _MQARDoc(cfg, tokenizer.bos_id)))
     else:
-      ds = grain.MapDataset.source(_Synthetic(_subseed(cfg.seed, _SALT_NIAH),
+      ds = grain.MapDataset.source(_Synthetic(_split_seed(split, cfg.seed, _SALT_NIAH),
                                               _NIAHDoc(cfg, tokenizer)))
     parts.append(ds)
   weights = list(cfg.weights.values())
@@ -263,8 +273,8 @@ def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *
   return ds[process_index::process_count]
 
 
-def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                        split: Split | None = None) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's packed batches.
 
   Each batch is a dict of [batch_size // process_count, seq_len] arrays:
@@ -273,6 +283,7 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
   padding and on MQAR non-query tokens). ``get_state()`` / ``set_state()``
   round-trip to the next unseen batch; see ``iterator_checkpoint_args`` for orbax.
   With ``num_epochs`` set, the last batch is padded and then StopIteration.
+  ``split``: as for ``make_document_dataset``.
   """
   if not _is_int(process_count) or process_count < 1:
     raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
@@ -280,7 +291,7 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0,
     _fail("batch_size", f"a multiple of process_count={process_count}", cfg.batch_size)
   tokenizer = get_tokenizer(cfg.tokenizer)
   docs = make_document_dataset(cfg, tokenizer, process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count, split=split)
   stream = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=max(4, 8 * cfg.read_threads)))
   ds = PackedBatchIterDataset(stream, seq_len=cfg.seq_len,
