@@ -11,21 +11,29 @@ same config gives the same batches in every run, and the iterator's state
 (``get_state()`` / ``set_state()``, a small JSON-able dict) resumes at the next
 unseen batch. Mixture weights count documents, not tokens: an MQAR document is
 ``mqar_seq_len + 1`` tokens, a corpus document as long as it is.
+
+Bad corpus records (``errors.py``) are skipped and counted or raise
+``DataError``, per ``DataConfig.bad_records``; a corpus without text is a
+``DataError`` naming its path, before the first batch where the source can tell.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
+from lte_jax.data.errors import (BAD_RECORD_POLICIES, BadRecords, CorpusGuard, DataError,
+                                 count_in_state)
 from lte_jax.data.holdout import Split
 from lte_jax.data.packing import PackedBatchIterDataset
 from lte_jax.data.retrieval import NIAH_TASKS, check_mqar_args, make_niah, mqar_batch
 from lte_jax.data.sources import SOURCE_KINDS, make_source
-from lte_jax.data.tokenizers import Tokenizer, get_tokenizer
+from lte_jax.data.tokenizers import Tokenizer, encode_document, get_tokenizer
 
 MIXTURE_NAMES = ("corpus", "mqar", "niah")
 KIND_IDS = {"corpus": 0, "mqar": 1, "niah": 2}  # the 'kind' field of a document
@@ -62,6 +70,18 @@ class DataConfig:
   worker_count: processes for grain's mp_prefetch (0: in-process).
   read_threads: threads reading and tokenizing documents in each process.
   model_vocab_size: if set, the tokenizer and MQAR ids must fit below it.
+  bad_records: what a bad corpus record does (bytes that are not UTF-8; a JSONL
+    line that is not valid JSON, is ``null`` or lacks a string ``text_field``;
+    a null Parquet value): 'skip' (default) drops it and counts it (in the
+    iterator's ``bad_records()``, metrics.jsonl's ``data/bad_records`` and the
+    run summary, with file:line of the first few); 'error' stops with
+    ``DataError`` naming the file and line.
+  max_bad_fraction: under 'skip', stop with ``DataError`` once more than this
+    fraction of the corpus records are bad (0 <= f <= 1; default 0.01).
+  validate: check a JSONL corpus before the first batch: every line is parsed
+    once (tens to hundreds of MB/s), so bad lines are reported, or skipped and
+    counted, up front and a corpus without text is an error at once. False: bad
+    records are found when read, as for the other sources.
   """
   source: str = "embedded"
   path: str | None = None
@@ -82,6 +102,9 @@ class DataConfig:
   worker_count: int = 0
   read_threads: int = 2
   model_vocab_size: int | None = None
+  bad_records: str = "skip"
+  max_bad_fraction: float = 0.01
+  validate: bool = True
 
   def __post_init__(self):
     if self.source not in SOURCE_KINDS:
@@ -104,8 +127,14 @@ class DataConfig:
     if self.model_vocab_size is not None and (
         not _is_int(self.model_vocab_size) or self.model_vocab_size < 1):
       _fail("model_vocab_size", "None or a positive integer", self.model_vocab_size)
-    if not isinstance(self.shuffle, bool):
-      _fail("shuffle", "a bool", self.shuffle)
+    for name in ("shuffle", "validate"):
+      if not isinstance(getattr(self, name), bool):
+        _fail(name, "a bool", getattr(self, name))
+    if self.bad_records not in BAD_RECORD_POLICIES:
+      _fail("bad_records", f"one of {BAD_RECORD_POLICIES}", self.bad_records)
+    frac = self.max_bad_fraction
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+      _fail("max_bad_fraction", "a number in [0, 1]", frac)
     self._check_mixture()
     weights = self.weights
     if weights.get("mqar", 0) > 0:
@@ -149,21 +178,55 @@ def _split_seed(split: Split | None, seed: int, salt: int) -> int:
 
 
 def _doc(ids: Sequence[int] | np.ndarray, kind: str, atomic: bool) -> dict:
-  """A text document [BOS, ..., EOS] as its len - 1 (input, next token) pairs."""
+  """A text document [BOS, ..., EOS] as its len - 1 (input, next token) pairs.
+
+  inputs / targets are views of ``ids`` and the mask a read-only broadcast one:
+  a long document costs 4 bytes a token."""
   ids = np.asarray(ids, np.int32)
-  return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": np.ones(len(ids) - 1, np.float32),
+  return {"inputs": ids[:-1], "targets": ids[1:],
+          "loss_mask": np.broadcast_to(np.float32(1), (len(ids) - 1,)),
           "atomic": np.bool_(atomic), "kind": np.int32(KIND_IDS[kind])}
 
 
+class _Skipped:
+  """A bad record under bad_records='skip': its 'file:line: reason'."""
+
+  def __init__(self, message: str):
+    self.message = message
+
+
+class _Records(Sequence):
+  """The corpus source with its DataErrors raised ('error') or turned into _Skipped."""
+
+  def __init__(self, source: Sequence[str], policy: str):
+    self.source, self.policy = source, policy
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> str | _Skipped:
+    try:
+      return self.source[index]
+    except DataError as err:
+      if self.policy == "error":
+        raise DataError(err.path, err.line,
+                        f"{err.reason} (data.bad_records='skip' skips bad records)") from None
+      return _Skipped(str(err))
+
+
 class _TokenizeText:
-  """text -> document: [BOS] + ids + [EOS] as shifted inputs / targets."""
+  """text -> document: [BOS] + ids + [EOS] as shifted inputs / targets; a skipped
+  record -> an empty document carrying ``bad``."""
 
   def __init__(self, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
 
-  def __call__(self, text: str) -> dict:
-    tok = self.tokenizer
-    return _doc([tok.bos_id, *tok.encode(text), tok.eos_id], "corpus", atomic=False)
+  def __call__(self, text: str | _Skipped) -> dict:
+    if isinstance(text, _Skipped):
+      doc = _doc(np.zeros(1, np.int32), "corpus", atomic=False)
+      doc["bad"] = text.message
+      return doc
+    return _doc(encode_document(self.tokenizer, text), "corpus", atomic=False)
 
 
 class _Synthetic(Sequence):
@@ -235,29 +298,33 @@ def _check_vocab(cfg: DataConfig, tokenizer: Tokenizer) -> None:
               "(raise it or drop 'niah' from the mixture)", cfg.seq_len)
 
 
-def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
-                          process_index: int = 0, process_count: int = 1,
-                          split: Split | None = None) -> grain.MapDataset:
-  """This process's slice of the mixed, tokenized document stream (a grain MapDataset).
+def _corpus(cfg: DataConfig, split: Split | None) -> tuple[Sequence[str], BadRecords]:
+  """The split's view of the corpus, checked (records exist, some hold text, few enough
+  are bad), and the bad records the source found up front."""
+  source = make_source(cfg.source, cfg.path, cfg.text_field, validate=cfg.validate,
+                       on_bad=cfg.bad_records)
+  name = cfg.path or cfg.source
+  bad = source.bad_records
+  if len(source) == 0 or source.has_text is False:
+    found = f"{len(source)} records" + (f", {bad.count} bad ({bad.describe()})" if bad.count else "")
+    raise DataError(name, None, f"the corpus holds no document with text ({found})")
+  if bad.count:
+    total = len(source) + bad.count
+    if bad.count > cfg.max_bad_fraction * total:
+      raise DataError(name, None, f"{bad.count} of {total} records are bad, more than "
+                      f"data.max_bad_fraction={cfg.max_bad_fraction} (raise it, or fix the "
+                      f"data); first: " + "; ".join(bad.first))
+    logging.warning("%s: skipping %d bad records; first: %s", name, bad.count,
+                    "; ".join(bad.first))
+  return (source if split is None else split.corpus(source)), bad
 
-  Elements: dict(inputs [n] int32, targets [n] int32, loss_mask [n] float32,
-  atomic bool, kind int32 (KIND_IDS)). Element i of the global stream goes to
-  process i % process_count. ``split`` (lte_jax.data.holdout): the corpus
-  documents and synthetic seeds of a train / validation split; None: all of them.
-  """
-  if not _is_int(process_count) or process_count < 1:
-    raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
-  if not _is_int(process_index) or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
-  tokenizer = get_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-  _check_vocab(cfg, tokenizer)
+
+def _documents(cfg: DataConfig, tokenizer: Tokenizer, corpus: Sequence[str] | None,
+               split: Split | None, process_index: int, process_count: int) -> grain.MapDataset:
   parts = []
   for name in cfg.weights:
     if name == "corpus":
-      source = make_source(cfg.source, cfg.path, cfg.text_field)
-      ds = grain.MapDataset.source(source if split is None else split.corpus(source))
-      if len(ds) == 0:
-        _fail("path", "a glob of files holding at least one document", cfg.path)
+      ds = grain.MapDataset.source(_Records(corpus, cfg.bad_records))
       if cfg.shuffle:
         ds = ds.shuffle(seed=_subseed(cfg.seed, _SALT_SHUFFLE))
       ds = ds.repeat(cfg.num_epochs).map(_TokenizeText(tokenizer))
@@ -273,8 +340,63 @@ def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *
   return ds[process_index::process_count]
 
 
+def _check_process(process_index: int | None, process_count: int) -> None:
+  if not _is_int(process_count) or process_count < 1:
+    raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+  if process_index is not None and (
+      not _is_int(process_index) or not 0 <= process_index < process_count):
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+
+
+def make_document_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
+                          process_index: int = 0, process_count: int = 1,
+                          split: Split | None = None) -> grain.MapDataset:
+  """This process's slice of the mixed, tokenized document stream (a grain MapDataset).
+
+  Elements: dict(inputs [n] int32, targets [n] int32, loss_mask [n] float32,
+  atomic bool, kind int32 (KIND_IDS)); a bad record skipped under
+  bad_records='skip' is an empty corpus document with ``bad`` ('file:line:
+  reason'). Element i of the global stream goes to process i % process_count.
+  ``split`` (lte_jax.data.holdout): the corpus documents and synthetic seeds of
+  a train / validation split; None: all of them.
+  """
+  _check_process(process_index, process_count)
+  tokenizer = get_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
+  _check_vocab(cfg, tokenizer)
+  corpus = _corpus(cfg, split)[0] if "corpus" in cfg.weights else None
+  return _documents(cfg, tokenizer, corpus, split, process_index, process_count)
+
+
+class TrainIterator(grain.DatasetIterator):
+  """The packed-batch iterator of ``make_train_iterator``, plus its bad-record count.
+
+  ``bad_records()``: the records skipped so far, those the source found before
+  the first batch plus those the packers counted (saved in the iterator state,
+  so the count goes on across a resume).
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, found: BadRecords = BadRecords()):
+    super().__init__(parent)
+    self._found = found
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+  def bad_records(self) -> BadRecords:
+    return self._found + count_in_state(self._parent.get_state())
+
+  def __str__(self) -> str:
+    return f"TrainIterator({self._parent})"
+
+
 def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1,
-                        split: Split | None = None) -> grain.DatasetIterator:
+                        split: Split | None = None) -> TrainIterator:
   """A checkpointable iterator of this process's packed batches.
 
   Each batch is a dict of [batch_size // process_count, seq_len] arrays:
@@ -283,22 +405,31 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_coun
   padding and on MQAR non-query tokens). ``get_state()`` / ``set_state()``
   round-trip to the next unseen batch; see ``iterator_checkpoint_args`` for orbax.
   With ``num_epochs`` set, the last batch is padded and then StopIteration.
-  ``split``: as for ``make_document_dataset``.
+  ``split``: as for ``make_document_dataset``. ``bad_records()`` counts the
+  corpus records skipped (``DataConfig.bad_records``); a bad record under
+  'error', too many under 'skip' or a corpus without text raise ``DataError``
+  (here, or from ``next`` when found while reading).
   """
-  if not _is_int(process_count) or process_count < 1:
-    raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+  _check_process(None, process_count)
   if cfg.batch_size % process_count:
     _fail("batch_size", f"a multiple of process_count={process_count}", cfg.batch_size)
+  _check_process(process_index, process_count)
   tokenizer = get_tokenizer(cfg.tokenizer)
-  docs = make_document_dataset(cfg, tokenizer, process_index=process_index,
-                               process_count=process_count, split=split)
+  _check_vocab(cfg, tokenizer)
+  corpus, found, guard = None, BadRecords(), None
+  if "corpus" in cfg.weights:
+    corpus, found = _corpus(cfg, split)
+    guard = CorpusGuard(name=cfg.path or cfg.source, size=math.ceil(len(corpus) / process_count),
+                        max_bad_fraction=float(cfg.max_bad_fraction), kind=KIND_IDS["corpus"])
+  docs = _documents(cfg, tokenizer, corpus, split, process_index, process_count)
   stream = docs.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=max(4, 8 * cfg.read_threads)))
   ds = PackedBatchIterDataset(stream, seq_len=cfg.seq_len,
-                              batch_size=cfg.batch_size // process_count, pad_id=tokenizer.pad_id)
+                              batch_size=cfg.batch_size // process_count, pad_id=tokenizer.pad_id,
+                              guard=guard)
   if cfg.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-  return iter(ds)
+  return TrainIterator(iter(ds), found)
 
 
 def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False) -> Any:

@@ -5,12 +5,20 @@ local ``tokenizer.json`` (or a folder holding one) loads it with the ``tokenizer
 package; a path to a SentencePiece ``.model`` (or a folder holding
 ``tokenizer.model``) loads it with ``sentencepiece``. Nothing is ever downloaded.
 The optional packages are imported only when such a path is given.
+
+``encode_document`` turns a document into int32 ids with bounded memory: the
+byte tokenizer maps bytes to ids in numpy, the others encode a long text in
+pieces of at most ``PIECE_CHARS`` characters, cut before a whitespace character
+that starts a word, so no tokenizer sees one huge string.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Protocol, Sequence, runtime_checkable
+import re
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 TOKENIZER_SPECS = ("'byte'", "a path to tokenizer.json", "a path to a SentencePiece .model",
                    "a folder holding tokenizer.json or tokenizer.model")
@@ -55,6 +63,19 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return [b + self.OFFSET for b in text.encode("utf-8")]
+
+  def encode_into(self, text: str, bos: int | None = None, eos: int | None = None) -> np.ndarray:
+    """int32 [n (+ 2)]: ``bos``, the ids of ``text``, ``eos`` (either None: left out),
+    built in numpy from the UTF-8 bytes: about 4 bytes of memory a byte of text."""
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    head, tail = int(bos is not None), int(eos is not None)
+    ids = np.empty(head + len(data) + tail, np.int32)
+    np.add(data, self.OFFSET, out=ids[head:head + len(data)], casting="unsafe")
+    if head:
+      ids[0] = bos
+    if tail:
+      ids[-1] = eos
+    return ids
 
   def decode(self, ids: Sequence[int]) -> str:
     data = bytes(int(i) - self.OFFSET for i in ids if self.OFFSET <= int(i) < self.vocab_size)
@@ -154,6 +175,49 @@ class SentencePieceTokenizer:
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer({self.path!r})"
+
+
+PIECE_CHARS = 1 << 16  # ~16K subword tokens: a piece's Python lists stay a few MB
+# The last whitespace character before a non-space one: a cut before it leaves words and
+# runs of whitespace as a byte-level or SentencePiece pre-tokenizer splits them.
+_LAST_CUT = re.compile(r".*\s(?=\S)", re.DOTALL)
+
+
+def text_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+  """``text`` in consecutive pieces of at most ``piece_chars`` characters.
+
+  Each cut falls before the last whitespace character that precedes a
+  non-space one in the second half of the piece; a piece with none there (one
+  huge word) is cut at ``piece_chars``.
+  """
+  if not isinstance(piece_chars, int) or piece_chars < 2:
+    raise ValueError(f"piece_chars must be an integer >= 2, got {piece_chars!r}")
+  start, n = 0, len(text)
+  while n - start > piece_chars:
+    m = _LAST_CUT.match(text, start + piece_chars // 2, start + piece_chars)
+    cut = m.end() - 1 if m else start + piece_chars
+    yield text[start:cut]
+    start = cut
+  yield text[start:]
+
+
+def encode_document(tokenizer: Tokenizer, text: str, *,
+                    piece_chars: int = PIECE_CHARS) -> np.ndarray:
+  """int32 [n + 2]: BOS, the ids of ``text``, EOS, with memory bounded for long text.
+
+  The byte tokenizer's ids are exact. Other tokenizers encode texts longer than
+  ``piece_chars`` piece by piece (``text_pieces``): identical ids for byte-level
+  BPE and SentencePiece models that split at whitespace, which never merge
+  across it; a tokenizer whose tokens span whitespace, or a word longer than
+  ``piece_chars``, may tokenize differently at the cuts (one cut per piece).
+  """
+  if isinstance(tokenizer, ByteTokenizer):
+    return tokenizer.encode_into(text, tokenizer.bos_id, tokenizer.eos_id)
+  parts = [np.asarray([tokenizer.bos_id], np.int32)]
+  for piece in text_pieces(text, piece_chars):
+    parts.append(np.asarray(tokenizer.encode(piece), np.int32))
+  parts.append(np.asarray([tokenizer.eos_id], np.int32))
+  return np.concatenate(parts)
 
 
 def get_tokenizer(spec: str | Tokenizer) -> Tokenizer:
