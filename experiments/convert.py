@@ -17,10 +17,14 @@ follow it (a changed data source or clipping switched off would not restore).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
 import sys
+import tempfile
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -87,35 +91,89 @@ def make_state(converted, exp: experiment.Experiment) -> TrainState:
                     skipped=jnp.zeros((), jnp.int32))
 
 
+def check_paths(source: str, workdir: str) -> None:
+  """ValueError unless --from is a directory and --to names a new directory, or an existing
+  one without checkpoints, that is not --from itself (its config.json would be overwritten)."""
+  if not isinstance(source, str) or not os.path.isdir(source):
+    raise ValueError(f"--from must be a Hugging Face model directory (config.json + "
+                     f"safetensors), got {source!r}")
+  if not isinstance(workdir, str) or not workdir:
+    raise ValueError(f"--to must name a directory to create, got {workdir!r}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--to={workdir}: a file exists and is not a directory; choose a new "
+                     "workdir")
+  if os.path.isdir(workdir) and os.path.samefile(source, workdir):
+    raise ValueError(f"--to={workdir} is the Hugging Face directory --from={source}; choose a "
+                     "new workdir (config.json there would be overwritten)")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise ValueError(f"--to={workdir} already holds checkpoints; choose a new workdir")
+
+
+@contextlib.contextmanager
+def staged(workdir: str) -> Iterator[str]:
+  """A fresh directory beside ``workdir`` to write into; its entries move into ``workdir``
+  (created if missing) when the block succeeds, and it is deleted, with any parent folders
+  made for it, when the block raises: a failed conversion leaves no partial workdir."""
+  workdir = os.path.abspath(workdir)
+  parent = os.path.dirname(workdir)
+  made, folder = [], parent
+  while not os.path.isdir(folder):
+    made.append(folder)
+    folder = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.converting-", dir=parent)
+  try:
+    yield stage
+    if not os.path.isdir(workdir):
+      os.rename(stage, workdir)
+      return
+    for name in os.listdir(stage):  # an existing workdir: checkpoints/ is empty or absent
+      os.replace(os.path.join(stage, name), os.path.join(workdir, name))
+    os.rmdir(stage)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    for folder in made:  # innermost first; only folders this call created, if still empty
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break
+    raise
+
+
 def convert_to_workdir(source: str, workdir: str,
                        config: ml_collections.ConfigDict | None = None,
                        config_args: list[str] = ()) -> list[str]:
   """Write the workdir; returns the experiments.train command line (argv) that resumes it.
 
   ``config_args``: the --config flags this config came from, repeated in that command.
+  Everything is written to a directory beside ``workdir`` and moved in at the end, so a
+  failure leaves ``workdir`` as it was.
   """
+  check_paths(source, workdir)
   converted = convert_hf(source)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ValueError(f"--to={workdir} already holds checkpoints; choose a new workdir")
-  os.makedirs(workdir, exist_ok=True)
   model_file = os.path.join(os.path.abspath(workdir), MODEL_FILE)
-  with open(model_file, "w") as f:
-    json.dump({"source": converted.source, "model_type": converted.layout.model_type,
-               "notes": list(converted.layout.notes),
-               "model": json.loads(json.dumps(configs_lib.to_dict(converted.config),
-                                              default=list))}, f, indent=2)
-  if config is None:
-    config = config_files.load(config_files.resolve(guess_arch(converted.config.layers)))
-  config.model.from_file = model_file
-  exp = experiment.resolve(config)
-  state = make_state(converted, exp)
-  data_iter = data_lib.make_train_iterator(exp.data)
-  ckpt = checkpoint.Checkpointer(ckpt_dir, **config.checkpoint)
-  ckpt.save(0, state, data_iter, force=True)
-  ckpt.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(experiment.to_json(config, exp))
+  with staged(workdir) as stage:
+    staged_model_file = os.path.join(stage, MODEL_FILE)
+    with open(staged_model_file, "w") as f:
+      json.dump({"source": converted.source, "model_type": converted.layout.model_type,
+                 "notes": list(converted.layout.notes),
+                 "model": json.loads(json.dumps(configs_lib.to_dict(converted.config),
+                                                default=list))}, f, indent=2)
+    if config is None:
+      config = config_files.load(config_files.resolve(guess_arch(converted.config.layers)))
+    config.model.from_file = staged_model_file
+    exp = experiment.resolve(config)
+    config.model.from_file = model_file
+    state = make_state(converted, exp)
+    data_iter = data_lib.make_train_iterator(exp.data)
+    ckpt = checkpoint.Checkpointer(os.path.join(stage, "checkpoints"), **config.checkpoint)
+    try:
+      ckpt.save(0, state, data_iter, force=True)
+    finally:
+      ckpt.close()
+    with open(os.path.join(stage, "config.json"), "w") as f:
+      f.write(experiment.to_json(config, exp))
   config_args = [a for a in config_args if not a.startswith("--config.model.from_file")]
   if not any(a.startswith("--config=") for a in config_args):
     config_args.insert(0, f"--config={config.arch}")
@@ -131,7 +189,7 @@ def main(argv):
   try:
     config_args = [a for a in sys.argv[1:] if a.startswith(("--config", "--noconfig"))]
     command = convert_to_workdir(source, workdir, _CONFIG.value, config_args)
-  except ValueError as err:
+  except (ValueError, OSError) as err:  # OSError: --to not writable, disk full
     sys.exit(f"cannot convert {source}: {err}")
   print(f"wrote {workdir}; fine-tune with:\n  " + " ".join(shlex.quote(a) for a in command))
 

@@ -35,7 +35,10 @@ _TASKS = flags.DEFINE_list(
     f"Comma-separated tasks, from {', '.join(tasks_lib.TASKS)}.")
 _LENGTHS = flags.DEFINE_list(
     "lengths", ["1024", "2048", "4096"], "Context lengths in tokens (max_seq_length of RULER: "
-    "BOS + prompt + the 128 generated tokens fit it; MQAR sequences fill it).")
+    "BOS + prompt + the 128 generated tokens fit it; MQAR sequences fill it). At least "
+    f"{tasks_lib.NIAH_MAX_NEW_TOKENS + 2} for NIAH tasks (more: the prompt's own tokens), "
+    f"4 x max(--mqar_num_pairs, 1) + 1 for mqar, {evaporate.WINDOW_MARGIN + 1} for EVAPORATE "
+    "tasks.")
 _NUM_SAMPLES = flags.DEFINE_integer(
     "num_samples", 500, "Examples per task and length (RULER: 500). EVAPORATE tasks use the "
     "first num_samples records of their file.", lower_bound=1)
@@ -59,22 +62,55 @@ _DEPTH_BINS = flags.DEFINE_integer("depth_bins", 10, "Needle-depth bins of the h
                                    lower_bound=1)
 
 
-def _lengths() -> list[int]:
+def min_length(task: str, mqar_num_pairs: int = 0) -> tuple[int, str]:
+  """(smallest --lengths value ``task`` runs at, why), independent of the tokenizer."""
+  if task == "mqar":
+    pairs = max(mqar_num_pairs, 1)
+    return 4 * pairs + 1, f"BOS + 4 x {pairs} MQAR tokens (--mqar_num_pairs, at least 1)"
+  if task in evaporate.EVAPORATE_TASKS:
+    return evaporate.WINDOW_MARGIN + 1, (f"{evaporate.WINDOW_MARGIN} tokens stay free for the "
+                                         "answer, at least one for the document")
+  return tasks_lib.NIAH_MAX_NEW_TOKENS + 2, (
+      f"BOS + the prompt + {tasks_lib.NIAH_MAX_NEW_TOKENS} generated tokens; the prompt takes "
+      "tens of tokens more, how many depends on the tokenizer")
+
+
+def check_flags(tasks: list[str], lengths: list[str], *, mqar_num_pairs: int = 0,
+                mqar_alpha: float = 0.01) -> tuple[list[str], list[int]]:
+  """(task names, context lengths) from the --tasks and --lengths strings; ValueError
+  naming the flag and what it allows, before anything is loaded."""
+  if not tasks:
+    raise ValueError(f"--tasks must name at least one task from {tasks_lib.TASKS}, got none")
+  for task in tasks:
+    if task not in tasks_lib.TASKS:
+      raise ValueError(f"--tasks must name tasks from {tasks_lib.TASKS}, got {task!r}")
+    if tasks.count(task) > 1:
+      raise ValueError(f"--tasks names {task!r} more than once")
+  if not lengths:
+    raise ValueError("--lengths must name at least one context length (integers, e.g. "
+                     "--lengths=1024,2048), got none")
   try:
-    lengths = [int(x) for x in _LENGTHS.value]
+    sizes = [int(x) for x in lengths]
   except ValueError:
-    raise ValueError(f"--lengths must be positive integers, got {_LENGTHS.value}") from None
-  if not lengths or min(lengths) < 1:
-    raise ValueError(f"--lengths must be positive integers, got {_LENGTHS.value}")
-  return lengths
+    raise ValueError(f"--lengths must be integers (context lengths in tokens), got "
+                     f"{list(lengths)}") from None
+  for n in sizes:
+    if sizes.count(n) > 1:
+      raise ValueError(f"--lengths names {n} more than once")
+  if mqar_alpha <= 0 and "mqar" in tasks:
+    raise ValueError(f"--mqar_alpha must be > 0, got {mqar_alpha}")
+  for task in tasks:
+    minimum, why = min_length(task, mqar_num_pairs)
+    if min(sizes) < minimum:
+      raise ValueError(f"--lengths must be integers >= {minimum} for --tasks={task} ({why}), "
+                       f"got {min(sizes)}")
+  return list(tasks), sizes
 
 
 def evaluate() -> dict:
-  task_names = list(_TASKS.value)
-  for task in task_names:
-    if task not in tasks_lib.TASKS:
-      raise ValueError(f"--tasks must name tasks from {tasks_lib.TASKS}, got {task!r}")
-  lengths = _lengths()
+  task_names, lengths = check_flags(list(_TASKS.value), list(_LENGTHS.value),
+                                    mqar_num_pairs=_MQAR_NUM_PAIRS.value,
+                                    mqar_alpha=_MQAR_ALPHA.value)
   for task in task_names:  # fail before loading anything when a data file is missing
     if task in evaporate.EVAPORATE_TASKS:
       evaporate.data_file(_DATA_DIR.value, task)

@@ -80,10 +80,39 @@ def _need(cond: bool, field: str, allowed: str, value: Any) -> None:
                      f"{allowed}")
 
 
-def _int(hf: Mapping, key: str, default: Any = None, where: str = "") -> int:
+_REQUIRED = object()
+
+
+def _int(hf: Mapping, key: str, default: Any = _REQUIRED, where: str = "") -> int:
+  """hf[key], a positive integer; without a ``default`` the key must be present."""
+  if key not in hf and default is _REQUIRED:
+    raise ValueError(f"config.json has no field {where}{key} (a positive integer is required)")
   value = hf.get(key, default)
   _need(isinstance(value, int) and not isinstance(value, bool) and value > 0, where + key,
         "a positive integer", value)
+  return value
+
+
+def _number(hf: Mapping, key: str, default: float, where: str = "") -> float:
+  """hf[key] (``default`` when absent), a positive int or float."""
+  value = hf.get(key, default)
+  _need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+        where + key, "a positive number", value)
+  return float(value)
+
+
+def _bool(hf: Mapping, key: str, default: bool) -> bool:
+  value = hf.get(key, default)
+  _need(isinstance(value, bool), key, "true or false", value)
+  return value
+
+
+def _int_list(spec: Mapping, key: str, default: list) -> list:
+  """spec[key] (``default`` when absent or null): a non-empty list of positive integers."""
+  value = spec.get(key) or default
+  _need(isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                        for v in value), "attn." + key,
+        "a list of positive integers", value)
   return value
 
 
@@ -91,7 +120,7 @@ def _intermediate_size(hf: Mapping, d_model: int) -> int:
   """FLA's GatedMLP rule: 2/3 x hidden_ratio x d, rounded up to a multiple of 256."""
   if hf.get("intermediate_size") is not None:
     return _int(hf, "intermediate_size")
-  ratio = hf.get("hidden_ratio") or 4
+  ratio = 4 if hf.get("hidden_ratio") is None else _number(hf, "hidden_ratio", 4)
   return 256 * math.ceil(int(d_model * ratio * 2 / 3) / 256)
 
 
@@ -112,13 +141,10 @@ def _gdn_config(hf: Mapping) -> configs_lib.GDNConfig:
         "null (no attention residuals)", hf.get("attnres_block_size"))
   _need(hf.get("attn_mode", "chunk") in ("chunk", "fused_recurrent"), "attn_mode",
         "'chunk' or 'fused_recurrent' (the same function)", hf.get("attn_mode"))
-  expand_v = hf.get("expand_v", 2.0)
-  _need(isinstance(expand_v, (int, float)) and expand_v > 0, "expand_v", "a positive number",
-        expand_v)
-  eps = hf.get("norm_eps", 1e-6)
   return configs_lib.GDNConfig(num_heads=num_heads, head_dim=_int(hf, "head_dim", 256),
-                               expand_v=float(expand_v), conv_size=_int(hf, "conv_size", 4),
-                               use_gate=True, norm_eps=float(eps))
+                               expand_v=_number(hf, "expand_v", 2.0),
+                               conv_size=_int(hf, "conv_size", 4), use_gate=True,
+                               norm_eps=_number(hf, "norm_eps", 1e-6))
 
 
 def _attention_common(spec: Mapping, d_model: int, kind: str) -> dict:
@@ -128,10 +154,8 @@ def _attention_common(spec: Mapping, d_model: int, kind: str) -> dict:
   num_kv_heads = num_heads if num_kv_heads is None else _int(spec, "num_kv_heads", where=where)
   _need(spec.get("qkv_bias", False) is False, where + "qkv_bias", "false (no q/k/v biases)",
         spec.get("qkv_bias"))
-  theta = spec.get("rope_theta", 10000.0)
-  _need(isinstance(theta, (int, float)) and theta > 0, where + "rope_theta", "a positive number",
-        theta)
-  return dict(num_heads=num_heads, num_kv_heads=num_kv_heads, rope_theta=float(theta))
+  return dict(num_heads=num_heads, num_kv_heads=num_kv_heads,
+              rope_theta=_number(spec, "rope_theta", 10000.0, where=where))
 
 
 def _head_dim(d_model: int, num_heads: int, where: str) -> int:
@@ -150,8 +174,11 @@ def _lte_config(spec: Mapping, d_model: int, max_position: int, notes: list) -> 
         f"one of {LTE_ROUTING_SHARED} ('all' shares one CNN across layers)", shared)
   window = _int(spec, "window_size", 512, where="attn.")
   budget = _int(spec, "buffer_size", 512, where="attn.")
-  kernels = spec.get("conv_size") or [3, 3, 3]
-  dilations = spec.get("conv_dilation") or [1, 1, 1]
+  kernels = _int_list(spec, "conv_size", [3, 3, 3])
+  dilations = _int_list(spec, "conv_dilation", [1, 1, 1])
+  dropout = spec.get("dropout_prob", 0.0)
+  _need(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and
+        0 <= dropout < 1, "attn.dropout_prob", "a number in [0, 1)", dropout)
   if spec.get("routing_grad", True) is not True:
     notes.append("attn.routing_grad=false: the reference detached the scorer input; lte_jax "
                  "trains the scorer through k and v when fine-tuning")
@@ -163,7 +190,7 @@ def _lte_config(spec: Mapping, d_model: int, max_position: int, notes: list) -> 
       head_dim=_head_dim(d_model, common["num_heads"], "attn."),
       sink_size=spec.get("sink_size", 4), window_size=window, budget=budget,
       kernel_sizes=tuple(kernels), dilations=tuple(dilations),
-      dropout=float(spec.get("dropout_prob", 0.0)), target_kept=budget,
+      dropout=float(dropout), target_kept=budget,
       target_seq_len=max_position, **common)
   return cfg, shared
 
@@ -190,14 +217,15 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32"
   model_type = hf.get("model_type")
   if model_type not in MODEL_TYPES:
     raise ValueError(f"config.json model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-  d_model = _int(hf, "hidden_size", 2048)
-  num_layers = _int(hf, "num_hidden_layers", 21)
+  # FLA documents defaults for these three too, but they fix every tensor's shape: a
+  # config.json without them describes some other checkpoint, so none is assumed.
+  d_model = _int(hf, "hidden_size")
+  num_layers = _int(hf, "num_hidden_layers")
+  vocab_size = _int(hf, "vocab_size")
   max_position = _int(hf, "max_position_embeddings", 2048)
   _need(hf.get("hidden_act", "swish") in ("swish", "silu"), "hidden_act",
         "'swish' (SwiGLU MLP)", hf.get("hidden_act"))
-  norm_eps = hf.get("norm_eps", 1e-6)
-  _need(isinstance(norm_eps, (int, float)) and norm_eps > 0, "norm_eps", "a positive number",
-        norm_eps)
+  norm_eps = _number(hf, "norm_eps", 1e-6)
 
   attn = hf.get("attn")
   if attn is None:
@@ -250,15 +278,15 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32"
       raise ValueError(f"config.json attn.layers must be a list of layer indices, "
                        f"got {layer_ids!r}")
     for i in layer_ids:
-      _need(isinstance(i, int) and 0 <= i < num_layers, "attn.layers",
+      _need(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers, "attn.layers",
             f"indices in [0, {num_layers})", i)
       _need(layers[i] == "gdn", "attn.layers", "each layer in at most one spec", i)
       layers[i] = mixer
 
   config = configs_lib.ModelConfig(
-      vocab_size=_int(hf, "vocab_size", 32000), d_model=d_model, layers=tuple(layers),
+      vocab_size=vocab_size, d_model=d_model, layers=tuple(layers),
       intermediate_size=_intermediate_size(hf, d_model), gdn=_gdn_config(hf),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), norm_eps=float(norm_eps),
-      init_std=float(hf.get("initializer_range", 0.02)), max_position=max_position,
+      tie_embeddings=_bool(hf, "tie_word_embeddings", False), norm_eps=norm_eps,
+      init_std=_number(hf, "initializer_range", 0.02), max_position=max_position,
       dtype=dtype, param_dtype="float32", **mixers)
   return config, HFLayout(model_type=model_type, lte_routing_shared=shared, notes=tuple(notes))

@@ -9,7 +9,9 @@ shard file of every tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 from typing import Mapping
 
@@ -33,6 +35,9 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 def read_header(path: str) -> tuple[dict, int]:
   """(tensor entries of the JSON header, byte offset where the data starts)."""
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} is not a file (a safetensors file is needed)")
+  file_size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) != 8:
@@ -40,6 +45,9 @@ def read_header(path: str) -> tuple[dict, int]:
     (size,) = struct.unpack("<Q", head)
     if size > _MAX_HEADER:
       raise ValueError(f"{path} is not a safetensors file: header length {size} is implausible")
+    if 8 + size > file_size:
+      raise ValueError(f"{path} is not a safetensors file (or is truncated): header length "
+                       f"{size} runs past the end of the file of {file_size} bytes")
     try:
       header = json.loads(f.read(size))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -50,46 +58,154 @@ def read_header(path: str) -> tuple[dict, int]:
   return header, 8 + size
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _layout(path: str, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int, int]:
+  """(dtype, shape, begin, end) of one header entry; ValueError naming the tensor unless the
+  entry is well formed and its byte range holds exactly dtype x shape."""
+  where = f"{path}: tensor {name!r}"
+  if not isinstance(entry, dict):
+    raise ValueError(f"{where}: its header entry must be a JSON object with dtype, shape and "
+                     f"data_offsets, got {entry!r}")
+  kind = entry.get("dtype")
+  dtype = DTYPES.get(kind) if isinstance(kind, str) else None
+  if dtype is None:
+    raise ValueError(f"{where} has dtype {kind!r}; supported: {sorted(DTYPES)}")
+  shape = entry.get("shape")
+  if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+    raise ValueError(f"{where}: shape must be a list of integers >= 0, got {shape!r}")
+  offsets = entry.get("data_offsets")
+  if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets)):
+    raise ValueError(f"{where}: data_offsets must be two integers [begin, end], got {offsets!r}")
+  begin, end = offsets
+  if begin < 0:
+    raise ValueError(f"{where}: data_offsets {offsets} begin at a negative byte (offsets count "
+                     "from the start of the data, after the header)")
+  if end < begin:
+    raise ValueError(f"{where} ends ({end}) before it begins ({begin}): data_offsets {offsets}")
+  nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on absurd shapes
+  if end - begin != nbytes:
+    raise ValueError(f"{where}: {kind} {shape} is {nbytes} bytes but its data_offsets {offsets} "
+                     f"hold {end - begin}")
+  return dtype, tuple(shape), begin, end
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of one file, as read-only arrays backed by a memory map (no copy)."""
+  """All tensors of one file, as read-only arrays backed by a memory map (no copy).
+
+  As the reference reader: the tensors' byte ranges must tile the data exactly (no
+  overlap, no gap, nothing after the last), and each must hold dtype x shape bytes.
+  """
   header, start = read_header(path)
+  data_size = os.path.getsize(path) - start
+  layouts = {name: _layout(path, name, entry) for name, entry in header.items()}
+  expected, previous = 0, None
+  for name, (_, _, begin, end) in sorted(layouts.items(), key=lambda kv: kv[1][2:]):
+    if end > data_size:
+      raise ValueError(f"{path}: tensor {name!r} ends at byte {end} of the data, past its end "
+                       f"(the file holds {data_size} bytes of data)")
+    if begin < expected:
+      raise ValueError(f"{path}: tensor {name!r} (bytes [{begin}, {end})) overlaps tensor "
+                       f"{previous!r} (bytes up to {expected}) in the data")
+    if begin > expected:
+      raise ValueError(f"{path}: bytes [{expected}, {begin}) of the data belong to no tensor "
+                       f"(tensor {name!r} starts at byte {begin})")
+    expected, previous = end, name
+  if expected != data_size:
+    raise ValueError(f"{path}: bytes [{expected}, {data_size}) of the data belong to no tensor "
+                     "(a truncated header or trailing garbage)")
+  if not layouts:
+    return {}
   data = np.memmap(path, dtype=np.uint8, mode="r")
-  out = {}
-  for name, entry in header.items():
-    dtype = DTYPES.get(entry.get("dtype"))
-    if dtype is None:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}; supported: "
-                       f"{sorted(DTYPES)}")
-    shape = tuple(int(s) for s in entry["shape"])
-    begin, end = (start + int(o) for o in entry["data_offsets"])
-    if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or end > data.size:
-      raise ValueError(f"{path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} does "
-                       f"not match its data_offsets {entry['data_offsets']}")
-    out[name] = data[begin:end].view(dtype).reshape(shape)
-  return out
+  return {name: data[start + begin:start + end].view(dtype).reshape(shape)
+          for name, (dtype, shape, begin, end) in layouts.items()}
+
+
+def _allowed_roots(directory: str) -> list[str]:
+  """Where a checkpoint file may live once symlinks are resolved: the model directory, and
+  in huggingface_hub's cache (<repo>/snapshots/<revision>/) the repo's blobs/ folder its
+  symlinks point into."""
+  real = os.path.realpath(directory)
+  roots = [real]
+  if os.path.basename(os.path.dirname(real)) == "snapshots":
+    roots.append(os.path.join(os.path.dirname(os.path.dirname(real)), "blobs"))
+  return roots
+
+
+def checkpoint_file(directory: str, name: str, where: str) -> str:
+  """The path of ``name``, a file of the model ``directory``; ValueError (starting with
+  ``where``) unless it is a regular file inside it, symlinks resolved, checked before
+  anything is opened."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"{where} must be a shard file name, got {name!r}")
+  lexical = os.path.normpath(name)
+  real = os.path.realpath(os.path.join(directory, name))
+  roots = _allowed_roots(directory)
+  inside = not os.path.isabs(name) and lexical != ".." and not lexical.startswith("../") and any(
+      os.path.commonpath([root, real]) == root for root in roots)
+  if not inside:
+    raise ValueError(f"{where} {name!r} resolves to {real}, outside the model directory "
+                     f"{roots[0]}; checkpoint files must be regular files inside it")
+  if not os.path.lexists(os.path.join(directory, name)) or not os.path.exists(real):
+    raise ValueError(f"{where} {name!r} does not exist in {directory}")
+  if not stat.S_ISREG(os.stat(real).st_mode):
+    raise ValueError(f"{where} {name!r} is not a regular file ({real})")
+  return os.path.join(directory, name)
+
+
+def _read_index(index_path: str) -> dict[str, str]:
+  """{tensor name: shard file name} of an index file; ValueError naming the file and key."""
+  try:
+    with open(index_path) as f:
+      index = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    raise ValueError(f"{index_path} is not valid JSON: {err}") from err
+  if not isinstance(index, dict):
+    raise ValueError(f"{index_path} must hold a JSON object with a 'weight_map', got "
+                     f"{type(index).__name__}")
+  weight_map = index.get("weight_map")
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{index_path}: 'weight_map' must be a non-empty object of tensor name -> "
+                     f"shard file, got {weight_map!r:.200}")
+  for name, shard in weight_map.items():
+    if not isinstance(shard, str) or not shard:
+      raise ValueError(f"{index_path}: weight_map[{name!r}] must be a shard file name, got "
+                       f"{shard!r}")
+  return weight_map
 
 
 def read_checkpoint(directory: str) -> dict[str, np.ndarray]:
-  """Every tensor of a Hugging Face directory: model.safetensors, or the shards of its index."""
+  """Every tensor of a Hugging Face directory: model.safetensors, or the shards of its index.
+
+  Every shard the index names must be a regular file inside ``directory`` (symlinks
+  resolved; in huggingface_hub's cache, inside the repo's blobs/); all are checked
+  before any is read.
+  """
+  if not isinstance(directory, (str, os.PathLike)) or not os.path.isdir(directory):
+    raise ValueError(f"{directory!r} is not a directory (a Hugging Face model directory is "
+                     "needed)")
+  directory = os.fspath(directory)
   index_path = os.path.join(directory, INDEX_FILE)
   single_path = os.path.join(directory, SINGLE_FILE)
-  if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index_path} has no 'weight_map' of tensor name -> shard file")
+  if os.path.lexists(index_path):
+    checkpoint_file(directory, INDEX_FILE, "the index")
+    weight_map = _read_index(index_path)
+    shards = {shard: checkpoint_file(directory, shard, f"{index_path}: shard")
+              for shard in sorted(set(weight_map.values()))}
     tensors = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard, path in shards.items():
       listed = {n for n, s in weight_map.items() if s == shard}
-      got = read_safetensors(os.path.join(directory, shard))
+      got = read_safetensors(path)
       if set(got) != listed:
         raise ValueError(f"shard {shard} does not hold the tensors {INDEX_FILE} lists for it: "
                          f"listed but absent {sorted(listed - set(got))[:10]}, present but not "
                          f"listed {sorted(set(got) - listed)[:10]}")
       tensors.update(got)
     return tensors
-  if os.path.exists(single_path):
-    return read_safetensors(single_path)
+  if os.path.lexists(single_path):
+    return read_safetensors(checkpoint_file(directory, SINGLE_FILE, "the checkpoint file"))
   others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth")))
   hint = (f" (found {others}: re-save them with save_pretrained(safe_serialization=True); "
           "torch checkpoints are not read)" if others else "")
