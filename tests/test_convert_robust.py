@@ -87,6 +87,21 @@ def test_header_length_beyond_the_file_is_refused(tmp_path):
     st.read_safetensors(path)
 
 
+def test_a_tensor_named_twice_is_refused(tmp_path):
+  """json.loads keeps the last of two equal keys; b's first entry would vanish unseen."""
+  path = write_file(tmp_path / "model.safetensors", {"b": B})
+  raw = open(path, "rb").read()
+  (size,) = struct.unpack("<Q", raw[:8])
+  text = raw[8:8 + size].decode().rstrip()
+  entry_b = text[text.index('"b"'):-1]
+  text = "{" + entry_b + ", " + entry_b + "}"
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text.encode() + raw[8 + size:])
+  with pytest.raises(ValueError, match=rf"{re.escape(path)}: the safetensors header names 'b' "
+                     "twice"):
+    st.read_safetensors(path)
+
+
 def test_well_formed_files_still_read(tmp_path):
   """A zero-size tensor shares its offset with the next one, as the reference writer puts it."""
   tensors = {"a": A, "empty": np.zeros((0, 3), np.float32), "b": B}

@@ -39,7 +39,7 @@ def convert_hf(path: str, *, dtype: str = "float32", implementation: str | None 
   ``dtype``: compute dtype of the model; ``implementation``: op implementation for every
   mixer (None: the backend's best).
   """
-  if not os.path.isdir(path):
+  if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
     raise ValueError(f"path must be a Hugging Face model directory, got {path!r}")
   config, layout = hf_config.model_config_from_hf(hf_config.read_config(path), dtype=dtype)
   if implementation is not None:

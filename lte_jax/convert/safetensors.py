@@ -33,6 +33,20 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+class _DuplicateKey(Exception):
+  pass
+
+
+def _unique_keys(pairs: list) -> dict:
+  # json.loads would keep the last of two entries of one name without a word.
+  seen = {}
+  for key, value in pairs:
+    if key in seen:
+      raise _DuplicateKey(repr(key))
+    seen[key] = value
+  return seen
+
+
 def read_header(path: str) -> tuple[dict, int]:
   """(tensor entries of the JSON header, byte offset where the data starts)."""
   if not os.path.isfile(path):
@@ -49,9 +63,11 @@ def read_header(path: str) -> tuple[dict, int]:
       raise ValueError(f"{path} is not a safetensors file (or is truncated): header length "
                        f"{size} runs past the end of the file of {file_size} bytes")
     try:
-      header = json.loads(f.read(size))
+      header = json.loads(f.read(size), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
       raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({err})") from err
+    except _DuplicateKey as err:
+      raise ValueError(f"{path}: the safetensors header names {err} twice") from None
   if not isinstance(header, dict):
     raise ValueError(f"{path}: the safetensors header must be a JSON object")
   header.pop("__metadata__", None)
