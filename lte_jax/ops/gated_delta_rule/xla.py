@@ -47,26 +47,61 @@ def _masked_exp(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def _unit_lower_inverse(a: jax.Array) -> jax.Array:
-  """(I + a)^-1 for strictly lower-triangular a [..., C, C], as the product
-  (I - a)(I + a^2)(I + a^4)... = sum_k (-a)^k, exact once 2^j >= C (a^C = 0): about
-  2 log2(C) matmuls at full fp32.
+def _block_doubling_inverse(a: jax.Array) -> jax.Array:
+  """(I + a)^-1 for strictly lower-triangular a [..., C, C], any C >= 1.
 
-  Why not jax.scipy.linalg.solve_triangular (forward substitution, which the H200 timed
-  at 12.4-12.8 ms against 12.3 ms for a matmul inverse in the 0.4B fwd+bwd): XLA CPU's
-  expansion of that solve hangs the data-parallel train step on exactly two simulated CPU
-  devices (jax 0.10.2, WORKSPACE.md "Fixed problem"), and this form, unlike the recursive
-  2x2-block inverse tried before, compiles as fast as the solve.
+  The recursive 2x2-block inverse written as full-size masked products: with T the
+  inverse of the diagonal blocks of size s, the inverse on blocks of size 2s is
+  T - T L T, L being a's lower-left s x s block inside each 2s block (exact since
+  L T L = 0); ceil(log2 C) levels of two [C, C] matmuls (the Pallas kernels'
+  'doubling' form, kernels/gated_delta_rule/chunk_math.py).
   """
   n = a.shape[-1]
-  power = -a
-  t = jnp.eye(n, dtype=a.dtype) + power
-  reach = 2                        # t = sum_{k < reach} (-a)^k
-  while reach < n:
-    power = _einsum("...ij,...jk->...ik", power, power)
-    t = t + _einsum("...ij,...jk->...ik", t, power)
-    reach *= 2
+  i = jnp.arange(n)[:, None]
+  j = jnp.arange(n)[None, :]
+  t = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
+  level = 0
+  while (1 << level) < n:
+    # Rows in the lower half of a block of 2^(level+1), columns in its upper half.
+    lower_left = (((i >> (level + 1)) == (j >> (level + 1)))
+                  & (((i >> level) & 1) == 1) & (((j >> level) & 1) == 0))
+    l_t = _einsum("...ij,...jk->...ik", jnp.where(lower_left, a, 0.0), t)
+    t = t - _einsum("...ij,...jk->...ik", t, l_t)
+    level += 1
   return t
+
+
+@jax.custom_vjp
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + a)^-1 for strictly lower-triangular a [..., C, C] (_block_doubling_inverse).
+
+  Why this form: every product is of a's blocks with T, the inverse of smaller
+  diagonal blocks, whose entries stay bounded when keys repeat (one key, no decay:
+  T_ij = -beta (1 - beta)^(i-j-1)). The power series (I - a)(I + a^2)(I + a^4)...,
+  used before, spends as many matmuls, but the powers of a grow like binomial
+  coefficients and cancel catastrophically in fp32: errors of 1e8 at T = 256 and
+  overflow by T = 1024 for one repeated key. No slicing, so it compiles as fast as
+  the series; no jax.scipy.linalg.solve_triangular, whose XLA CPU expansion hung the
+  data-parallel train step on two simulated CPU devices (WORKSPACE.md "Fixed
+  problem"). The custom VJP, dA = -T^T dT T^T on a's strictly lower part, keeps
+  only T for the backward (autodiff of the levels keeps each level's T and costs
+  four matmuls a level) and compiles faster.
+  """
+  return _block_doubling_inverse(a)
+
+
+def _unit_lower_inverse_fwd(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  t = _block_doubling_inverse(a)
+  return t, t
+
+
+def _unit_lower_inverse_bwd(t: jax.Array, d_t: jax.Array) -> tuple[jax.Array]:
+  # d(T) = -T d(A) T; a's entries on and above the diagonal are not free.
+  d_a = -_einsum("...ji,...jk->...ik", t, _einsum("...ij,...kj->...ik", d_t, t))
+  return (jnp.where(jnp.tri(t.shape[-1], k=-1, dtype=bool), d_a, 0.0),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _segment_sums(g: jax.Array, strict: jax.Array) -> jax.Array:
