@@ -23,7 +23,8 @@ from ml_collections import config_flags
 from experiments import configs as config_files
 from experiments.configs.base import get_base_config
 from lte_jax import data as data_lib
-from lte_jax.training import checkpoint, experiment, mesh as mesh_lib, metrics as metrics_lib
+from lte_jax.training import checkpoint, evaluation, experiment, mesh as mesh_lib
+from lte_jax.training import metrics as metrics_lib
 from lte_jax.training import optimizer, step as step_lib, train_state
 from lte_jax.training.train_state import TrainState
 
@@ -67,7 +68,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   data_iter = data_lib.make_train_iterator(exp.data, process_index=jax.process_index(),
-                                           process_count=jax.process_count())
+                                           process_count=jax.process_count(),
+                                           split=evaluation.train_split(exp.eval, exp.data))
+  evaluator = evaluation.Evaluator(exp, shardings.params, batch_sharding,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), **config.checkpoint)
   num_params = train_state.num_params(model_def)
   logging.info("%s %s: %.2fM parameters, mesh %s, %d x %s", config.arch, config.size,
@@ -98,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
           step -= 1
           break
         state, metrics = step_fn(state, mesh_lib.global_batch(batch, batch_sharding))
-        log.step_done(step, state, metrics)
+        log.step_done(step, state, metrics, evaluator.run_if_due(step, state.params))
         ckpt.save(step, state, data_iter)
         if guard.should_stop():
           logging.warning("stopping at step %d on SIGTERM", step)

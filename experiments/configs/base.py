@@ -10,6 +10,7 @@ minutes. A paper-scale run (PAPER.md section 5) sets, e.g. for the 1.4B laLTE:
   --config.data.batch_size=16 --config.optim.grad_accum=16 --config.optim.warmup_steps=512
   --config.model.dtype=bfloat16 --config.model.remat=dots_mixers --config.model.scan_layers=True --config.mesh.fsdp=-1 --config.mesh.data=1
   --config.data.source=jsonl --config.data.path=... --config.data.tokenizer=...
+  --config.eval.every=1000 --config.eval.batches=16 --config.eval.holdout=2000
 """
 from __future__ import annotations
 
@@ -89,4 +90,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.log.every = 10            # steps between metric records (JSONL, TensorBoard)
   config.log.progress = True       # progress line with loss, tokens/s and ETA
   config.log.tensorboard = True
+
+  # Validation (lte_jax.training.evaluation.EvalConfig): val/loss and val/ppl in metrics.jsonl,
+  # TensorBoard and the progress line, on the same batches every time.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every = 100          # steps between evaluations, and after the last (0: none)
+  config.eval.batches = 2          # validation batches of the training shape
+  # Corpus documents kept out of training (lte_jax.data.holdout): a fraction in (0, 1) or,
+  # >= 1, a number of documents; 0 trains on all. 0.01 of the 79 embedded topics is one.
+  config.eval.holdout = 0.01
+  config.eval.path = config_dict.placeholder(str)    # a separate validation glob instead
+  config.eval.source = config_dict.placeholder(str)  # its kind (default: data.source)
   return config

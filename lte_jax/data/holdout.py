@@ -53,7 +53,8 @@ def held_out_count(num_docs: int, holdout: float | int, name: str = "holdout") -
   count = int(holdout) if holdout >= 1 else max(1, round(holdout * num_docs))
   if count >= num_docs:
     raise ValueError(f"{name}={holdout!r} holds out {count} of the corpus's {num_docs} "
-                     "documents, leaving none to train on; lower it")
+                     "documents, leaving none to train on; lower it (experiments.train: "
+                     "config.eval.holdout)")
   return count
 
 

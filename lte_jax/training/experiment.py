@@ -14,6 +14,7 @@ import ml_collections
 
 from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
+from lte_jax.training.evaluation import EvalConfig, validation_data
 from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 
 _MIXER_CONFIGS = ("gdn", "attn", "swa", "lte", "nsa")
@@ -31,6 +32,7 @@ class Experiment:
   steps: int
   seed: int
   grad_accum: int
+  eval: EvalConfig = EvalConfig()
 
 
 def _dataclass_from(cls: type, values: dict, prefix: str) -> Any:
@@ -103,6 +105,14 @@ def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
   return _dataclass_from(OptimizerConfig, values, "config.optim")
 
 
+def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
+  """config.eval as an EvalConfig; a config without an eval section (a run written before
+  it existed) evaluates nothing and holds nothing out."""
+  if "eval" not in config:
+    return EvalConfig()
+  return _dataclass_from(EvalConfig, config.eval.to_dict(), "config.eval")
+
+
 def resolve(config: ml_collections.ConfigDict) -> Experiment:
   """Validate ``config`` and build the dataclass configs of a run."""
   for name in ("steps", "seed"):
@@ -120,8 +130,11 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
                      f"config.optim.grad_accum={grad_accum}")
   optim = optimizer_config(config)
   learning_rate_schedule(optim, config.steps)  # checks warmup_steps < steps
+  evaluation = eval_config(config)
+  if evaluation.every:
+    validation_data(evaluation, data)  # checks there is something to validate on
   return Experiment(model=model, data=data, optim=optim, steps=config.steps,
-                    seed=config.seed, grad_accum=grad_accum)
+                    seed=config.seed, grad_accum=grad_accum, eval=evaluation)
 
 
 def to_json(config: ml_collections.ConfigDict, experiment: Experiment) -> str:
@@ -133,4 +146,5 @@ def to_json(config: ml_collections.ConfigDict, experiment: Experiment) -> str:
       "model": plain(experiment.model),
       "data": plain(experiment.data),
       "optim": plain(experiment.optim),
+      "eval": plain(experiment.eval),
   }, indent=2, sort_keys=True, default=str)

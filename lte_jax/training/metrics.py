@@ -133,7 +133,8 @@ class Progress:
     """Measure the ETA from here (call after the compiling first step)."""
     self.start, self.t0 = step, time.time()
 
-  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+  def update(self, step: int, loss: float, tokens_per_s: float,
+             val_loss: float | None = None) -> None:
     if not self.enabled:
       return
     done = step - self.start
@@ -141,8 +142,9 @@ class Progress:
     eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
     width = 24
     filled = int(width * step / max(self.total, 1))
+    val = f"val {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) " if val_loss is not None else ""
     line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} "
-            f"loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
+            f"loss {loss:.4f} {tokens_per_s:,.0f} tok/s {val}"
             f"ETA {format_duration(eta) if math.isfinite(eta) else '--:--'}")
     if self.tty:
       self.stream.write("\r" + line)
@@ -155,6 +157,11 @@ class Progress:
     if self.enabled and self.tty:
       self.stream.write("\n")
       self.stream.flush()
+
+
+def perplexity(loss: float) -> float:
+  """exp(mean cross entropy); inf where exp overflows."""
+  return math.exp(loss) if loss < 700 else math.inf
 
 
 def _scalars(metrics: Mapping[str, Any], lte_layers: tuple[int, ...]) -> dict[str, float]:
@@ -249,16 +256,27 @@ class TrainLogger:
     self.last_step = start_step + 1
     self.loss, self.rate, self.mfu = float("nan"), float("nan"), None
     self.skipped = 0
+    self.validation: tuple[int, float] | None = None  # (step, val/loss) of the newest
 
-  def step_done(self, step: int, state: Any, metrics: Mapping[str, Any]) -> None:
+  def step_done(self, step: int, state: Any, metrics: Mapping[str, Any],
+                validation: Mapping[str, float] | None = None) -> None:
+    """Record ``step``; ``validation`` (lte_jax.training.evaluation, run after this step)
+    is written with it whatever log.every says, its 'val/seconds' left out of tokens/s."""
     if step == self.start + 1:
       jax.block_until_ready(state)
       self.t_steady = self.t_last = time.time()
       self.progress.mark(step)
       logging.info("first step (with compilation) took %.1f s", self.t_last - self.t_start)
-    if step % self.every and step != self.total:
+    elif validation is not None:
+      pause = validation.get("val/seconds", 0.0)
+      self.t_steady, self.t_last, self.progress.t0 = (
+          self.t_steady + pause, self.t_last + pause, self.progress.t0 + pause)
+    if validation is not None:
+      self.validation = (step, float(validation["val/loss"]))
+    elif step % self.every and step != self.total:
       return
     metrics = dict(jax.device_get(metrics))
+    metrics.update(validation or {})
     if step > self.last_step:
       self.rate = self.tokens_per_step * (step - self.last_step) / (time.time() - self.t_last)
       metrics["tokens_per_s"] = self.rate
@@ -270,7 +288,8 @@ class TrainLogger:
     if skipped > self.skipped:
       logging.warning("step %d: %d step(s) skipped so far for non-finite gradients", step, skipped)
       self.skipped = skipped
-    self.progress.update(step, self.loss, self.rate)
+    self.progress.update(step, self.loss, self.rate,
+                         self.validation[1] if self.validation else None)
     self.t_last, self.last_step = time.time(), step
 
   def stop_clock(self) -> None:
@@ -283,7 +302,8 @@ class TrainLogger:
     return summary(steps=step, start_step=self.start,
                    tokens=(step - self.start) * self.tokens_per_step,
                    seconds=self.t_end - self.t_start, final_loss=self.loss, skipped=skipped,
-                   tokens_per_s=rate, checkpoints=checkpoints, workdir=workdir, mfu=self.mfu)
+                   tokens_per_s=rate, checkpoints=checkpoints, workdir=workdir, mfu=self.mfu,
+                   validation=self.validation)
 
   def close(self) -> None:
     self.progress.close()
@@ -292,8 +312,9 @@ class TrainLogger:
 
 def summary(*, steps: int, start_step: int, tokens: int, seconds: float, final_loss: float,
             skipped: int, tokens_per_s: float, checkpoints: list[int], workdir: str,
-            mfu: float | None) -> str:
-  """The end-of-run report (throughput leaves out the first, compiling step)."""
+            mfu: float | None, validation: tuple[int, float] | None = None) -> str:
+  """The end-of-run report (throughput leaves out the first, compiling step and the
+  evaluations); ``validation``: (step, val/loss) of the newest evaluation."""
   rate = tokens_per_s
   lines = [
       "run summary",
@@ -301,6 +322,8 @@ def summary(*, steps: int, start_step: int, tokens: int, seconds: float, final_l
       f"  tokens       {tokens:,} this run",
       f"  time         {format_duration(seconds)} ({seconds:.1f} s, compilation included)",
       f"  final loss   {final_loss:.4f}",
+      *([f"  val loss     {validation[1]:.4f} (ppl {perplexity(validation[1]):.2f}) at step "
+         f"{validation[0]}"] if validation else []),
       f"  throughput   {rate:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else ""),
       f"  checkpoints  {checkpoints if checkpoints else 'none'} in {workdir}/checkpoints",
   ]
