@@ -44,7 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     f"Training config: one of {config_files.available()} (experiments/configs/<name>.py) or a "
     "path to a config file with get_config(). Override any field with "
     "--config.<field>=<value>. Fields and their base defaults: "
-    + ", ".join(_fields(get_base_config())),
+    + ", ".join(_fields(get_base_config())) + ". " + data_lib.BAD_RECORDS_HELP,
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
@@ -93,7 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         tokens_per_step=exp.data.batch_size * exp.data.seq_len, lte_layers=model_def.lte_layers,
         flops_per_token=metrics_lib.flops_per_token(exp.model, num_params, exp.data.seq_len),
         peak_flops=peak * jax.device_count() if peak else None,
-        progress=config.log.progress, tensorboard=config.log.tensorboard)
+        progress=config.log.progress, tensorboard=config.log.tensorboard,
+        bad_records=data_iter.bad_records)
     guard = checkpoint.PreemptionGuard().install()
     try:
       for step in range(start + 1, exp.steps + 1):

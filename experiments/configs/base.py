@@ -62,6 +62,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.mixture = ml_collections.ConfigDict({"corpus": 1.0, "mqar": 0.0, "niah": 0.0})
   config.data.worker_count = 0
   config.data.read_threads = 2
+  # A corpus record that is not UTF-8, bad JSON, null or without a string text_field:
+  # 'skip' drops and counts it (metrics.jsonl data/bad_records, the run summary) | 'error'
+  # stops at the first, naming its file and line (lte_jax.data.DataConfig.bad_records).
+  config.data.bad_records = "skip"
+  config.data.max_bad_fraction = 0.01  # 'skip' stops once more of the records are bad
+  config.data.validate = True          # parse every JSONL line before the first step
 
   # lte_jax.training.optimizer.OptimizerConfig fields, plus accumulation.
   config.optim = ml_collections.ConfigDict()

@@ -38,6 +38,13 @@ from lte_jax.data.tokenizers import Tokenizer, encode_document, get_tokenizer
 MIXTURE_NAMES = ("corpus", "mqar", "niah")
 KIND_IDS = {"corpus": 0, "mqar": 1, "niah": 2}  # the 'kind' field of a document
 _SALT_SHUFFLE, _SALT_MQAR, _SALT_NIAH = 1, 2, 3
+BAD_RECORDS_HELP = (
+    "Bad corpus records (bytes that are not UTF-8; a JSONL line that is not valid JSON, is null "
+    "or has no string data.text_field; a null Parquet value): data.bad_records='skip' (default) "
+    "drops and counts them (metrics.jsonl data/bad_records, the run summary with file:line of "
+    "the first few) and stops once more than data.max_bad_fraction (default 0.01) of the records "
+    "are bad; 'error' stops at the first with its file and line. data.validate=True (default) "
+    "parses every JSONL line before the first step; a corpus with no text is an error.")
 
 
 def _fail(field: str, allowed: str, value: Any) -> None:
@@ -314,7 +321,7 @@ def _corpus(cfg: DataConfig, split: Split | None) -> tuple[Sequence[str], BadRec
       raise DataError(name, None, f"{bad.count} of {total} records are bad, more than "
                       f"data.max_bad_fraction={cfg.max_bad_fraction} (raise it, or fix the "
                       f"data); first: " + "; ".join(bad.first))
-    logging.warning("%s: skipping %d bad records; first: %s", name, bad.count,
+    logging.warning("%s: skipping %d bad record(s); first: %s", name, bad.count,
                     "; ".join(bad.first))
   return (source if split is None else split.corpus(source)), bad
 

@@ -152,7 +152,8 @@ class JsonlSource(Sequence[str]):
     self.bad_records, self.has_text = BadRecords(), False if validate else None
     self._offsets, self._jumps = [], []
     for path in self.paths:
-      index = _index_jsonl(path, text_field, validate, on_bad)
+      stat = os.stat(path)
+      index = _index_jsonl(path, text_field, validate, on_bad, stat.st_size, stat.st_mtime_ns)
       self._offsets.append(index.offsets)
       self._jumps.append(index.jumps)
       self.bad_records = self.bad_records + index.bad
@@ -236,9 +237,13 @@ class _JsonlIndex:
     self.offsets, self.jumps, self.bad, self.has_text = offsets, jumps, bad, has_text
 
 
-def _index_jsonl(path: str, field: str, validate: bool, on_bad: str) -> _JsonlIndex:
+@functools.lru_cache(maxsize=1024)
+def _index_jsonl(path: str, field: str, validate: bool, on_bad: str, size: int,
+                 mtime_ns: int) -> _JsonlIndex:
   """One streaming pass over ``path``: offsets of the lines to read (blank ones and,
-  with ``validate``, bad ones left out)."""
+  with ``validate``, bad ones left out). Cached while the file's size and mtime stay:
+  the training and validation iterators share one pass."""
+  del size, mtime_ns  # cache key only
   offsets, rows, extra = array.array("q"), array.array("q"), array.array("q")
   bad, first, has_text, pos, skipped = 0, [], False, 0, 0
   with open(path, "rb") as f:

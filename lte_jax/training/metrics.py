@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -237,12 +237,15 @@ class TrainLogger:
 
   The first step of a run compiles; it is timed apart and left out of tokens/s.
   ``flops_per_token`` and ``peak_flops`` (of all devices together, None when
-  unknown) give MFU.
+  unknown) give MFU. ``bad_records`` (e.g. the data iterator's) returns the
+  corpus records skipped so far (``lte_jax.data.BadRecords``): logged as
+  ``data/bad_records``, warned about when it grows, and in the summary.
   """
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, tokens_per_step: int,
                log_every: int, lte_layers: tuple[int, ...] = (), flops_per_token: float = 0.0,
-               peak_flops: float | None = None, progress: bool = True, tensorboard: bool = True):
+               peak_flops: float | None = None, progress: bool = True, tensorboard: bool = True,
+               bad_records: Callable[[], Any] | None = None):
     if not isinstance(log_every, int) or log_every < 1:
       raise ValueError(f"log.every must be a positive integer, got {log_every!r}")
     self.total, self.start, self.every = total_steps, start_step, log_every
@@ -256,6 +259,7 @@ class TrainLogger:
     self.last_step = start_step + 1
     self.loss, self.rate, self.mfu = float("nan"), float("nan"), None
     self.skipped = 0
+    self.bad_records, self.bad = bad_records, 0
     self.validation: tuple[int, float] | None = None  # (step, val/loss) of the newest
 
   def step_done(self, step: int, state: Any, metrics: Mapping[str, Any],
@@ -277,6 +281,8 @@ class TrainLogger:
       return
     metrics = dict(jax.device_get(metrics))
     metrics.update(validation or {})
+    if self.bad_records is not None:
+      metrics["data/bad_records"] = self.bad_records().count
     if step > self.last_step:
       self.rate = self.tokens_per_step * (step - self.last_step) / (time.time() - self.t_last)
       metrics["tokens_per_s"] = self.rate
@@ -288,6 +294,10 @@ class TrainLogger:
     if skipped > self.skipped:
       logging.warning("step %d: %d step(s) skipped so far for non-finite gradients", step, skipped)
       self.skipped = skipped
+    bad = int(scalars.get("data/bad_records", 0))
+    if bad > self.bad:
+      logging.warning("step %d: bad data records: %s", step, self.bad_records().describe())
+      self.bad = bad
     self.progress.update(step, self.loss, self.rate,
                          self.validation[1] if self.validation else None)
     self.t_last, self.last_step = time.time(), step
@@ -303,7 +313,8 @@ class TrainLogger:
                    tokens=(step - self.start) * self.tokens_per_step,
                    seconds=self.t_end - self.t_start, final_loss=self.loss, skipped=skipped,
                    tokens_per_s=rate, checkpoints=checkpoints, workdir=workdir, mfu=self.mfu,
-                   validation=self.validation)
+                   validation=self.validation,
+                   bad_records=self.bad_records() if self.bad_records else None)
 
   def close(self) -> None:
     self.progress.close()
@@ -312,9 +323,11 @@ class TrainLogger:
 
 def summary(*, steps: int, start_step: int, tokens: int, seconds: float, final_loss: float,
             skipped: int, tokens_per_s: float, checkpoints: list[int], workdir: str,
-            mfu: float | None, validation: tuple[int, float] | None = None) -> str:
+            mfu: float | None, validation: tuple[int, float] | None = None,
+            bad_records: Any = None) -> str:
   """The end-of-run report (throughput leaves out the first, compiling step and the
-  evaluations); ``validation``: (step, val/loss) of the newest evaluation."""
+  evaluations); ``validation``: (step, val/loss) of the newest evaluation;
+  ``bad_records``: the corpus records skipped (``lte_jax.data.BadRecords``)."""
   rate = tokens_per_s
   lines = [
       "run summary",
@@ -326,5 +339,6 @@ def summary(*, steps: int, start_step: int, tokens: int, seconds: float, final_l
          f"{validation[0]}"] if validation else []),
       f"  throughput   {rate:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu is not None else ""),
       f"  checkpoints  {checkpoints if checkpoints else 'none'} in {workdir}/checkpoints",
+      *([f"  bad records  {bad_records.describe()}"] if bad_records is not None else []),
   ]
   return "\n".join(lines)
