@@ -64,6 +64,17 @@ def test_bad_jsonl_record_is_skipped_and_counted_or_named(tmp_path, kind):
     assert (err.value.path, err.value.line) == (path, BAD_AT)
 
 
+@pytest.mark.parametrize("kw,field", [
+    (dict(bad_records="drop"), "DataConfig.bad_records must be one of \\('skip', 'error'\\)"),
+    (dict(max_bad_fraction=1.5), "DataConfig.max_bad_fraction must be a number in \\[0, 1\\]"),
+    (dict(max_bad_fraction=True), "DataConfig.max_bad_fraction"),
+    (dict(validate="yes"), "DataConfig.validate must be a bool"),
+])
+def test_bad_record_settings_are_validated(kw, field):
+  with pytest.raises(ValueError, match=field):
+    DataConfig(**kw)
+
+
 def test_bad_record_count_survives_a_resume(tmp_path):
   cfg = config(jsonl(tmp_path, BAD_LINES["null"][0]), validate=False, num_epochs=None)
   it = make_train_iterator(cfg)
