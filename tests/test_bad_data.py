@@ -15,7 +15,8 @@ from lte_jax import data
 from lte_jax.data import DataConfig, DataError, make_train_iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOOD = [json.dumps({"text": f"document {i} holds a few words of text.", "id": i}) for i in range(40)]
+GOOD = [json.dumps({"text": f"document {i} holds a few words of text.", "id": i})
+        for i in range(40)]
 BAD_LINES = {  # one bad JSONL line each, and what the message must say
     "non_utf8": (b'{"text": "caf\xe9 latin-1"}', "not UTF-8: byte 0xe9"),
     "missing_field": (b'{"body": "no text here"}', "no field 'text'"),

@@ -313,7 +313,9 @@ def _corpus(cfg: DataConfig, split: Split | None) -> tuple[Sequence[str], BadRec
   name = cfg.path or cfg.source
   bad = source.bad_records
   if len(source) == 0 or source.has_text is False:
-    found = f"{len(source)} records" + (f", {bad.count} bad ({bad.describe()})" if bad.count else "")
+    found = f"{len(source)} records"
+    if bad.count:
+      found += f", {bad.count} bad ({bad.describe()})"
     raise DataError(name, None, f"the corpus holds no document with text ({found})")
   if bad.count:
     total = len(source) + bad.count

@@ -113,7 +113,8 @@ def _decode(data: bytes, path: str, *, line: bool = True, where: str = "") -> st
       row = data.count(b"\n", 0, err.start)
       column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
       raise DataError(path, row + 1, f"not UTF-8: byte 0x{bad:02x} at column {column}") from None
-    raise DataError(path, None, f"{where}not UTF-8: byte 0x{bad:02x} at offset {err.start}") from None
+    raise DataError(path, None,
+                    f"{where}not UTF-8: byte 0x{bad:02x} at offset {err.start}") from None
 
 
 class TextFileSource(Sequence[str]):
@@ -218,7 +219,8 @@ def _jsonl_text(line: bytes, field: str) -> str:
     try:
       text.encode("utf-8")
     except UnicodeEncodeError:
-      raise _BadLine(f"field {field!r} holds an unpaired surrogate escape (not UTF-8 text)") from None
+      raise _BadLine(f"field {field!r} holds an unpaired surrogate escape "
+                     "(not UTF-8 text)") from None
   return text
 
 
@@ -356,7 +358,8 @@ class ArrayRecordSource(Sequence[str]):
   def _where(self, index: int) -> tuple[str, int]:
     """(file, record in that file) of record ``index``."""
     try:  # array_record's own key -> (reader, position) map
-      reader, position = self._source._reader_idx_and_position(index)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      reader, position = self._source._reader_idx_and_position(index)
       return self._source.paths[reader], int(position)
     except (AttributeError, IndexError, TypeError):
       return ",".join(self.paths), index
