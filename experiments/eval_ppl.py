@@ -116,6 +116,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not _WORKDIR.value and not _CHECKPOINT.value:
     raise app.UsageError("--workdir or --checkpoint is required")
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    sys.exit("eval_ppl: loss_by_position.png needs matplotlib: pip install -e '.[eval]'")
   checkpoint.quiet_orbax_logs()
   try:
     results = evaluate()
