@@ -25,7 +25,8 @@ from lte_jax.training import checkpoint
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Workdir of experiments.train: config.json and checkpoints/ (the newest "
-    "checkpoint is evaluated unless --checkpoint is given).")
+    "checkpoint is evaluated unless --checkpoint is given; one that is unreadable or fails "
+    "its checksums is skipped, with a warning, for the one before it).")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A checkpoint step directory (WORKDIR/checkpoints/<step>) or a "
     "checkpoints/ folder (its newest step). Its config is read from --workdir, or from the "

@@ -6,7 +6,11 @@ r"""Train a hybrid LM.
 ``--config`` is a config name (experiments/configs/<name>.py) or a config file;
 ``--config.<field>=<value>`` overrides any field (see experiments/configs/base.py).
 The workdir gets config.json, metrics.jsonl, tensorboard/ and checkpoints/; a
-run started on a workdir with checkpoints resumes from the newest readable one.
+run started on a workdir with checkpoints resumes from the newest one that reads
+intact (lte_jax/training/checkpoint.py). With checkpoints present but none
+readable the run stops with an error unless --allow_fresh_start is given.
+SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and exits; an exception in the
+loop (a data error, a bug) saves the last completed step, then propagates.
 """
 from __future__ import annotations
 
@@ -51,14 +55,25 @@ _WORKDIR = flags.DEFINE_string(
     "Directory for checkpoints/, metrics.jsonl, tensorboard/ and config.json. A workdir with "
     "checkpoints resumes from the newest one. Default: a fresh folder under "
     f"{tempfile.gettempdir()}/lte_jax_runs.")
+_ALLOW_FRESH_START = flags.DEFINE_bool(
+    "allow_fresh_start", False,
+    "When WORKDIR/checkpoints holds checkpoints but none reads intact (all unreadable or "
+    "failing their checksums; they are kept as checkpoints/corrupt_step_<n>), train again "
+    "from step 0 instead of stopping with an error. metrics.jsonl is then rewritten from "
+    "step 1.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", mesh_lib.DISTRIBUTED_MODES,
     "Call jax.distributed.initialize() for multi-host training: 'on', 'off', or 'auto' "
     "(when a coordinator address or a SLURM / Open MPI launch with several tasks is found).")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Run (or resume) training to ``config.steps``; returns the final train state."""
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          allow_fresh_start: bool = False) -> TrainState:
+  """Run (or resume) training to ``config.steps``; returns the final train state.
+
+  Raises checkpoint.UnreadableCheckpoints when the workdir holds checkpoints but none
+  is good, unless ``allow_fresh_start``.
+  """
   exp = experiment.resolve(config)
   mesh = mesh_lib.make_mesh(**config.mesh)
   model_def = train_state.make_model_def(exp.model)
@@ -80,7 +95,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                jax.devices()[0].device_kind)
 
   with jax.set_mesh(mesh):
-    state = ckpt.restore_latest(mesh_lib.with_shardings(abstract, shardings), data_iter)
+    state = _restore(ckpt, mesh_lib.with_shardings(abstract, shardings), data_iter,
+                     allow_fresh_start)
     if state is None:
       state = train_state.create_train_state(model_def, tx, exp.seed, shardings)
     step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum),
@@ -96,21 +112,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         progress=config.log.progress, tensorboard=config.log.tensorboard,
         bad_records=data_iter.bad_records)
     guard = checkpoint.PreemptionGuard().install()
+    # The last completed step, and the data position before the batch after it (None
+    # once the iterator's own position matches the state again).
+    done, position = start, None
     try:
       for step in range(start + 1, exp.steps + 1):
+        position = data_iter.get_state()
         batch = next(data_iter, None)
         if batch is None:
           logging.warning("the data ran out after step %d", step - 1)
           step -= 1
           break
         state, metrics = step_fn(state, mesh_lib.global_batch(batch, batch_sharding))
+        done, position = step, None
         log.step_done(step, state, metrics, evaluator.run_if_due(step, state.params))
         ckpt.save(step, state, data_iter)
         if guard.should_stop():
-          logging.warning("stopping at step %d on SIGTERM", step)
+          logging.warning("stopping at step %d on %s", step, guard.received or "a signal")
           break
       log.stop_clock()
       ckpt.save(step, state, data_iter, force=True)
+    except Exception as err:
+      _save_after_error(ckpt, done, start, state, data_iter, position, err)
+      raise
     finally:
       log.close()
       ckpt.close()
@@ -119,6 +143,48 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     print(log.summary(step, skipped=int(state.skipped), checkpoints=ckpt.saved_steps,
                       workdir=workdir), flush=True)
   return state
+
+
+def _restore(ckpt: checkpoint.Checkpointer, abstract, data_iter,
+             allow_fresh_start: bool) -> TrainState | None:
+  """The newest good checkpoint's state; None to start at step 0."""
+  try:
+    return ckpt.restore_latest(abstract, data_iter)
+  except checkpoint.UnreadableCheckpoints as err:
+    if not allow_fresh_start:
+      ckpt.close()
+      raise
+    logging.warning("%s; training again from step 0 (--allow_fresh_start)", err)
+    return None
+
+
+def _save_after_error(ckpt: checkpoint.Checkpointer, step: int, start: int, state, data_iter,
+                      position, err: Exception) -> None:
+  """Save the last completed ``step`` before ``err`` propagates, so a resume after the
+  fix loses nothing; ``position``: the data position that goes with it, if not current."""
+  what = f"{type(err).__name__}: {err}"
+  if step == start:
+    logging.error("training stopped by %s before completing a step; nothing new to save", what)
+    return
+  if jax.process_count() > 1:  # orbax saves are collective: the others may never join
+    logging.error("training stopped by %s after step %d; not saving (a multi-process run "
+                  "saves only at its checkpoint steps)", what, step)
+    return
+  if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+    logging.error("training stopped by %s; the state of step %d went to the failed step "
+                  "(donated) and cannot be saved: resume from the newest checkpoint", what, step)
+    return
+  try:
+    if position is not None:
+      data_iter.set_state(position)
+    ckpt.save(step, state, data_iter, force=True)
+    ckpt.wait()
+  except Exception as save_err:  # the original error matters more; report both
+    logging.error("training stopped by %s; saving step %d failed too: %s", what, step,
+                  save_err)
+    return
+  logging.error("training stopped by %s; saved checkpoint %s first (resume: rerun the same "
+                "command)", what, ckpt.directory / str(step))
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -150,7 +216,11 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
     _write_config(config, workdir)
   logging.info("workdir %s", workdir)
-  train(config, workdir)
+  try:
+    train(config, workdir, allow_fresh_start=_ALLOW_FRESH_START.value)
+  except checkpoint.UnreadableCheckpoints as err:
+    sys.exit(f"cannot resume: {err}. Fix or remove them, or pass --allow_fresh_start to train "
+             "again from step 0 (metrics.jsonl is then rewritten from step 1).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
