@@ -25,19 +25,21 @@ MaskFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _probabilities(q, k, mask, scale):
-  """Masked fp32 softmax statistics of one block.
+  """Masked fp32 softmax probabilities of one block.
 
   q [B, Bq, Hkv, G, D], k [B, Sk, Hkv, D], mask [B or 1, Hkv or 1, Bq, Sk]
-  -> (logits [B, Hkv, G, Bq, Sk] with -inf where masked, lse [B, Hkv, G, Bq, 1]).
-  A row with no visible key gets lse = 0, so exp(logits - lse) is exactly 0 there.
+  -> p [B, Hkv, G, Bq, Sk], exactly 0 where masked and on rows with no visible key.
+  Normalised as exp(logits - row max) / sum, not exp(logits - lse): an fp32 lse of
+  logits near 1e3 - 1e4 is off by ~|logit| * 2^-24, which would scale every probability
+  by up to 1 +- 1e-3 (the backward recomputes p here rather than saving an lse).
   """
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, :, None], logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isneginf(row_max), 0.0, row_max)
-  denom = jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
-  lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1.0)), 0.0)
-  return logits, lse
+  e = jnp.exp(logits - row_max)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(denom > 0, denom, 1.0)
 
 
 def _split_heads(q, num_kv_heads):
@@ -47,23 +49,21 @@ def _split_heads(q, num_kv_heads):
 
 def _attend_fwd(q, k, v, mask, scale):
   qg = _split_heads(q, k.shape[2])
-  logits, lse = _probabilities(qg, k, mask, scale)
-  p = jnp.exp(logits - lse)
+  p = _probabilities(qg, k, mask, scale)
   o = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   o = o.reshape(*q.shape[:3], v.shape[-1])
-  return o, (q, k, v, mask, o, lse)
+  return o, (q, k, v, mask, o)
 
 
 def _attend_bwd(scale, res, do):
   # The flash-attention backward: dP and the row term D = rowsum(dO * O) stay in
   # fp32, which autodiff of a bf16 P @ V would round to bf16 (and then dS, the
   # small difference dP - D, would lose most of its bits).
-  q, k, v, mask, o, lse = res
+  q, k, v, mask, o = res
   num_kv_heads = k.shape[2]
   qg = _split_heads(q, num_kv_heads)
   do = _split_heads(do.astype(v.dtype), num_kv_heads)  # [B, Bq, Hkv, G, Dv]
-  logits, _ = _probabilities(qg, k, mask, scale)
-  p = jnp.exp(logits - lse)
+  p = _probabilities(qg, k, mask, scale)
   dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(v.dtype), do, preferred_element_type=jnp.float32)
   dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, v, preferred_element_type=jnp.float32)
   row = jnp.sum(do.astype(jnp.float32) * _split_heads(o, num_kv_heads), axis=-1)

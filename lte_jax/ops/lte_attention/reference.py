@@ -12,18 +12,19 @@ import jax
 import jax.numpy as jnp
 
 from lte_jax import segments
-from lte_jax.ops.attention.reference import masked_attention_reference
+from lte_jax.ops.attention.reference import compute_dtype, masked_attention_reference
 
 
 def straight_through_values(v: jax.Array, scores: jax.Array) -> jax.Array:
   """v' = v * (1 + r - stop_gradient(r)) with r = scores [B, T, Hkv], v [B, T, Hkv, Dv].
 
   Written as v + v * (r - sg(r)) so the forward value is v bit for bit; the
-  gradient reaching r is sum_d v * dL/dv', accumulated in fp32.
+  gradient reaching r is sum_d v * dL/dv', accumulated in fp32 (float64 for float64 v).
   """
-  r = scores.astype(jnp.float32)
+  f = compute_dtype(v)
+  r = scores.astype(f)
   delta = r - jax.lax.stop_gradient(r)
-  return v + (v.astype(jnp.float32) * delta[..., None]).astype(v.dtype)
+  return v + (v.astype(f) * delta[..., None]).astype(v.dtype)
 
 
 def token_positions(segment_ids: jax.Array | None, batch: int, time: int) -> jax.Array:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lte_jax.ops.attention.reference import compute_dtype
 from lte_jax.ops.lte_attention.reference import token_positions
 
 _HI = jax.lax.Precision.HIGHEST
@@ -61,12 +62,13 @@ def nsa_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax
                             block_size: int, block_count: int, window_size: int | None,
                             segment_ids: jax.Array | None, scale: float) -> jax.Array:
   """q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], gates [B, T, Hq, 3]
-  -> o [B, T, Hq, Dv] in v.dtype (fp32 math)."""
+  -> o [B, T, Hq, Dv] in v.dtype (fp32 math; float64 for float64 inputs)."""
   batch, time, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   group = num_heads // num_kv_heads
-  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-  gf = gates.astype(jnp.float32)
+  f = compute_dtype(q)
+  qf, kf, vf = (x.astype(f) for x in (q, k, v))
+  gf = gates.astype(f)
   seg = jnp.zeros((batch, time), jnp.int32) if segment_ids is None else segment_ids
   pos = token_positions(segment_ids, batch, time)             # [B, T]
   blk = pos // block_size                                     # block of each token
@@ -82,7 +84,7 @@ def nsa_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax
     # Compression: the mean of every complete block of i's document.
     member = seen[:, None, :] & (blk[:, None, :] == blocks[None, :, None])    # [B, C, T]
     complete = (blocks[None, :] + 1) * block_size <= p_i[:, None] + 1          # [B, C]
-    weights = member.astype(jnp.float32) / block_size
+    weights = member.astype(f) / block_size
     k_cmp = jnp.einsum("bct,bthd->bchd", weights, kf, precision=_HI)
     v_cmp = jnp.einsum("bct,bthd->bchd", weights, vf, precision=_HI)
     o_cmp, p_cmp = _attend(q_i, k_cmp, v_cmp, complete[:, None, :], scale)
