@@ -12,7 +12,7 @@ import math
 from typing import Any, Mapping
 
 MIXERS = ("gdn", "swa", "attn", "lte", "nsa")
-ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "laNSA", "transformer")
+ARCHITECTURES = ("GDN", "GDN_SWA", "GDN_Attn", "laLTE", "laNSA", "NSA", "transformer")
 SIZES = ("tiny", "0.4B", "1.4B")
 DTYPES = ("float32", "bfloat16")
 # What a block keeps for the backward pass: everything ('none': no remat), only its input
@@ -20,6 +20,13 @@ DTYPES = ("float32", "bfloat16")
 # are recomputed), or those and each mixer's core-op inputs, output and kernel residuals
 # ('dots_mixers'; lte_jax.remat).
 REMAT_POLICIES = ("none", "full", "dots", "dots_mixers")
+# Parameter initialisation (ModelConfig.init). 'normal': every weight normal(init_std), the
+# output projections (o_proj, down_proj) normal(init_std / sqrt(2 x layers)), LTE scorer conv
+# biases 0. 'reference': as the reference trainer's model after its post-init, which redraws
+# the output projections with PyTorch's kaiming_uniform(a=sqrt 5), U(+-1/sqrt(fan_in)), then
+# divides them by sqrt(2 x layers), and leaves the scorer's conv biases at PyTorch's default
+# U(+-1/sqrt(fan_in)) (lte_jax.layers.reference_init).
+INIT_SCHEMES = ("normal", "reference")
 
 
 def _require(cond: bool, field: str, allowed: str, value: Any) -> None:
@@ -206,6 +213,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
   init_std: float = 0.006
+  init: str = "normal"          # INIT_SCHEMES
   max_position: int = 4096
   dtype: str = "float32"        # compute dtype of activations
   param_dtype: str = "float32"  # master parameters
@@ -225,6 +233,7 @@ class ModelConfig:
              self.param_dtype)
     if isinstance(self.remat, bool):
       object.__setattr__(self, "remat", "full" if self.remat else "none")
+    _require(self.init in INIT_SCHEMES, "ModelConfig.init", f"one of {INIT_SCHEMES}", self.init)
     _require(self.remat in REMAT_POLICIES, "ModelConfig.remat", f"one of {REMAT_POLICIES}",
              self.remat)
     _require(isinstance(self.scan_layers, bool), "ModelConfig.scan_layers", "True or False",
@@ -248,6 +257,7 @@ _ARCH_LAYERS = {
     "GDN_Attn": lambda n: _alternate("attn", n),
     "laLTE": lambda n: _alternate("lte", n),
     "laNSA": lambda n: _alternate("nsa", n),
+    "NSA": lambda n: ("nsa",) * n,
     "transformer": lambda n: ("attn",) * n,
 }
 

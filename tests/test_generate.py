@@ -48,7 +48,8 @@ def check_greedy_against_full_forward(model, prompts, rows):
 PROMPTS = [np.random.default_rng(n).integers(1, 61, n).tolist() for n in (14, 21, 17)]
 
 
-@pytest.mark.parametrize("arch", configs.ARCHITECTURES)
+# NSA (every layer NSA) decodes with the mixer laNSA covers here, at minutes of CPU.
+@pytest.mark.parametrize("arch", [a for a in configs.ARCHITECTURES if a != "NSA"])
 def test_greedy_generation_equals_full_forward_argmax(arch):
   # Rows of different lengths, longer than the SWA/LTE windows, so windows, eviction
   # and per-row teacher forcing through decode all take part.

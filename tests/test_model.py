@@ -43,7 +43,10 @@ def reference_param_count(arch: str, size: str) -> int:
   return total
 
 
-PRESETS = [(a, s) for a in configs.ARCHITECTURES for s in ("0.4B", "1.4B")]
+# NSA (every layer NSA) runs the mixer laNSA runs; its decode parity would add minutes of
+# interpreted NSA decoding, and tests/test_recipe.py counts its presets' parameters.
+ARCHS = tuple(a for a in configs.ARCHITECTURES if a != "NSA")
+PRESETS = [(a, s) for a in ARCHS for s in ("0.4B", "1.4B")]
 
 
 @pytest.mark.parametrize("arch,size", PRESETS)
@@ -73,7 +76,7 @@ def _tiny(arch, **overrides):
   return configs.get_config(arch, "tiny", **base)
 
 
-@pytest.mark.parametrize("arch", configs.ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("prompt_len", [3, 17])
 def test_prefill_then_decode_matches_full_forward(arch, prompt_len):
   cfg = _tiny(arch)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -41,6 +42,23 @@ def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
 def normal_init(std: float, names: Sequence[str | None]) -> Callable:
   """normal(std) initialiser that carries logical axis ``names``."""
   return partitioned(nnx.initializers.normal(stddev=std), names)
+
+
+def uniform_fan_in(fan_in: int, scale: float = 1.0) -> Callable:
+  """Initialiser ``init(key, shape, dtype)``: U(-b, b) with b = scale / sqrt(fan_in).
+
+  PyTorch's default for nn.Linear / nn.Conv: its kaiming_uniform_(a=sqrt 5) weights have
+  bound gain x sqrt(3 / fan_in) with gain sqrt(2 / (1 + 5)), i.e. 1 / sqrt(fan_in) (std
+  1 / sqrt(3 fan_in)), and its biases the same bound.
+  """
+  if not isinstance(fan_in, int) or fan_in < 1:
+    raise ValueError(f"fan_in must be an integer >= 1, got {fan_in!r}")
+  bound = scale / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+  return init
 
 
 def linear(in_features: int, out_features: int, *, names: tuple, std: float, rngs: nnx.Rngs,

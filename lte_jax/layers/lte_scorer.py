@@ -13,8 +13,10 @@ where it would read another document.
 Initialisation follows the reference: conv and projection weights
 Kaiming-normal as torch ``kaiming_normal_(a=0, mode='fan_in',
 nonlinearity='relu')`` (untruncated normal, std = sqrt(2 / fan_in), fan_in =
-input channels per group x kernel size), conv biases zero, projection bias
-``score_bias_init`` (0.5: every token is retained at the start of training).
+input channels per group x kernel size), projection bias ``score_bias_init``
+(0.5: every token is retained at the start of training). Conv biases start at
+zero here; ModelConfig.init = 'reference' redraws them as the reference has them,
+PyTorch's default U(+-1/sqrt(fan_in)) (lte_jax.layers.reference_init).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from lte_jax import remat
 from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax._checks import check_int_dtype, check_rank, check_segment_ids, check_shape
+from lte_jax.layers import reference_init
 from lte_jax.layers.attention import Attention
 from lte_jax.layers.common import dtype_of, linear, partitioned
 from lte_jax.layers.gated_deltanet import GatedDeltaNet
@@ -41,7 +42,7 @@ MIXER_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: mixer then SwiGLU MLP."""
+  """Pre-norm residual block: mixer then SwiGLU MLP (initialised as ``cfg.init`` says)."""
 
   def __init__(self, cfg: configs_lib.ModelConfig, mixer: str, *, rngs: nnx.Rngs):
     dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -53,6 +54,8 @@ class Block(nnx.Module):
     self.mixer = MIXER_REGISTRY[mixer](cfg, **common)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.mlp = SwiGLU(cfg.d_model, cfg.intermediate_size, **common)
+    if cfg.init == "reference":
+      reference_init.reinitialise(self, cfg.num_layers, rngs)
 
   def __call__(self, x, *, segment_ids=None, positions=None):
     h, aux = self.mixer(self.mixer_norm(x), segment_ids=segment_ids, positions=positions)
