@@ -114,7 +114,8 @@ def _run_lte_jax(arch: str) -> dict:
   import jax.numpy as jnp
 
   from experiments import configs as config_files
-  from lte_jax.training import experiment, mesh as mesh_lib, metrics, optimizer, step as step_lib
+  from lte_jax.training import experiment, mesh as mesh_lib, metrics, optimizer, recipes
+  from lte_jax.training import step as step_lib
   from lte_jax.training import train_state
 
   config = config_files.load(config_files.resolve(arch))
@@ -144,7 +145,7 @@ def _run_lte_jax(arch: str) -> dict:
     gdn = dataclasses.replace(exp.model.gdn, implementation=FLAGS.gdn_implementation)
     exp = dataclasses.replace(exp, model=dataclasses.replace(exp.model, gdn=gdn))
   _phase(arch, f"imports and config done, backend {jax.default_backend()}", t0)
-  mesh = mesh_lib.make_mesh(**config.mesh)
+  mesh = mesh_lib.make_mesh(**recipes.apply(config).mesh)
   model_def = train_state.make_model_def(exp.model)
   tx, schedule = optimizer.make_optimizer(exp.optim, exp.steps)
   init = lambda: train_state.init_train_state(model_def, tx, exp.seed)

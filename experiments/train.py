@@ -29,7 +29,7 @@ from experiments.configs.base import get_base_config
 from lte_jax import data as data_lib
 from lte_jax.training import checkpoint, evaluation, experiment, mesh as mesh_lib
 from lte_jax.training import metrics as metrics_lib
-from lte_jax.training import optimizer, step as step_lib, train_state
+from lte_jax.training import optimizer, recipes, step as step_lib, train_state
 from lte_jax.training.train_state import TrainState
 
 
@@ -47,8 +47,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     f"Training config: one of {config_files.available()} (experiments/configs/<name>.py) or a "
     "path to a config file with get_config(). Override any field with "
-    "--config.<field>=<value>. Fields and their base defaults: "
-    + ", ".join(_fields(get_base_config())) + ". " + data_lib.BAD_RECORDS_HELP,
+    "--config.<field>=<value>. --config.recipe=paper takes the paper's training recipe "
+    "for every field left unset (lte_jax.training.recipes; README 'Training recipes'). "
+    "Fields and their defaults (the 'default' recipe): "
+    + ", ".join(_fields(recipes.apply(get_base_config()))) + ". " + data_lib.BAD_RECORDS_HELP,
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
@@ -74,6 +76,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   Raises checkpoint.UnreadableCheckpoints when the workdir holds checkpoints but none
   is good, unless ``allow_fresh_start``.
   """
+  config = recipes.apply(config)
   exp = experiment.resolve(config)
   mesh = mesh_lib.make_mesh(**config.mesh)
   model_def = train_state.make_model_def(exp.model)
@@ -99,7 +102,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                      allow_fresh_start)
     if state is None:
       state = train_state.create_train_state(model_def, tx, exp.seed, shardings)
-    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum),
+    step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum,
+                                               nonfinite=exp.optim.nonfinite),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                       donate_argnums=0)
     start = step = int(state.step)
@@ -203,8 +207,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   checkpoint.quiet_orbax_logs()
   mesh_lib.maybe_initialize_distributed(_DISTRIBUTED.value)
-  config = _CONFIG.value
   try:
+    config = recipes.apply(_CONFIG.value)
     experiment.resolve(config)
     mesh_lib.mesh_shape(**config.mesh, num_devices=jax.device_count())
   except ValueError as err:

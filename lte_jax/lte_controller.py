@@ -21,7 +21,10 @@ Lambda is not learned; a controller steers it so that each head keeps about
 ``step`` counts calls of ``update_controller`` starting at 0, so with the
 trainer calling it once per optimiser step, lambda changes after steps 31, 63,
 ... (0-based), i.e. after the 32nd, 64th, ... step, as the reference does
-with its 1-based ``step % 32 == 0``. The EMA starts from the first
+with its 1-based ``step % 32 == 0``. The train step calls it on every step
+under OptimizerConfig.nonfinite = 'skip_update' (the reference, whose lambda
+update runs before it decides to skip a non-finite step) and on applied steps
+only under 'skip_step'. The EMA starts from the first
 observation rather than from 0 (which would read as "nothing kept" and bias the
 first decisions towards lowering lambda).
 

@@ -85,7 +85,7 @@ def test_resolve_rejects_bad_values_with_the_field_name():
   with pytest.raises(ValueError, match="divisible by config.optim.grad_accum=4"):
     experiment.resolve(config)
   config = get_config()
-  config.optim.warmup_steps = config.steps
+  config.steps = config.optim.warmup_steps = 300
   with pytest.raises(ValueError, match="warmup_steps"):
     experiment.resolve(config)
 

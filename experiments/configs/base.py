@@ -2,13 +2,12 @@
 
 Every field can be overridden on the command line: ``--config.optim.learning_rate=1e-4``.
 Fields set to None under ``model`` keep the value of the ``size`` preset
-(lte_jax.configs.get_config(arch, size, ...)).
+(lte_jax.configs.get_config(arch, size, ...)). Fields marked "recipe" are None here and
+take the value of ``config.recipe`` unless set (lte_jax.training.recipes.RECIPES).
 
-The defaults train a tiny model on the embedded corpus on a laptop CPU in a few
-minutes. A paper-scale run (PAPER.md section 5) sets, e.g. for the 1.4B laLTE:
-  --config.size=1.4B --config.steps=30720 --config.data.seq_len=4096
-  --config.data.batch_size=16 --config.optim.grad_accum=16 --config.optim.warmup_steps=512
-  --config.model.dtype=bfloat16 --config.model.remat=dots_mixers --config.model.scan_layers=True --config.mesh.fsdp=-1 --config.mesh.data=1
+The 'default' recipe trains a tiny model on the embedded corpus on a laptop CPU in a few
+minutes. The paper's training recipe (PAPER.md section 5), e.g. for the 1.4B laLTE:
+  --config.recipe=paper --config.size=1.4B
   --config.data.source=jsonl --config.data.path=... --config.data.tokenizer=...
   --config.eval.every=1000 --config.eval.batches=16 --config.eval.holdout=2000
 """
@@ -22,7 +21,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.arch = "laLTE"         # lte_jax.configs.ARCHITECTURES
   config.size = "tiny"          # tiny | 0.4B | 1.4B
-  config.steps = 300            # optimizer updates
+  config.recipe = "default"     # default | paper: fills the fields marked "recipe"
+  config.steps = config_dict.placeholder(int)   # recipe; optimizer updates
   config.seed = 42
 
   # ModelConfig overrides; None keeps the preset's value.
@@ -33,8 +33,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.vocab_size = config_dict.placeholder(int)
   config.model.dtype = "bfloat16"        # compute dtype (fp32 math in norms, softmax, loss)
   config.model.param_dtype = "float32"   # master parameters
-  config.model.remat = "none"           # none | full | dots | dots_mixers (lte_jax.remat)
-  config.model.scan_layers = False      # lax.scan over the layer cycle: compile time flat in depth
+  # recipe; none | full | dots | dots_mixers (lte_jax.remat)
+  config.model.remat = config_dict.placeholder(str)
+  # recipe; lax.scan over the layer cycle: compile time flat in depth
+  config.model.scan_layers = config_dict.placeholder(bool)
+  # recipe; normal | reference (lte_jax.configs.INIT_SCHEMES)
+  config.model.init = config_dict.placeholder(str)
   config.model.lte_dropout = config_dict.placeholder(float)
   # LTE scorer matmul operands: float32 | bfloat16 (lte_jax.configs.LTEConfig.scorer_dtype).
   config.model.lte_scorer_dtype = config_dict.placeholder(str)
@@ -56,8 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.path = config_dict.placeholder(str)
   config.data.text_field = "text"
   config.data.tokenizer = "byte"
-  config.data.seq_len = 256
-  config.data.batch_size = 8
+  config.data.seq_len = config_dict.placeholder(int)     # recipe
+  config.data.batch_size = config_dict.placeholder(int)  # recipe
   config.data.seed = 0
   config.data.mixture = ml_collections.ConfigDict({"corpus": 1.0, "mqar": 0.0, "niah": 0.0})
   config.data.worker_count = 0
@@ -76,15 +80,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.b2 = 0.95
   config.optim.eps = 1e-15
   config.optim.weight_decay = 0.1
-  config.optim.warmup_steps = 30   # the paper: 512 (with 30720 steps)
+  config.optim.warmup_steps = config_dict.placeholder(int)   # recipe
   config.optim.final_lr_ratio = 0.1
   config.optim.clip_norm = 1.0
-  config.optim.grad_accum = 1      # micro-batches per update (batch_size must divide)
+  # recipe; matrices | all (lte_jax.training.optimizer.WEIGHT_DECAY_MASKS)
+  config.optim.weight_decay_mask = config_dict.placeholder(str)
+  # recipe; skip_step | skip_update: what a non-finite step advances (NONFINITE_MODES)
+  config.optim.nonfinite = config_dict.placeholder(str)
+  # recipe, one of the two: micro-batches per update (batch_size must divide), or
+  # sequences per device and micro-batch, the accumulation then derived from the devices
+  # that split the batch (mesh data x fsdp).
+  config.optim.grad_accum = config_dict.placeholder(int)
+  config.optim.micro_batch_per_device = config_dict.placeholder(int)
 
   # Device mesh: -1 takes the devices left over.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
+  config.mesh.data = config_dict.placeholder(int)   # recipe
+  config.mesh.fsdp = config_dict.placeholder(int)   # recipe
   config.mesh.tensor = 1
 
   config.checkpoint = ml_collections.ConfigDict()

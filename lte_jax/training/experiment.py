@@ -14,6 +14,7 @@ import ml_collections
 
 from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
+from lte_jax.training import recipes
 from lte_jax.training.evaluation import EvalConfig, validation_data
 from lte_jax.training.optimizer import OptimizerConfig, learning_rate_schedule
 
@@ -101,7 +102,8 @@ def data_config(config: ml_collections.ConfigDict,
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
   values = config.optim.to_dict()
-  values.pop("grad_accum", None)
+  values.pop("grad_accum", None)   # the train step's, not the optimizer's
+  values.pop("micro_batch_per_device", None)
   return _dataclass_from(OptimizerConfig, values, "config.optim")
 
 
@@ -113,18 +115,22 @@ def eval_config(config: ml_collections.ConfigDict) -> EvalConfig:
   return _dataclass_from(EvalConfig, config.eval.to_dict(), "config.eval")
 
 
-def resolve(config: ml_collections.ConfigDict) -> Experiment:
-  """Validate ``config`` and build the dataclass configs of a run."""
+def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> Experiment:
+  """Validate ``config`` and build the dataclass configs of a run.
+
+  Unset fields take the values of ``config.recipe`` (lte_jax.training.recipes). With
+  ``config.optim.micro_batch_per_device`` the accumulation follows from the devices
+  that split the batch: ``num_devices`` in all (default jax.device_count()).
+  """
+  config = recipes.apply(config)
   for name in ("steps", "seed"):
     value = config[name]
     if not isinstance(value, int) or value < (1 if name == "steps" else 0):
       raise ValueError(f"config.{name} must be an integer >= {1 if name == 'steps' else 0}, "
                        f"got {value!r}")
-  grad_accum = config.optim.grad_accum
-  if not isinstance(grad_accum, int) or grad_accum < 1:
-    raise ValueError(f"config.optim.grad_accum must be a positive integer, got {grad_accum!r}")
   model = model_config(config)
   data = data_config(config, model)
+  grad_accum = recipes.grad_accum(config, num_devices)
   if data.batch_size % grad_accum:
     raise ValueError(f"config.data.batch_size={data.batch_size} must be divisible by "
                      f"config.optim.grad_accum={grad_accum}")
@@ -146,5 +152,6 @@ def to_json(config: ml_collections.ConfigDict, experiment: Experiment) -> str:
       "model": plain(experiment.model),
       "data": plain(experiment.data),
       "optim": plain(experiment.optim),
+      "grad_accum": experiment.grad_accum,
       "eval": plain(experiment.eval),
   }, indent=2, sort_keys=True, default=str)

@@ -2,21 +2,39 @@
 
 The recipe of the reference trainer (PAPER.md section 5): lr 3e-4, betas
 0.9/0.95, eps 1e-15, weight decay 0.1, 512 linear warm-up steps, cosine decay
-to 0.1 x peak, clip 1.0. Gradient accumulation and the skipping of non-finite
-steps live in the train step (training/step.py), not here, so one call of the
-optimizer is one update.
+to 0.1 x peak, clip 1.0. Weight decay applies to the matrices only
+(``weight_decay_mask='matrices'``, the default) or, as in the reference's one
+parameter group, to every parameter (``'all'``). Gradient accumulation and the
+skipping of non-finite steps (``nonfinite``) live in the train step
+(training/step.py), not here, so one call of the optimizer is one update.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import optax
 
-# Parameters never decayed, whatever their rank: the GDN decay parameters are
-# log-rates and offsets, shrinking them towards 0 would change the decay prior.
-NO_DECAY_NAMES = ("bias", "A_log", "dt_bias")
+# Parameters never decayed under 'matrices', whatever their rank: biases (every name holding
+# 'bias': bias, dt_bias, the LTE scorer's per-head conv_biases [Hkv, C] and proj_bias) and
+# A_log; the GDN decay parameters are log-rates and offsets, shrinking them towards 0 would
+# change the decay prior.
+NO_DECAY_NAMES = ("A_log",)
+NO_DECAY_SUBSTRING = "bias"
+# Which parameters weight decay shrinks (OptimizerConfig.weight_decay_mask): 'matrices' (rank
+# >= 2, no norms, biases, A_log or dt_bias) or 'all' (the reference trainer: one parameter
+# group, norms, biases, A_log and dt_bias decayed too).
+WEIGHT_DECAY_MASKS = ("matrices", "all")
+# What a step with a non-finite loss or gradient norm does (OptimizerConfig.nonfinite), the
+# parameters and Adam moments staying as they were either way:
+#   'skip_step'   nothing else moves either: the learning-rate schedule and the LTE controller
+#                 (lambda, kept EMA, its step) wait for the next applied update;
+#   'skip_update' the reference trainer: the schedule advances and the LTE controller takes
+#                 the step's kept counts, as its lr_scheduler.step() and lambda update run
+#                 whether or not optimizer.step() was skipped.
+NONFINITE_MODES = ("skip_step", "skip_update")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +47,8 @@ class OptimizerConfig:
   warmup_steps: int = 512
   final_lr_ratio: float = 0.1   # cosine ends at final_lr_ratio x learning_rate
   clip_norm: float = 1.0        # <= 0 disables clipping
+  weight_decay_mask: str = "matrices"   # WEIGHT_DECAY_MASKS
+  nonfinite: str = "skip_step"          # NONFINITE_MODES (applied by training/step.py)
 
   def __post_init__(self):
     if not self.learning_rate > 0:
@@ -42,6 +62,12 @@ class OptimizerConfig:
       raise ValueError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
     if not 0 <= self.final_lr_ratio <= 1:
       raise ValueError(f"optim.final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
+    if self.weight_decay_mask not in WEIGHT_DECAY_MASKS:
+      raise ValueError(f"optim.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, got "
+                       f"{self.weight_decay_mask!r}")
+    if self.nonfinite not in NONFINITE_MODES:
+      raise ValueError(f"optim.nonfinite must be one of {NONFINITE_MODES}, got "
+                       f"{self.nonfinite!r}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -68,26 +94,57 @@ def param_path(path: tuple) -> str:
   return "/".join(_key_name(p) for p in path)
 
 
-def decays(path: str, ndim: int) -> bool:
-  """Whether the parameter at ``path`` gets weight decay: matrices only, never norms."""
+def decays(path: str, ndim: int, mode: str = "matrices") -> bool:
+  """Whether the parameter at ``path`` gets weight decay under ``mode`` (WEIGHT_DECAY_MASKS)."""
+  if mode not in WEIGHT_DECAY_MASKS:
+    raise ValueError(f"mode must be one of {WEIGHT_DECAY_MASKS}, got {mode!r}")
+  if mode == "all":
+    return True
   names = path.split("/")
-  if ndim < 2 or any(n in NO_DECAY_NAMES for n in names):
+  if ndim < 2 or any(n in NO_DECAY_NAMES or NO_DECAY_SUBSTRING in n.lower() for n in names):
     return False
   return not any("norm" in n.lower() for n in names)
 
 
-def weight_decay_mask(params: Any) -> Any:
-  """Pytree of bools like ``params``: True where weight decay applies."""
+def weight_decay_mask(params: Any, mode: str = "matrices") -> Any:
+  """Pytree of bools like ``params``: True where weight decay applies under ``mode``."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: decays(param_path(path), x.ndim), params)
+      lambda path, x: decays(param_path(path), x.ndim, mode), params)
+
+
+def _is_schedule(x: Any) -> bool:
+  return isinstance(x, optax.ScaleByScheduleState)
+
+
+def schedule_count(opt_state: Any) -> jax.Array | None:
+  """int32 []: the learning-rate schedule's step count (the step its next update reads);
+  None for an optimizer state without a schedule (optax.ScaleByScheduleState)."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_schedule) if _is_schedule(x)]
+  return found[0].count if found else None
+
+
+def advance_schedule(opt_state: Any) -> Any:
+  """``opt_state`` with the learning-rate schedule's step count one further, nothing else
+  changed (Adam's own count, which its bias correction reads, stays: the update was not
+  made). What OptimizerConfig.nonfinite='skip_update' does on a skipped step."""
+  if schedule_count(opt_state) is None:
+    raise ValueError("opt_state holds no learning-rate schedule (optax.ScaleByScheduleState); "
+                     "build the optimizer with make_optimizer")
+  return jax.tree.map(lambda x: x._replace(count=x.count + 1) if _is_schedule(x) else x,
+                      opt_state, is_leaf=_is_schedule)
 
 
 def make_optimizer(cfg: OptimizerConfig,
                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optax chain and its learning-rate schedule (for logging)."""
+  """The optax chain and its learning-rate schedule (for logging).
+
+  The decay mask is a function of the parameters under both ``weight_decay_mask``
+  settings, so the optimizer state has the same structure either way.
+  """
   schedule = learning_rate_schedule(cfg, total_steps)
+  mask = functools.partial(weight_decay_mask, mode=cfg.weight_decay_mask)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+                      weight_decay=cfg.weight_decay, mask=mask)
   if cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw), schedule
   return adamw, schedule

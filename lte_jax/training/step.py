@@ -8,6 +8,12 @@ each device's shard of a batch-sharded input splits without communication.
 Loss = cross entropy (fp32, averaged over the loss_mask tokens of the whole
 batch) + the LTE sparsity regulariser sum(lambda * reg) (lte_controller),
 averaged over micro-batches.
+
+A step whose loss or gradient norm is not finite leaves the parameters and Adam
+moments alone and is counted in ``TrainState.skipped``; ``nonfinite``
+(optimizer.NONFINITE_MODES) says whether the learning-rate schedule and the LTE
+controller wait for the next applied update ('skip_step') or advance as on any
+other step ('skip_update', the reference trainer).
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import optax
 
 from lte_jax import lte_controller
 from lte_jax import sharding as sh
+from lte_jax.training import optimizer
 from lte_jax.training.train_state import ModelDef, TrainState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -50,7 +57,7 @@ def check_batch(batch: dict, grad_accum: int) -> None:
 def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum: int = 1,
                     lte_target: float | None = None,
-                    exclude_last: int | None = None,
+                    exclude_last: int | None = None, nonfinite: str = "skip_step",
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """``train_step(state, batch) -> (state, metrics)``; pure, ready for jax.jit.
 
@@ -58,8 +65,12 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
   ``lam`` [L, H] for the L LTE layers. ``lte_target`` (kept tokens per
   sequence) defaults to lte_controller.target_for_seq_len(config.lte, T);
   ``exclude_last`` (positions left out of the regulariser) to the scorer's
-  look-ahead.
+  look-ahead; ``nonfinite`` (OptimizerConfig.nonfinite) is what a non-finite
+  step advances (module docstring).
   """
+  if nonfinite not in optimizer.NONFINITE_MODES:
+    raise ValueError(f"nonfinite must be one of {optimizer.NONFINITE_MODES}, got {nonfinite!r}")
+  skip_update = nonfinite == "skip_update"
   num_lte = len(model_def.lte_layers)
   lte_cfg = model_def.config.lte
   exclude_last = lte_cfg.lookahead if exclude_last is None else exclude_last
@@ -110,21 +121,32 @@ def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation,
       params, opt_state, controller = operand
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      if num_lte:
+      if num_lte and not skip_update:
         controller = lte_controller.update_controller(controller, kept, target=target)
       return params, opt_state, controller
 
-    # A non-finite step leaves parameters, moments and lambdas untouched: one bad
-    # batch must not poison the Adam moments for the rest of the run.
+    def skip(operand):
+      params, opt_state, controller = operand
+      if skip_update:
+        opt_state = optimizer.advance_schedule(opt_state)
+      return params, opt_state, controller
+
+    # A non-finite step leaves parameters and moments untouched: one bad batch must
+    # not poison the Adam moments for the rest of the run.
     params, opt_state, controller = jax.lax.cond(
-        finite, apply, lambda operand: operand,
-        (state.params, state.opt_state, state.controller))
+        finite, apply, skip, (state.params, state.opt_state, state.controller))
+    if num_lte and skip_update:
+      # Every step's kept counts, finite or not (a NaN score counts as not kept).
+      controller = lte_controller.update_controller(controller, kept, target=target)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, controller=controller,
         rng=jax.random.key_data(rng), skipped=state.skipped + (~finite).astype(jnp.int32))
-    # Adam's count (what the schedule reads) only advances on applied steps.
+    # The rate this step used: the schedule's count before it (applied steps under
+    # 'skip_step', every step under 'skip_update').
+    count = optimizer.schedule_count(state.opt_state)
+    count = state.step - state.skipped if count is None else count
     metrics = dict(loss=loss, ce_loss=ce, reg_loss=reg, grad_norm=grad_norm,
-                   lr=schedule(state.step - state.skipped), skipped=~finite,
+                   lr=schedule(count), skipped=~finite,
                    skipped_total=new_state.skipped, loss_tokens=num_tokens)
     if num_lte:
       metrics.update(kept=kept, lam=controller.lam)
