@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -88,6 +89,23 @@ def test_bad_holdout_and_eval_fields_name_the_field():
     evaluation.EvalConfig(batches=0)
   with pytest.raises(ValueError, match="set config.eval.holdout > 0"):
     evaluation.validation_data(evaluation.EvalConfig(every=5), data.DataConfig())
+
+
+def test_a_separate_validation_source_is_read_whole(tmp_path):
+  for name in ("train", "val"):
+    (tmp_path / name).mkdir()
+    for i in range(3):
+      (tmp_path / name / f"{i}.txt").write_text(f"{name} document {i}")
+  train_cfg = data.DataConfig(source="text", path=str(tmp_path / "train" / "*.txt"))
+  eval_cfg = evaluation.EvalConfig(every=1, path=str(tmp_path / "val" / "*.txt"))
+  cfg, split = evaluation.validation_data(eval_cfg, train_cfg)
+  assert split.name == "separate" and cfg.path == eval_cfg.path
+  assert sorted(data.ByteTokenizer().decode(d) for d in documents(cfg, split)) == [
+      f"val document {i}" for i in range(3)]
+  bad = evaluation.EvalConfig(every=1, path=str(tmp_path / "none" / "*.txt"))
+  exp = types.SimpleNamespace(eval=bad, steps=3, data=train_cfg)
+  with pytest.raises(ValueError, match="config.eval.path / config.eval.source: path glob"):
+    evaluation.Evaluator(exp, None, None)
 
 
 def test_position_loss_bins_and_lengths():

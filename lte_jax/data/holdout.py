@@ -22,6 +22,7 @@ batch shape, in a fixed order (no shuffle, one pass).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterator, Sequence
 
@@ -65,8 +66,10 @@ def _mix64(x: np.ndarray) -> np.ndarray:
   return x ^ (x >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=8)  # training and validation both split the same corpus
 def held_out_indices(num_docs: int, holdout: float | int, seed: int) -> np.ndarray:
-  """Sorted int64 [n]: the indices in [0, num_docs) with the n smallest hashes of (seed, i)."""
+  """Sorted int64 [n], read-only: the indices in [0, num_docs) with the n smallest hashes
+  of (seed, i)."""
   count = held_out_count(num_docs, holdout)
   if count == 0:
     return np.zeros(0, np.int64)
@@ -80,7 +83,9 @@ def held_out_indices(num_docs: int, holdout: float | int, seed: int) -> np.ndarr
       keep = np.argpartition(hashes, count - 1)[:count]
       hashes, index = hashes[keep], index[keep]
     best_hash, best_index = hashes, index
-  return np.sort(best_index)
+  held = np.sort(best_index)
+  held.flags.writeable = False
+  return held
 
 
 class HeldOut(Sequence[str]):

@@ -6,7 +6,8 @@ training (lte_jax.data.holdout), or every document of a separate source
 (``path`` / ``source``); synthetic data (MQAR, NIAH) comes from validation
 seeds. ``Evaluator`` packs them once into ``batches`` batches of the training
 shape and, every ``every`` steps and after the last one, runs the model in
-eval mode (no dropout) over those same batches:
+eval mode (no dropout; the training forward otherwise, so LTE keeps no budget)
+over those same batches:
 
   val/loss = sum of -log p(target) over loss_mask tokens / their count
   val/ppl  = exp(val/loss)
@@ -127,11 +128,16 @@ class Evaluator:
       return
     data_cfg, split = validation_data(self.cfg, exp.data)
     local = []
-    for batch in holdout_lib.make_validation_iterator(
-        data_cfg, split, process_index=process_index, process_count=process_count):
-      local.append(batch)
-      if len(local) == self.cfg.batches:
-        break
+    try:
+      for batch in holdout_lib.make_validation_iterator(
+          data_cfg, split, process_index=process_index, process_count=process_count):
+        local.append(batch)
+        if len(local) == self.cfg.batches:
+          break
+    except ValueError as err:
+      if not self.cfg.separate:
+        raise
+      raise ValueError(f"config.eval.path / config.eval.source: {err}") from err
     if not local:
       raise ValueError(f"the validation split ({split.name}) holds no document")
     if process_count > 1:  # every process runs the same number of steps
