@@ -28,32 +28,24 @@ KERNELS = ("gdn_wy_inverse", "gdn_wy_transform", "gdn_chunk_states", "gdn_chunk_
 
 
 # Per-kernel launch parameters measured on the H200 at (4, 4096, 16, 128), bf16
-# (`bench_kernels --tune`, BENCHMARKS.md): ms of the stage that runs the kernel, at the
-# old uniform 4 warps / 2 stages -> here. The inverse's 16 x 16 products are latency
-# bound: one warp per program lets more chunks run at once (1.16 -> 0.52 ms).
+# (`bench_kernels --tune`; BENCHMARKS.md "What moved the numbers"), ms of the stage that
+# runs the kernel at a uniform 4 warps / 2 stages -> here. The inverse's 16 x 16 products
+# are latency bound: one warp per program lets more chunks run at once. Kernels not listed
+# keep 4 / 2: no other launch beat it by more than the ~0.03 ms run-to-run spread.
 GPU_LAUNCH: dict[str, tuple[int, int]] = {
     "gdn_wy_inverse": (1, 1),       # 1.16 -> 0.52
     "gdn_wy_transform": (4, 1),     # states stage 1.00 -> 0.80
     "gdn_chunk_states": (4, 3),     # states stage 1.00 -> 0.83
-    "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32 (then a grid over value blocks; since
-                                    # one program per chunk loops over them: re-measure)
-    # Fourth session, wy_operands='input' (BENCHMARKS.md): the backward's recurrence, 4/2 ->
-    # here.
+    "gdn_chunk_outputs": (4, 3),    # 0.59 -> 0.32, timed on a grid over value blocks
+                                    # (it now loops over them: worth re-tuning)
     "gdn_chunk_state_grads": (8, 2),   # 0.56 -> 0.54
-    # Fifth session, one sweep of 4/1, 4/2, 4/3, 8/2 (ms): gdn_wy_grads 0.53 / 0.58 / 0.61 /
-    # 0.72; gdn_chunk_qk_grads 0.87 / 0.88 / 0.87 / 0.95, gdn_local_value_grads 0.24 / 0.23
-    # / 0.25 / 0.28 and gdn_chunk_outputs 0.31 / 0.34 / 0.32 / 0.46 stay as they are (within
-    # the run-to-run spread of about 0.03 ms).
-    "gdn_wy_grads": (4, 1),
+    "gdn_wy_grads": (4, 1),         # 0.58 -> 0.53 (4/3 0.61, 8/2 0.72)
 }
 
 
-# Launches that replace GPU_LAUNCH's where the key width is above 128 (Plan.launch_for).
-# H100, twelfth session, (4, 4096, 8, 256), device ms fwd / fwd+bwd: the forward
-# recurrence at 4 warps / 3 stages on [256, 32] state blocks (256 programs) 0.693 / 2.773;
-# at 8 / 2 on [256, 64] blocks (128 programs; the register cap of recurrence_value_block
-# allows 64 columns at 8 warps) 0.662 / 2.709; 4 / 2, 4 / 1 and 2 / 2 at 32 columns 0.721,
-# 0.762, 0.958 fwd.
+# Launches that replace GPU_LAUNCH's where the key width is above 128 (Plan.launch_for):
+# the forward recurrence at 8 warps / 2 stages on [256, 64] state blocks beat 4 / 3 on
+# [256, 32] (H100, (4, 4096, 8, 256), fwd 0.662 against 0.693 ms; BENCHMARKS.md).
 WIDE_KEY_LAUNCH: dict[str, tuple[int, int]] = {
     "gdn_chunk_states": (8, 2),
 }
@@ -64,9 +56,8 @@ WIDE_KEYS = 128
 RECURRENCE_PROGRAMS = 128
 _MIN_RECURRENCE_BLOCK = 16
 # ... and no wider than keeps the carried fp32 state within this many registers a thread
-# (of 255): H100, (4, 4096, 8, 256), the forward recurrence's [256, 64] state at 4 warps
-# (128 a thread) spilled 880 bytes a thread; [256, 32] ran spill-free, its stage 0.750 ->
-# 0.611 ms (with decays on the values; eleventh session, BENCHMARKS.md).
+# (of 255): on the H100 the [256, 64] forward state at 4 warps spilled 880 bytes a thread,
+# [256, 32] ran spill-free and its stage 0.750 -> 0.611 ms (BENCHMARKS.md).
 STATE_REGISTERS = 64
 
 
@@ -86,21 +77,17 @@ class Plan:
     only (`gdn_chunk_states`, `gdn_chunk_state_grads`). The recurrences run B * H * Dv /
     block programs, each over every chunk in a row, so with few (batch x head) sequences
     most of the GPU idles. None: block_v, halved (down to 16) while that leaves fewer than
-    RECURRENCE_PROGRAMS programs (`recurrence_value_block`). H200, ninth session,
-    fwd+bwd queued ms with 64 / 32 / 16 columns: (1, 16384, 16, 128) (32 / 64 / 128
-    programs) 3.09 / 2.70 / 2.51; (4, 4096, 16, 128) (128 / 256 / 512) 1.98 / 2.19 / 2.26;
-    (4, 4096, 8, 256) (128 / 256 / 512) 3.71 / 3.90 / 5.01.
+    RECURRENCE_PROGRAMS programs (`recurrence_value_block`; H200, (1, 16384, 16, 128),
+    fwd+bwd 3.09 ms at 64 columns, 2.51 at 16; BENCHMARKS.md).
   fuse_wy: GPU: both recurrences take T instead of W and U (the WY identity multiplied
     out): the forward's V_new = T (beta V - beta qd (K h)), the reverse one's
     W^T dV = K^T (beta qd T^T dV). So no WY transform kernel runs, forward or backward,
     W and U never reach HBM, and each chunk step loads T [C, C] (and the K tile it loads
     anyway) instead of W [C, Dk] (and U). With keep_states the forward takes the unfused
     path (it keeps W). Decays on the value side in the forward (decay_on 'keys' turns it
-    off); the TPU form ignores it. On by default: H100, thirteenth session, kernel
-    (device) ms fwd / fwd+bwd without -> with, FLA 0.6.0 in the same run: (4, 4096, 16,
-    128) 0.541 / 2.004 -> 0.416 / 1.761 (FLA 0.527 / 2.040); (1, 16384, 16, 128) 0.642 /
-    2.479 -> 0.531 / 2.304 (FLA 0.675 / 2.596); (4, 4096, 8, 256) 0.674 / 2.767 -> 0.567 /
-    2.494 (FLA 0.609 / 2.982); the 0.4B GDN train step 0.332 -> 0.327 s.
+    off); the TPU form ignores it. On by default: less kernel time at every benchmark
+    shape (H100, fwd+bwd 2.004 -> 1.761 ms at (4, 4096, 16, 128), 2.767 -> 2.494 at
+    (4, 4096, 8, 256); BENCHMARKS.md).
   wide_key_launch: per-kernel (num_warps, num_stages) above Dk = WIDE_KEYS (`launch_for`),
     in `launch`'s forms. None: WIDE_KEY_LAUNCH's entries on a real GPU, less the kernels
     named in `launch` (a caller's launch for a kernel holds at every Dk) and none when a
@@ -116,12 +103,9 @@ class Plan:
     pass, about 1e-3 relative: FLA's solve_tril precision). None: on a GPU 'tf32' when T
     is stored in bf16/fp16 anyway (wy_operands='input' with such inputs: its rounding
     is coarser than TF32's), else 'tf32x3'; 'highest' elsewhere (`inverse_precision_for`).
-    On the H200 (B4 T4096 H16 D128) 'highest' took 13.3 / 33.2 ms fwd / fwd+bwd against
-    2.0 / 6.4 ms for 'tf32x3' (then fp32 WY operands), same errors against the fp32
-    reference (1x1024x4x128: o 3.7e-3, grads <= 3.6e-3). Fifth session, bf16 WY operands:
-    the inverse stage 0.47 ms with 'tf32x3', 0.21 with 'tf32'; fwd / fwd+bwd 1.05 / 2.57
-    -> 0.70 / 2.50 ms; errors on the H200 (1x512x4x128) unchanged: o 4.0e-3, grads
-    <= 4.0e-3.
+    'highest' made the forward 6.6x slower than 'tf32x3' at the same errors against the
+    fp32 reference, and 'tf32' halves the inverse stage again where T is bf16 anyway, with
+    unchanged errors (H200; BENCHMARKS.md).
   inverse_form: 'blocked' (16 x 16 blocks by forward substitution; None on GPU) or
     'doubling' (full C x C masked doubling, log2(C) levels of two C x C products; None on
     TPU, where 16-lane blocks fit the (8, 128) tiles badly). inverse.py says more. On the
@@ -131,50 +115,43 @@ class Plan:
     (both rounded to the inputs' dtype, bf16 operands on the tensor cores, as FLA's
     recompute_w_u and WY backward; the default). fp32 inputs always take 'fp32'. Errors
     against the fp32 reference (1x512x2x64 bf16, interpreted): o 3.8e-3 and grads <= 3.8e-3
-    with 'input', against 3.3e-3 and <= 3.4e-3 with 'fp32'; on the H200 (1x512x4x128) o
-    4.0e-3, grads <= 4.1e-3. H200, (4, 4096, 16, 128): 1.40 / 6.05 ms fwd / fwd+bwd with
-    'fp32', 0.92 / 4.33 with 'input'.
+    with 'input', against 3.3e-3 and <= 3.4e-3 with 'fp32'. 'input' is the default: H200,
+    (4, 4096, 16, 128), fwd / fwd+bwd 1.40 / 6.05 -> 0.92 / 4.33 ms (BENCHMARKS.md).
   decay_on: where the recurrences (kernels `gdn_chunk_states`, `gdn_chunk_state_grads`)
     apply the per-token decay factors: 'keys' (scale the [C, Dk] key and query tiles in
     fp32, then cast them for the dot) or 'values' (scale the [C, block_v] value-side tiles
     instead, as FLA's recurrence does, so K and Q go into the dots as loaded). Same math,
     rounding moved to the other operand. 'auto' (default): on GPU 'values' for the forward
     recurrence, and for the reverse one up to Dk = 128; else 'keys' (`decays_on_values`).
-    H100, eleventh session, (4, 4096, 8, 256): the forward stage (WY transform + states)
-    0.750 ms 'keys' (spilling) against 0.611 'values' with 32-column blocks; the reverse
-    0.653 'keys' against 0.888 'values' (8 warps, 1 stage). H200, bf16, (1, 16384, 16,
-    128): fwd / fwd+bwd 1.187 / 4.075 ms with 'keys', 1.066 / 3.512 with 'values'; the
-    0.4B GDN train step 0.295 vs 0.294 s. In the 'values' form K and Q feed the dots
-    straight from the loads, which Triton pipelines through shared memory: at Dk = 256 the
-    states kernel's three stages of 64-column blocks asked for 254 KB of the 227 KB
-    (RESOURCE_EXHAUSTED on the H200), so that form's stages are capped to what fits
-    (`stages_that_fit`; 32-column blocks fit 3).
-    The TPU form is untimed either way and keeps 'keys'.
+    Why 'auto': at Dk = 256 'values' takes the forward stage 0.750 -> 0.611 ms (the 'keys'
+    form spills) but the reverse 0.653 -> 0.888 (H100); at Dk = 128 it takes (1, 16384, 16,
+    128) fwd+bwd 4.075 -> 3.512 ms (H200; BENCHMARKS.md). In the 'values' form K and Q feed
+    the dots straight from the loads, which Triton pipelines through shared memory, so its
+    stages are capped to what fits (`stages_that_fit`: three stages of 64-column blocks at
+    Dk = 256 would ask 254 KB of the 227 KB). The TPU form is untimed and keeps 'keys'.
   keep_states: the forward keeps W [T, Dk], the per-chunk states h [N, Dk, Dv] and V_new
     [T, Dv] (state dtype, per batch*head) for the backward, which then skips the WY
-    transform and the state recurrence (FLA recomputes them; on the H200 that stage took
-    0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)). The forward writes them to HBM
-    anyway, so keeping them costs memory only: 134 + 2 x 67 MB there in bf16, held from
-    the forward to the backward (one layer at a time under remat). H200: fwd+bwd 4.33 ->
-    4.06 ms there (with wy_operands='input'). Off by default: like FLA, the backward
-    recomputes rather than keep per-token intermediates (issue 5's contract); on through
-    plan_options.
+    transform and the state recurrence (0.8 ms of the 6.0 ms fwd+bwd at (4, 4096, 16, 128)
+    on the H200). The forward writes them to HBM anyway, so keeping them costs memory only:
+    134 + 2 x 67 MB there in bf16, held from the forward to the backward (one layer at a
+    time under remat); fwd+bwd 4.33 -> 4.06 ms there. Off by default so that no per-token
+    intermediates live between forward and backward (FLA's backward recomputes them too);
+    on through plan_options.
   qk_key_grid: GPU: the backward's dq / dk / dW kernel (`gdn_chunk_qk_grads`) takes its
     key blocks (block_k columns) as a third grid axis, one program per (batch*head, chunk,
     key block), as FLA's chunk_bwd_dqkwg does, instead of walking them in a loop inside
     one program. Each program recomputes dS = dO V_new^T (C x C x Dv) and reloads the
     value-side tiles; its per-token scalar gradients are partial sums that XLA adds up.
-    H200, ninth session, the kernel's stage without / with: (4, 4096, 8, 256) 1.88 / 1.22
-    ms, (4, 4096, 16, 128) 0.91 / 0.75, (1, 16384, 16, 128) 0.91 / 0.75; fwd+bwd queued
-    3.71 / 3.29, 1.98 / 1.86, 3.09 / 2.97. On by default.
+    On by default: the kernel's stage 1.88 -> 1.22 ms at (4, 4096, 8, 256), 0.91 -> 0.75
+    at Dk = 128 (H200; BENCHMARKS.md).
   output_value_grid: GPU: the outputs kernel (`gdn_chunk_outputs`) and the backward's
     dV_local kernel (`gdn_local_value_grads`) take value blocks (block_v columns) as a third
     grid axis, as FLA's chunk_fwd_o and chunk_bwd_dv_local do, each program summing Q K^T
     (and Q h) over key blocks (block_k) in a pipelined loop and recomputing the scores,
     instead of one program per chunk walking the value blocks with the scores computed
-    once. Built for (4, 4096, 8, 256), where on the H200 (eleventh session) the outputs
-    stage took 0.35 ms against chunk_fwd_o's 0.16 (and dV_local 0.25 against 0.07 on the
-    H100); untimed, so off by default.
+    once. Built for (4, 4096, 8, 256), where FLA's chunk_fwd_o took 0.16 ms against the
+    outputs stage's 0.35 (H200); off by default: slower on the H100, fwd 0.720 -> 0.844 ms
+    at that shape (BENCHMARKS.md "Tried and not kept").
   """
   platform: str
   interpret: bool = False

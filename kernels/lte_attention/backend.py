@@ -62,9 +62,9 @@ class Plan:
     (GPU only: each kernel loads a compact tile's rows straight from K and V by their
     indices, and the far dk/dv kernel adds into the band kernel's dk/dv in place, so
     neither the copies nor the scatter exist: ~1 GB less traffic per layer at 8 x 4096
-    x 16 x 64). None: 'kernel' on GPU, 'copy' on TPU. H100, twelfth session, 8 x 4096 x
-    16 x 64, fwd+bwd device ms 'copy' -> 'kernel': 2.449 -> 2.298 (512 far keys a head),
-    4.509 -> 4.274 (3,800).
+    x 16 x 64). None: 'kernel' on GPU (H100, 8 x 4096 x 16 x 64, fwd+bwd device ms
+    'copy' -> 'kernel': 2.449 -> 2.298 with 512 far keys a head, 4.509 -> 4.274 with
+    3,800; BENCHMARKS.md), 'copy' on TPU.
   far_compaction: how the far keys are packed into their compact slots (sets.far_keys):
     'scatter' (each kept token to its slot, from a running count) or 'sort' (a stable
     argsort of every row). H200, (4, 4096, 16, 64): the glue stage before the kernels
