@@ -1,4 +1,4 @@
-r"""Evaluate a trained checkpoint on retrieval tasks (shared/EVALS.md).
+r"""Evaluate a trained checkpoint on the retrieval tasks of EVALS.md (repository root).
 
     python -m experiments.eval_retrieval --workdir=/tmp/lalte \
         --tasks=niah_single_1,niah_single_2,niah_single_3,mqar --lengths=1024,2048,4096

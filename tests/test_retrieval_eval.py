@@ -1,4 +1,4 @@
-"""Retrieval evaluations: task generators against shared/EVALS.md, scorers, memory, reports."""
+"""Retrieval evaluations: task generators against EVALS.md, scorers, memory, reports."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Synthetic retrieval data (shared/EVALS.md): MQAR token sequences, NIAH needle documents.
+"""Synthetic retrieval data (EVALS.md): MQAR token sequences, NIAH needle documents.
 
 Both are pure functions of a ``np.random.Generator``, so a seed fixes them. The
 training mixture packs them as documents; the evaluations reuse them as is.

@@ -1,4 +1,4 @@
-"""The public metrics of the retrieval tasks (shared/EVALS.md).
+"""The public metrics of the retrieval tasks (EVALS.md).
 
 - RULER S-NIAH: 100 x mean of a case-insensitive substring match of the value
   in the prediction (``substring_match`` per sample).

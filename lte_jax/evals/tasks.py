@@ -1,4 +1,4 @@
-"""Run one retrieval task at one context length and score it (shared/EVALS.md).
+"""Run one retrieval task at one context length and score it (EVALS.md).
 
 Every runner returns a dict: ``score`` (0-100), ``num_samples`` and task details;
 NIAH runners add ``samples`` (needle depth and 0/1 hit of each sample) for the
