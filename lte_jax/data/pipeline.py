@@ -69,7 +69,7 @@ class DataConfig:
   mixture: document weights for 'corpus', 'mqar', 'niah' (missing = 0).
   mqar_*: MQAR vocab V, offset into the model vocab (ids used: offset ..
     offset + V - 1, filler = offset), length L (L + 1 <= seq_len with the BOS),
-    number of pairs N and query-slot exponent alpha (shared/EVALS.md).
+    number of pairs N and query-slot exponent alpha (EVALS.md).
   niah_tasks: RULER tasks drawn uniformly for NIAH documents; each fits one row
     with a haystack of uniformly random size (needs a seq_len that holds the
     empty-haystack prompt: ~400 byte-level tokens).
