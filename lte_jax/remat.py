@@ -6,7 +6,8 @@ block: the short convs, norms and RoPE before a mixer's core op, and the core op
 forward kernels, because their outputs (and the residuals a kernel's custom VJP saves,
 such as the GDN kernels' WY inverse T or the attention kernels' log-sum-exp) are not
 matmul outputs. On the H200's 0.4B GDN step that was about 21 ms of recomputed conv / norm
-fusions and a second run of every forward kernel (BENCHMARKS.md, sixth session's profile).
+fusions and a second run of every forward kernel (profile of 2026-11-29; BENCHMARKS.md,
+"Where the step's time goes" under the training step).
 'dots_mixers' keeps, besides the matmul outputs, the values tagged with the names below:
 per layer and token, the core op's inputs (GDN: also q and k before their L2 norm) and
 output, and the kernels' residuals: in bf16 about 12 bytes per channel and token for a GDN

@@ -20,10 +20,9 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 # 'pallas' 0.523; FLA's Triton conv 1.345 queued), but inside the train step XLA fuses the
 # conv's backward (the transpose of its pad) with its neighbours into one multi-output
 # fusion that writes two fp32 [B, T, C] arrays, 1.5 ms a layer: the 0.4B GDN step took
-# 0.325 s with 'xla' and 0.306 with 'pallas' (FLA's 0.302). On the H200 in the ninth
-# session the kernels' first version lost in the step (0.312 against 0.295 s); they were
-# reworked since. TPU: the kernels read unaligned row windows, a GPU-only form; the CPU
-# runs Pallas only interpreted.
+# 0.325 s with 'xla' and 0.306 with 'pallas' (BENCHMARKS.md, short conv and training
+# step). TPU: the kernels read unaligned row windows, a GPU-only form; the CPU runs Pallas
+# only interpreted.
 DEFAULT_IMPLEMENTATIONS = {"gpu": "pallas", "tpu": "xla", "cpu": "xla"}
 
 
