@@ -42,7 +42,7 @@ def time_jax(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20,
 def time_jax_queued(fn: Callable[..., Any], *, reps: int, calls: int = 20,
                     args_sets: list[tuple] | None = None) -> float:
   """Median ms per call of `calls` back-to-back dispatches with one sync at the end: the
-  host's dispatch-and-sync round trip (0.1-0.5 ms a call on the H200 machine) stays out,
+  host's dispatch-and-sync round trip (0.1-0.5 ms a call on an H200 host) stays out,
   as in CUDA-event timings (triton's do_bench), so JAX and torch rows compare. Also for
   calls shorter than that round trip (decode steps). args_sets: fn takes one of these
   argument tuples, rotated call by call (inputs that together exceed the L2 cache, as

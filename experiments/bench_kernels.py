@@ -8,10 +8,10 @@
   python -m experiments.bench_kernels --tune=all --shapes=4x4096x16x128 --nofla \
       --check_shape= --implementations=             # per-kernel launch sweep
 
-Times forward and forward+backward (median ms, bf16 inputs, g in fp32) at the
-shapes of issue 5, with FLA 0.6.0's Triton `chunk_gated_delta_rule` timed in the
-same process as the anchor when it is importable (skipped with a message when
-not). First, at one small shape, every implementation's output and gradients
+Times forward and forward+backward (median ms, bf16 inputs, g in fp32) at --shapes
+(default (4, 4096, 16, 128), (1, 16384, 16, 128), (4, 4096, 8, 256)), with FLA 0.6.0's
+Triton `chunk_gated_delta_rule` timed in the same process as the anchor when it is
+importable (skipped with a message when not). First, at one small shape, every implementation's output and gradients
 are checked on the device against the recurrent fp32 reference. JAX rows are timed
 twice: one synchronised call at a time (fwd_ms, fwdbwd_ms: the host's dispatch and
 sync round trip included) and queued (20 calls back to back, one sync, inputs rotated
@@ -19,7 +19,7 @@ over 4 copies past the L2 cache: the regime of FLA's CUDA-event `do_bench` times
 the *_queued_vs_fla ratios compare like with like). With --device_calls, both sides'
 kernel time is also summed from profiler traces (fwd_device_ms, fwdbwd_device_ms:
 JAX's profiler for ours, torch's for FLA), which no host-side delay reaches; FLA's
-do_bench readings have moved by up to 75% between calls on the same machine while ours
+do_bench readings have moved by up to 75% between runs on the same card while ours
 stayed within 1% (BENCHMARKS.md). The table also gives the
 forward's share of the roofline of the card it ran on (queued time): minimal bytes over
 its HBM bandwidth and the chunked algorithm's flops over its dense bf16 peak

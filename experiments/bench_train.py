@@ -332,7 +332,7 @@ def _spawn(worker: str, argv: list[str]) -> dict | None:
   if _USER_PREALLOCATE is not None:
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = _USER_PREALLOCATE
   if worker == "fla":
-    env["JAX_PLATFORMS"] = "cpu"  # the anchor only borrows lte_jax's FLOP formula
+    env["JAX_PLATFORMS"] = "cpu"  # the anchor only uses lte_jax's FLOP formula
   # stderr streams through (progress of a long compile); stdout carries the result.
   try:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env,

@@ -6,8 +6,8 @@ optimised HLO that keep their layout run as such memcpys (layout-changing ones b
 transpose kernels), and every instruction carries the JAX op that made it in its metadata;
 copies that XLA inserts itself (loop carries, output aliasing) carry none and are named
 here by the value they copy. This module groups a compiled program's copies by origin.
-On the H200 (BENCHMARKS.md, eighth session) the 0.4B GDN step held only 21 large copies,
-the zero-initialisation of the layer scan's stacked buffers; the profile's memcpys are the
+The 0.4B GDN step's compiled program holds only 21 large copies (BENCHMARKS.md, training
+step), the zero-initialisation of the layer scan's stacked buffers; the profile's memcpys are the
 scan's dynamic slices and updates of those buffers, which XLA runs as memcpys: every
 residual a layer saves for the backward is written into a [layers, B, T, ...] stack by the
 forward loop and read back out by the backward loop. `scan_stacks` lists those stacks from

@@ -7,9 +7,9 @@
       --implementations='pallas,pallas:far_gather=kernel'
   python3 -m experiments.kernel_resources --nocompile    # launch parameters only (no Triton)
 
-Why: GPU time is scarce and a kernel that spills registers to local memory (stack > 0
-below) or stages more than the 227 KB of an H100/H200 SM's shared memory is slow or does
-not compile, which the CPU machine can tell before a GPU call is spent on it. The spread
+Why: a kernel that spills registers to local memory (stack > 0 below) or stages more
+than the 227 KB of an H100/H200 SM's shared memory is slow or does not compile, and a
+machine without a GPU can tell so before anything is timed. The spread
 of regs/stack across launch parameters says which variants are worth timing.
 
 How: forward and backward of `chunk_gated_delta_rule_pallas` (--op=gdn) or of LTE
