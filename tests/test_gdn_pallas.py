@@ -225,7 +225,7 @@ def test_plan_inverse_precision_default_per_target():
   assert Plan("gpu", wy_operands="fp32").inverse_precision_for(jnp.bfloat16) == "tf32x3"
   assert Plan("gpu", inverse_precision="highest").inverse_precision_for(jnp.bfloat16) == "highest"
   assert Plan("gpu", interpret=True).inverse_precision_for(jnp.bfloat16) == "highest"
-  # The backward recomputes W, h, V_new unless asked to keep them (issue 5, as FLA).
+  # The backward recomputes W, h, V_new unless asked to keep them, as FLA's does.
   assert not Plan("gpu").keep_states and not Plan("tpu").keep_states
   assert Plan("tpu").inverse_precision_for(jnp.bfloat16) == "highest"
 
