@@ -225,8 +225,8 @@ _TWO_DEVICES = textwrap.dedent("""
 
 def test_gdn_step_on_two_cpu_devices_returns():
   """Regression: with exactly 2 simulated CPU devices the GDN data-parallel step used to hang
-  in its first call (XLA CPU's expanded triangular solve inside the 'xla' op; now a matmul
-  series, lte_jax.ops.gated_delta_rule.xla._unit_lower_inverse). Its losses equal the
+  in its first call (XLA CPU's expanded triangular solve inside the 'xla' op; now matmuls
+  only, lte_jax.ops.gated_delta_rule.xla._unit_lower_inverse). Its losses equal the
   1-device run's."""
   losses = {}
   for n in (1, 2):
