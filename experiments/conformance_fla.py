@@ -13,7 +13,7 @@ same random tokens and reports the error of lte_jax's logits against FLA's:
   gdn_swa    GDN + sliding-window attention (window 32 visible tokens) on layers 1 and 3
 Sequence lengths <= 64 run FLA's fused_recurrent GDN kernel, longer ones its chunk kernel.
 
-FLA's softmax attention calls flash-attn, which is not installed on our machine: a
+FLA's softmax attention calls flash-attn; so that the script does not need it, a
 stand-in with the same signature (torch scaled_dot_product_attention with an explicit
 causal / window mask, GQA by repeating KV heads) replaces fla.layers.attn.flash_attn_func.
 Only forwards run, so FLA's Triton>=3.7.1 backward switch

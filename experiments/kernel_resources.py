@@ -18,7 +18,7 @@ the host (as tests/test_lowering.py does); a hook on JAX's Pallas Triton lowerin
 each kernel's Triton IR (TTIR) with the num_warps / num_stages it was given; the Triton
 wheel compiles the TTIR for sm_90 and cuobjdump (shipped in the wheel) reads REG, STACK
 and the shared bytes. The hook uses JAX internals (jax._src.pallas; checked with jax
-0.10.2): when they move, this script says so and stops. The GPU machine's jaxlib carries
+0.10.2): when they move, this script says so and stops. A CUDA jaxlib carries
 its own Triton build, so the numbers approximate what it compiles; the timing still
 decides (experiments/bench_kernels.py).
 """
