@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from lte_jax import data as data_lib
@@ -29,7 +30,7 @@ from lte_jax.data import holdout as holdout_lib
 from lte_jax.training import mesh as mesh_lib
 from lte_jax.training.metrics import perplexity
 from lte_jax.training import train_state
-from lte_jax.training.step import cross_entropy_sum
+from lte_jax.training.step import BATCH_KEYS, cross_entropy_sum
 
 
 def _is_int(value: Any) -> bool:
@@ -112,8 +113,11 @@ def make_eval_step(model_def: train_state.ModelDef):
   return eval_step
 
 
-def _empty_like(batch: dict) -> dict:
-  return {k: v * 0 for k, v in batch.items()}  # padding: segment 0, loss mask 0
+def _empty_batch(rows: int, seq_len: int) -> dict:
+  """An all-padding batch [rows, seq_len] (segment 0, loss mask 0): it adds nothing."""
+  batch = {k: np.zeros((rows, seq_len), np.int32) for k in BATCH_KEYS}
+  batch["loss_mask"] = np.zeros((rows, seq_len), np.float32)
+  return batch
 
 
 class Evaluator:
@@ -138,17 +142,18 @@ class Evaluator:
       if not self.cfg.separate:
         raise
       raise ValueError(f"config.eval.path / config.eval.source: {err}") from err
-    if not local:
+    filled, tokens = len(local), int(sum(b["loss_mask"].sum() for b in local))
+    if process_count > 1:  # every process runs the same number of eval steps
+      empty = _empty_batch(data_cfg.batch_size // process_count, data_cfg.seq_len)
+      local += [empty] * (self.cfg.batches - filled)
+    elif not local:
       raise ValueError(f"the validation split ({split.name}) holds no document")
-    if process_count > 1:  # every process runs the same number of steps
-      local += [_empty_like(local[0])] * (self.cfg.batches - len(local))
-    tokens = int(sum(b["loss_mask"].sum() for b in local))
-    if len(local) < self.cfg.batches:
+    if filled < self.cfg.batches:
       logging.warning("validation data fills %d of config.eval.batches=%d batches (%d tokens); "
                       "raise config.eval.holdout or set config.eval.path for a steadier "
-                      "estimate", len(local), self.cfg.batches, tokens)
-    logging.info("validation: %d batches, %d tokens (%s split) every %d steps", len(local),
-                 tokens, split.name, self.cfg.every)
+                      "estimate", filled, self.cfg.batches, tokens)
+    logging.info("validation: %d batches, %d tokens (%s split) every %d steps", filled, tokens,
+                 split.name, self.cfg.every)
     self.batches = [mesh_lib.global_batch(b, batch_sharding) for b in local]
     eval_def = train_state.make_model_def(exp.model, train=False)
     self._step = jax.jit(make_eval_step(eval_def), in_shardings=(param_shardings, batch_sharding))
