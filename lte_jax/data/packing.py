@@ -1,7 +1,8 @@
 """Greedy packing of tokenized documents into fixed [B, T] batches, checkpointable.
 
 A document arrives as ``inputs``, ``targets`` (both [n] int32; for text,
-``[BOS] + ids`` and ``ids + [EOS]``, i.e. the shifted views of BOS..EOS) and
+``[BOS] + ids`` and ``ids + [end]``, the shifted views of BOS..end, end being EOS
+or, for BOS-only documents, BOS: ``boundaries.end_token``) and
 ``loss_mask`` [n] float32, plus ``atomic`` (bool). Every (input, target) pair
 stays inside its own document, so no target ever crosses a document boundary
 and no pair is lost at one.
@@ -16,7 +17,8 @@ batch are padded (segment id 0, loss mask 0), so every batch has the same shape.
 Output batch (all [B, T]): ``inputs``, ``targets``, ``segment_ids`` (1, 2, ...
 per document chunk in a row, 0 on padding), ``positions`` (equal to
 ``segments.positions_from_segment_ids(segment_ids)``) as int32, ``loss_mask``
-float32.
+float32. The pipeline may then merge each row into one sequence
+(``boundaries.apply_document_masking``).
 
 A document carrying ``bad`` (the 'file:line: reason' of a skipped record, no
 tokens) is counted, not packed: the count and the first few messages are part

@@ -27,6 +27,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from lte_jax.data.boundaries import apply_document_masking, end_token
 from lte_jax.data.errors import (BAD_RECORD_POLICIES, BadRecords, CorpusGuard, DataError,
                                  count_in_state)
 from lte_jax.data.holdout import Split
@@ -89,6 +90,12 @@ class DataConfig:
     once (tens to hundreds of MB/s), so bad lines are reported, or skipped and
     counted, up front and a corpus without text is an error at once. False: bad
     records are found when read, as for the other sources.
+  document_masking: True (default): each document in a row has its own segment
+    id and positions from 0, so no mixer reads across it. False: each row is one
+    sequence (segment id 1 over its real tokens, positions 0..T-1), as the
+    reference trainer (``boundaries.apply_document_masking``).
+  append_eos: True (default): a document's last target is EOS. False: BOS only,
+    its last target is the next document's BOS (``boundaries``).
   """
   source: str = "embedded"
   path: str | None = None
@@ -112,6 +119,8 @@ class DataConfig:
   bad_records: str = "skip"
   max_bad_fraction: float = 0.01
   validate: bool = True
+  document_masking: bool = True
+  append_eos: bool = True
 
   def __post_init__(self):
     if self.source not in SOURCE_KINDS:
@@ -134,7 +143,7 @@ class DataConfig:
     if self.model_vocab_size is not None and (
         not _is_int(self.model_vocab_size) or self.model_vocab_size < 1):
       _fail("model_vocab_size", "None or a positive integer", self.model_vocab_size)
-    for name in ("shuffle", "validate"):
+    for name in ("shuffle", "validate", "document_masking", "append_eos"):
       if not isinstance(getattr(self, name), bool):
         _fail(name, "a bool", getattr(self, name))
     if self.bad_records not in BAD_RECORD_POLICIES:
@@ -222,18 +231,21 @@ class _Records(Sequence):
 
 
 class _TokenizeText:
-  """text -> document: [BOS] + ids + [EOS] as shifted inputs / targets; a skipped
-  record -> an empty document carrying ``bad``."""
+  """text -> document: [BOS] + ids + [end] as shifted inputs / targets (end: EOS, or
+  BOS with append_eos=False); a skipped record -> an empty document carrying ``bad``."""
 
-  def __init__(self, tokenizer: Tokenizer):
+  def __init__(self, tokenizer: Tokenizer, append_eos: bool = True):
     self.tokenizer = tokenizer
+    self.end_id = end_token(tokenizer.bos_id, tokenizer.eos_id, append_eos)
 
   def __call__(self, text: str | _Skipped) -> dict:
     if isinstance(text, _Skipped):
       doc = _doc(np.zeros(1, np.int32), "corpus", atomic=False)
       doc["bad"] = text.message
       return doc
-    return _doc(encode_document(self.tokenizer, text), "corpus", atomic=False)
+    ids = encode_document(self.tokenizer, text)
+    ids[-1] = self.end_id  # a fresh array: EOS, or BOS for BOS-only documents
+    return _doc(ids, "corpus", atomic=False)
 
 
 class _Synthetic(Sequence):
@@ -279,11 +291,12 @@ class _NIAHDoc:
   def __call__(self, rng: np.random.Generator) -> dict:
     tasks = tuple(self.cfg.niah_tasks)
     task = tasks[int(rng.integers(len(tasks)))]
-    # BOS + text + EOS = seq_len + 1 tokens at most: seq_len (input, target) pairs.
+    # BOS + text + end = seq_len + 1 tokens at most: seq_len (input, target) pairs.
     ex = make_niah(rng, self.tokenizer, self.cfg.seq_len + 1, task=task, reserve_tokens=2,
                    include_answer=True, fill="random")
     tok = self.tokenizer
-    return _doc([tok.bos_id, *tok.encode(ex.document), tok.eos_id], "niah", atomic=True)
+    end = end_token(tok.bos_id, tok.eos_id, self.cfg.append_eos)
+    return _doc([tok.bos_id, *tok.encode(ex.document), end], "niah", atomic=True)
 
 
 def _check_vocab(cfg: DataConfig, tokenizer: Tokenizer) -> None:
@@ -336,7 +349,7 @@ def _documents(cfg: DataConfig, tokenizer: Tokenizer, corpus: Sequence[str] | No
       ds = grain.MapDataset.source(_Records(corpus, cfg.bad_records))
       if cfg.shuffle:
         ds = ds.shuffle(seed=_subseed(cfg.seed, _SALT_SHUFFLE))
-      ds = ds.repeat(cfg.num_epochs).map(_TokenizeText(tokenizer))
+      ds = ds.repeat(cfg.num_epochs).map(_TokenizeText(tokenizer, cfg.append_eos))
     elif name == "mqar":
       ds = grain.MapDataset.source(_Synthetic(_split_seed(split, cfg.seed, _SALT_MQAR),
                                               _MQARDoc(cfg, tokenizer.bos_id)))
@@ -381,15 +394,17 @@ class TrainIterator(grain.DatasetIterator):
 
   ``bad_records()``: the records skipped so far, those the source found before
   the first batch plus those the packers counted (saved in the iterator state,
-  so the count goes on across a resume).
+  so the count goes on across a resume). ``document_masking=False`` turns each
+  batch into one sequence a row (``boundaries.apply_document_masking``).
   """
 
-  def __init__(self, parent: grain.DatasetIterator, found: BadRecords = BadRecords()):
+  def __init__(self, parent: grain.DatasetIterator, found: BadRecords = BadRecords(),
+               document_masking: bool = True):
     super().__init__(parent)
-    self._found = found
+    self._found, self._document_masking = found, document_masking
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._parent)
+    return apply_document_masking(next(self._parent), self._document_masking)
 
   def get_state(self) -> dict[str, Any]:
     return self._parent.get_state()
@@ -410,8 +425,9 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_coun
 
   Each batch is a dict of [batch_size // process_count, seq_len] arrays:
   inputs, targets (next token), segment_ids (1, 2, ... per document chunk, 0 on
-  padding), positions (inside the chunk) as int32, and loss_mask float32 (0 on
-  padding and on MQAR non-query tokens). ``get_state()`` / ``set_state()``
+  padding; with ``document_masking=False`` 1 on every real token), positions
+  (inside the chunk; 0..T-1 without document masking) as int32, and loss_mask
+  float32 (0 on padding and on MQAR non-query tokens). ``get_state()`` / ``set_state()``
   round-trip to the next unseen batch; see ``iterator_checkpoint_args`` for orbax.
   With ``num_epochs`` set, the last batch is padded and then StopIteration.
   ``split``: as for ``make_document_dataset``. ``bad_records()`` counts the
@@ -438,7 +454,7 @@ def make_train_iterator(cfg: DataConfig, *, process_index: int = 0, process_coun
                               guard=guard)
   if cfg.worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-  return TrainIterator(iter(ds), found)
+  return TrainIterator(iter(ds), found, cfg.document_masking)
 
 
 def iterator_checkpoint_args(iterator: grain.DatasetIterator, *, restore: bool = False) -> Any:
