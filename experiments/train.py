@@ -50,7 +50,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.<field>=<value>. --config.recipe=paper takes the paper's training recipe "
     "for every field left unset (lte_jax.training.recipes; README 'Training recipes'). "
     "Fields and their defaults (the 'default' recipe): "
-    + ", ".join(_fields(recipes.apply(get_base_config()))) + ". " + data_lib.BAD_RECORDS_HELP,
+    + ", ".join(_fields(recipes.apply(get_base_config()))) + ". " + data_lib.BAD_RECORDS_HELP
+    + " " + data_lib.DOCUMENTS_HELP,
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,

@@ -61,6 +61,27 @@ def test_config_fields_are_validated(field):
     DataConfig(**{field: 1})
 
 
+@pytest.mark.parametrize("recipe,size,want", [("default", "tiny", True),
+                                               ("paper", "0.4B", False)])
+def test_recipes_set_both_fields(recipe, size, want):
+  from experiments.configs.base import get_base_config  # pylint: disable=g-import-not-at-top
+  from lte_jax.training import experiment  # pylint: disable=g-import-not-at-top
+  config = get_base_config()
+  config.recipe, config.size = recipe, size
+  data = experiment.resolve(config, num_devices=1).data
+  assert data.document_masking is want and data.append_eos is want
+  config.data.document_masking = True  # a field set in the config wins over the recipe
+  assert experiment.resolve(config, num_devices=1).data.document_masking is True
+
+
+def test_train_help_documents_the_fields():
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  from lte_jax.data import DOCUMENTS_HELP  # pylint: disable=g-import-not-at-top
+  text = train.flags.FLAGS["config"].help
+  assert DOCUMENTS_HELP in text
+  assert "data.document_masking=True" in text and "data.append_eos=True" in text
+
+
 def _corpus(tmp_path, texts):
   path = tmp_path / "docs.jsonl"
   path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

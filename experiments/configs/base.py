@@ -72,6 +72,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.bad_records = "skip"
   config.data.max_bad_fraction = 0.01  # 'skip' stops once more of the records are bad
   config.data.validate = True          # parse every JSONL line before the first step
+  # recipe; True: each document in a packed row its own segment (no mixer reads across it,
+  # RoPE restarts) | False: each row one sequence, positions 0..T-1 (the reference trainer)
+  config.data.document_masking = config_dict.placeholder(bool)
+  # recipe; True: a document's last target is EOS | False: BOS only (the next document's BOS)
+  config.data.append_eos = config_dict.placeholder(bool)
 
   # lte_jax.training.optimizer.OptimizerConfig fields, plus accumulation.
   config.optim = ml_collections.ConfigDict()

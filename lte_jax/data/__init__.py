@@ -1,4 +1,5 @@
 """grain input pipeline: tokenizers, document sources, packing, synthetic retrieval data."""
+from lte_jax.data.boundaries import DOCUMENTS_HELP, apply_document_masking
 from lte_jax.data.errors import BAD_RECORD_POLICIES, BadRecords, DataError
 from lte_jax.data.packing import PackedBatchIterDataset
 from lte_jax.data.pipeline import (BAD_RECORDS_HELP, KIND_IDS, MIXTURE_NAMES, DataConfig,

@@ -27,12 +27,13 @@ from typing import Mapping
 import numpy as np
 
 DOCUMENTS_HELP = (
-    "Document boundaries: data.document_masking=True (default) packs documents with their "
-    "own segment ids and RoPE positions, so no mixer (GDN state and convs, attention, the "
-    "LTE scorer and sinks, NSA blocks) reads across a document; False makes each row one "
-    "sequence (positions 0..T-1), as the reference trainer. data.append_eos=True (default) "
+    "Document boundaries: data.document_masking=True (DataConfig's default and the 'default' "
+    "recipe's) packs documents with their own segment ids and RoPE positions, so no mixer (GDN "
+    "state and convs, attention, the LTE scorer and sinks, NSA blocks) reads across a "
+    "document; False makes each row one sequence (positions 0..T-1). data.append_eos=True "
     "ends each document with an EOS target; False is BOS only: a document's last target is "
-    "the next document's BOS, as in a concatenated BOS-only stream.")
+    "the next document's BOS. --config.recipe=paper sets both False, the reference trainer's "
+    "BOS-only documents concatenated into rows without masking.")
 
 
 def end_token(bos_id: int, eos_id: int, append_eos: bool) -> int:

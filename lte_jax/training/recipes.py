@@ -8,7 +8,7 @@ recipe with that one change.
 
 'default': a tiny model on the embedded corpus, minutes on a laptop CPU; decay on the
   matrices only, skipped non-finite steps leave everything but the step counters alone,
-  normal(init_std) initialisation.
+  normal(init_std) initialisation, documents masked from each other and ended by EOS.
 'paper': the reference trainer's recipe (PAPER.md section 5; the authors' flame
   trainer): 256 sequences x 4096 tokens a step (1,048,576 tokens) in micro-batches of 8
   sequences per device, the accumulation derived from the devices that split the batch
@@ -16,7 +16,9 @@ recipe with that one change.
   (32.2B tokens) and 9537 at 0.4B (10.0B tokens: the fewest steps reaching 10^10);
   AdamW with weight decay on every parameter, 512 warm-up steps, a non-finite step
   that still advances the schedule and the LTE controller, the reference's
-  initialisation, remat and the layer scan (memory only), FSDP over every device.
+  initialisation, remat and the layer scan (memory only), FSDP over every device, and
+  its data: BOS-only documents packed into rows that every mixer reads as one sequence
+  (data.append_eos=False, data.document_masking=False; lte_jax.data.boundaries).
   Learning rate 3e-4, betas 0.9 / 0.95, eps 1e-15, weight decay 0.1, cosine to 0.1 x,
   clip 1.0, seed 42 and bf16 compute are base.py's values under both recipes.
 
@@ -47,6 +49,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model.scan_layers": False,
         "mesh.data": -1,
         "mesh.fsdp": 1,
+        "data.document_masking": True,
+        "data.append_eos": True,
     },
     "paper": {
         "steps": {"0.4B": 9537, "1.4B": 30720},
@@ -61,8 +65,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model.scan_layers": True,
         "mesh.data": 1,
         "mesh.fsdp": -1,
-        # The reference's data pipeline (no document masking, BOS-only documents) goes
-        # here as data.* entries once lte_jax.data.DataConfig has those fields.
+        "data.document_masking": False,
+        "data.append_eos": False,
     },
 }
 # Fields filled together: a config that sets any one of them gets none from the recipe
