@@ -5,12 +5,15 @@ user sees the mistake before XLA reports a shape error deep inside a trace.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Sizes, windows and positions meet int32 index arithmetic inside the ops.
+MAX_INT32 = 2 ** 31 - 1
 
 
 def check_rank(name: str, x: Any, rank: int, layout: str) -> None:
@@ -49,10 +52,52 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
 
 
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+  """An int >= 1 (>= 0 with allow_zero) and <= MAX_INT32."""
   ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
   if not ok or value < (0 if allow_zero else 1):
     bound = ">= 0" if allow_zero else ">= 1"
     raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+  if value > MAX_INT32:
+    raise ValueError(f"{name} must be an integer <= 2**31 - 1 (int32 index arithmetic), "
+                     f"got {value!r}")
+
+
+def check_nonempty(name: str, x: Any, layout: str) -> None:
+  """Raise if any dimension of ``x`` is 0 (an empty batch, sequence or head)."""
+  if any(n == 0 for n in x.shape):
+    raise ValueError(f"{name} must have every dimension >= 1 ({layout}), got shape "
+                     f"{tuple(x.shape)}")
+
+
+def concrete(x: Any) -> np.ndarray | None:
+  """x's values as numpy when they are known here, None when traced (under jit, grad or
+  vmap) or spread over several processes. Values are checked only when concrete: a
+  traced check would need a host sync (or checkify), so under jit each op documents
+  what bad values do instead. Reading a device array here waits for it."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None   # spread over processes: no one host holds the values
+  return np.asarray(x)
+
+
+def check_values(name: str, x: Any, ok: Callable[[np.ndarray], np.ndarray],
+                 allowed: str) -> None:
+  """Raise unless ok(values) holds at every entry of a concrete ``x`` (traced: no check),
+  naming the first bad entry."""
+  values = concrete(x)
+  if values is None:
+    return
+  if values.dtype.kind in "fV":   # 'V': bfloat16
+    values = values.astype(np.float64)
+  bad = ~ok(values)
+  if not bad.any():
+    return
+  if values.ndim == 0:
+    raise ValueError(f"{name} must be {allowed}, got {values.item()!r}")
+  where = tuple(int(i) for i in np.argwhere(bad)[0])
+  raise ValueError(f"{name} must be {allowed}, got {values[where].item()!r} at index "
+                   f"{where} ({int(bad.sum())} bad entries)")
 
 
 def check_segment_ids(segment_ids: Any, batch: int, time: int) -> None:

@@ -35,10 +35,11 @@ def _require(cond: bool, field: str, allowed: str, value: Any) -> None:
 
 
 def _positive(obj: Any, *names: str) -> None:
+  """Sizes and windows: ints in [1, 2**31 - 1] (the ops index with int32)."""
   for name in names:
     value = getattr(obj, name)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             f"{type(obj).__name__}.{name}", "a positive integer", value)
+    _require(isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2 ** 31,
+             f"{type(obj).__name__}.{name}", "a positive integer <= 2**31 - 1", value)
 
 
 def intermediate_size(d_model: int, hidden_ratio: int = 4) -> int:

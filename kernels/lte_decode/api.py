@@ -72,7 +72,9 @@ def lte_decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, fill: 
 
   last = jnp.asarray(num_tokens, jnp.int32) - 1
   meta = jnp.stack([last, jnp.mod(last, ring_size)]).astype(jnp.int32)
-  acc, m, l = kernel.partials(plan, q_rows, k_in, v_in, meta, jnp.asarray(fill, jnp.int32),
+  # A fill past the retained slots would read past the cache: it counts as all of them.
+  fill = jnp.minimum(jnp.asarray(fill, jnp.int32), slots - ring_size)
+  acc, m, l = kernel.partials(plan, q_rows, k_in, v_in, meta, fill,
                               ring=ring_size, group=group, num_queries=num_queries,
                               scale=scale, split=split)
   o = combine(acc, m, l)[:, :, :rows, :dv]                   # [B, Hkv, Tq * G, Dv]

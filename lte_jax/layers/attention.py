@@ -26,6 +26,17 @@ from lte_jax.layers.rope import apply_rope
 from lte_jax.ops.attention import attention, masked_attention
 
 
+def check_cache_room(pos: jax.Array, slots: int) -> None:
+  """Raise when a concrete cache position has no slot left (decoding past max_len).
+
+  Traced under jit it cannot be checked without a host sync: the decoders then return
+  NaN for that step instead.
+  """
+  _checks.check_values("cache['pos']", pos, lambda p: p < slots,
+                       f"< max_len={slots} (the cache is full: make it with a larger "
+                       "max_len)")
+
+
 class QKVAttention(nnx.Module):
   """What the RoPE softmax mixers share (Attention, NSAAttention, LTEAttention): q/k/v/o
   projections with GQA, the window convention, input checks and the output projection."""
@@ -127,10 +138,10 @@ class Attention(QKVAttention):
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> dict:
     """Empty cache for up to ``max_len`` tokens (prompt + generated).
 
-    Full attention preallocates max_len slots: decoding past max_len is not
-    checked inside jit (the position is traced) and would overwrite the last
-    slot, so size max_len to the most tokens ever seen. A sliding-window cache
-    holds W slots whatever max_len is.
+    Full attention preallocates max_len slots: decoding past max_len raises where
+    cache['pos'] is concrete; under jit (traced) it gives NaN outputs (and logits),
+    so size max_len to the most tokens ever seen. A sliding-window cache holds W
+    slots whatever max_len is.
     """
     _checks.check_positive_int("batch_size", batch_size)
     _checks.check_positive_int("max_len", max_len)
@@ -181,9 +192,15 @@ class Attention(QKVAttention):
     return self._output(o), new_cache
 
   def decode(self, x: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
-    """One token x [B, 1, D] at position cache['pos'] -> (y [B, 1, D], cache)."""
+    """One token x [B, 1, D] at position cache['pos'] -> (y [B, 1, D], cache).
+
+    A full cache holds max_len tokens: past them this raises where the position is
+    concrete and returns y = NaN under jit (the last slot is overwritten).
+    """
     positions = self._decode_positions(x, cache)
     b, pos = x.shape[0], cache["pos"]
+    if self.window_size is None:
+      check_cache_room(pos, cache["k"].shape[1])
     q, k, v = self._project(x, positions)
     kc, vc = k.astype(cache["k"].dtype), v.astype(cache["v"].dtype)
     num_slots = cache["k"].shape[1]
@@ -202,4 +219,6 @@ class Attention(QKVAttention):
     mask = jnp.broadcast_to(visible, (b, 1, 1, num_slots))
     # The cache may be kept in another dtype than the activations.
     o = masked_attention(q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype), mask)
+    if self.window_size is None:
+      o = jnp.where(pos < num_slots, o, jnp.nan)
     return self._output(o), new_cache

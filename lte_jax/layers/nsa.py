@@ -11,7 +11,8 @@ Inference cache (keys stored after RoPE; L = max_len rounded up to a whole block
   'k_cmp', 'v_cmp'  [B, L / block_size, Hkv, D]  the mean of each block complete so far,
                                     written when its last token arrives
   'pos'             int32 scalar     tokens seen (all rows share it)
-Decoding past max_len is not checked inside jit (the position is traced).
+Decoding past max_len raises where the position is concrete; under jit (traced) the
+step's output is NaN (nsa_decode's rule for a position outside the cache).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from lte_jax import _checks
 from lte_jax import segments
 from lte_jax import sharding as sh
 from lte_jax.configs import NSAConfig
-from lte_jax.layers.attention import QKVAttention
+from lte_jax.layers.attention import QKVAttention, check_cache_room
 from lte_jax.layers.common import linear
 from lte_jax.ops.nsa_attention import nsa_attention, nsa_decode
 
@@ -142,6 +143,7 @@ class NSAAttention(QKVAttention):
     """One token x [B, 1, D] at position cache['pos'] -> (y [B, 1, D], cache)."""
     positions = self._decode_positions(x, cache)
     pos, bs = cache["pos"], self.cfg.block_size
+    check_cache_room(pos, cache["k"].shape[1])
     q, k, v, gates = self._project(x, positions)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, 1)

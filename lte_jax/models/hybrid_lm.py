@@ -20,7 +20,8 @@ from lte_jax import configs as configs_lib
 from lte_jax import remat
 from lte_jax import segments
 from lte_jax import sharding as sh
-from lte_jax._checks import check_int_dtype, check_rank, check_segment_ids, check_shape
+from lte_jax._checks import (check_int_dtype, check_nonempty, check_rank, check_segment_ids,
+                             check_shape, check_values)
 from lte_jax.layers import reference_init
 from lte_jax.layers.attention import Attention
 from lte_jax.layers.common import dtype_of, linear, partitioned
@@ -165,8 +166,20 @@ class HybridLM(nnx.Module):
   def _check_tokens(self, tokens, name="tokens"):
     check_rank(name, tokens, 2, "[batch, time]")
     check_int_dtype(name, tokens)
+    check_nonempty(name, tokens, "[batch, time]")
+    vocab = self.config.vocab_size
+    check_values(name, tokens, lambda ids: (ids >= 0) & (ids < vocab),
+                 f"token ids in [0, vocab_size) = [0, {vocab})")
 
-  def _logits(self, x):
+  def _embed(self, tokens):
+    """tokens [B, T] -> (x [B, T, D], valid [B, T] bool). Out-of-range ids (traced: the
+    check above saw no values) embed as zeros; _logits makes their rows NaN."""
+    valid = (tokens >= 0) & (tokens < self.config.vocab_size)
+    x = self.embed(jnp.where(valid, tokens, 0))
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype)), valid
+
+  def _logits(self, x, valid):
+    x = jnp.where(valid[..., None], x, jnp.full((), jnp.nan, x.dtype))
     x = self.final_norm(x)
     if self.lm_head is None:
       logits = self.embed.attend(x)
@@ -175,12 +188,19 @@ class HybridLM(nnx.Module):
     return logits.astype(jnp.float32)
 
   def __call__(self, tokens, *, segment_ids=None, positions=None):
-    """tokens [B, T] int; segment_ids/positions [B, T] int (packed documents)."""
+    """tokens [B, T] int; segment_ids/positions [B, T] int (packed documents).
+
+    Token ids must lie in [0, vocab_size): checked (ValueError) where the ids are
+    concrete. Traced under jit they cannot be checked without a host sync; an
+    out-of-range id is then embedded as a zero vector (what later tokens read) and
+    its own logits row is NaN, so the loss over it is NaN. The same holds for
+    prefill and decode.
+    """
     self._check_tokens(tokens)
     b, t = tokens.shape
     check_segment_ids(segment_ids, b, t)
     positions = segments.resolve_positions(positions, segment_ids, b, t)
-    x = self.embed(tokens)
+    x, valid = self._embed(tokens)
     x = sh.constrain(x, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     run = _RUN_BLOCK[self.config.remat]
     if self.config.scan_layers:
@@ -192,7 +212,7 @@ class HybridLM(nnx.Module):
         x, aux = run(block, x, segment_ids, positions)
         auxes.append(aux)
     retention = [aux["retention"] for aux in auxes if "retention" in aux]
-    return self._logits(x), {"lte_retention": tuple(retention)}
+    return self._logits(x, valid), {"lte_retention": tuple(retention)}
 
   def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> tuple:
     """One cache pytree per layer; ``max_len`` bounds the tokens a full-attention layer keeps."""
@@ -203,12 +223,12 @@ class HybridLM(nnx.Module):
     """Run a prompt tokens [B, T] into a fresh cache; returns (logits [B, T, V], cache)."""
     self._check_tokens(tokens)
     self._check_cache(cache)
-    x = self.embed(tokens)
+    x, valid = self._embed(tokens)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
       x, layer_cache = block.prefill(x, layer_cache)
       new_cache.append(layer_cache)
-    return self._logits(x), tuple(new_cache)
+    return self._logits(x, valid), tuple(new_cache)
 
   def decode(self, tokens, cache: tuple):
     """One step: tokens [B, 1] -> (logits [B, 1, V], cache)."""
@@ -216,12 +236,12 @@ class HybridLM(nnx.Module):
     if tokens.shape[1] != 1:
       raise ValueError(f"tokens must have shape [batch, 1] for decode, got {tuple(tokens.shape)}")
     self._check_cache(cache)
-    x = self.embed(tokens)
+    x, valid = self._embed(tokens)
     new_cache = []
     for block, layer_cache in zip(self.blocks, cache):
       x, layer_cache = block.decode(x, layer_cache)
       new_cache.append(layer_cache)
-    return self._logits(x), tuple(new_cache)
+    return self._logits(x, valid), tuple(new_cache)
 
   def _check_cache(self, cache):
     if not isinstance(cache, (tuple, list)) or len(cache) != len(self.blocks):

@@ -12,7 +12,8 @@ _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def check_qkv(q, k, v, *, same_time: bool = True) -> None:
-  """q [B, Tq, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]; Hq a multiple of Hkv, one float dtype."""
+  """q [B, Tq, Hq, D], k [B, S, Hkv, D], v [B, S, Hkv, Dv]; Hq a multiple of Hkv, one float
+  dtype, no empty dimension."""
   _checks.check_rank("q", q, 4, "[batch, time, heads, head_dim]")
   batch, time, num_heads, head_dim = q.shape
   key_time = time if same_time else None
@@ -21,6 +22,9 @@ def check_qkv(q, k, v, *, same_time: bool = True) -> None:
   num_kv_heads = k.shape[2]
   _checks.check_shape("v", v, (batch, k.shape[1], num_kv_heads, None),
                       "[batch, time, kv_heads, head_dim_v]")
+  _checks.check_nonempty("q", q, "[batch, time, heads, head_dim]")
+  _checks.check_nonempty("k", k, "[batch, time, kv_heads, head_dim]")
+  _checks.check_nonempty("v", v, "[batch, time, kv_heads, head_dim_v]")
   if num_heads % num_kv_heads:
     raise ValueError(f"q heads ({num_heads}) must be a multiple of k/v heads ({num_kv_heads})")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -30,6 +34,8 @@ def check_qkv(q, k, v, *, same_time: bool = True) -> None:
 
 
 def check_window_size(window_size, *, optional: bool = True) -> None:
+  """None (if optional) or an int in [0, 2**31 - 1]; a window of T or more is the whole
+  causal range."""
   if window_size is None and optional:
     return
   _checks.check_positive_int("window_size", window_size, allow_zero=True)
@@ -106,11 +112,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window_size: int | No
   """Causal softmax attention with GQA, an optional sliding window and packed documents.
 
   Args:
-    q: [B, T, Hq, D] queries; query head h reads KV head h // (Hq // Hkv).
+    q: [B, T, Hq, D] queries, every dim >= 1; query head h reads KV head h // (Hq // Hkv).
     k: [B, T, Hkv, D] keys.
     v: [B, T, Hkv, Dv] values.
-    window_size: None, or the largest distance i - j a query i may look back
-      (so window_size + 1 keys are visible, the current one included).
+    window_size: None, or the largest distance i - j a query i may look back, an int in
+      [0, 2**31 - 1] (so window_size + 1 keys are visible, the current one included).
     segment_ids: [B, T] int; attention never crosses a change of id. None: one document per row.
     scale: logit scale, default D ** -0.5.
     implementation: 'reference', 'xla', 'cudnn' or 'pallas' (the band kernels of

@@ -61,7 +61,12 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
   Args:
     q, k: [B, T, H, Dk], used as given (the layer L2-normalises them).
     v: [B, T, H, Dv].
-    g: [B, T, H] per-token log decay (<= 0).  beta: [B, T, H] in (0, 1).
+    g: [B, T, H] per-token log decay (<= 0).  beta: [B, T, H] in [0, 1].
+      Both are checked (ValueError) where their values are concrete; traced under jit
+      they cannot be checked without a host sync: a g > 0 multiplies the state by
+      exp(g) a step (g = 0.5 over 256 tokens gives inf / NaN outputs), a beta outside
+      [0, 1] lets the delta-rule update grow it (beta = -0.5: outputs ~5e3 at T = 256),
+      and NaN propagates to the rest of the document.
     scale: query scale; None means Dk ** -0.5.
     initial_state: [B, H, Dk, Dv] state before t = 0, for the row's first document.
     output_final_state: also return the state after the last token.

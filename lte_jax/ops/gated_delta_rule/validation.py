@@ -5,7 +5,7 @@ import numbers
 from typing import Any
 
 from lte_jax._checks import (check_float_dtype, check_rank, check_segment_ids,
-                             check_shape)
+                             check_shape, check_values)
 
 BTHD = "[batch, time, heads, dim]"
 BTH = "[batch, time, heads]"
@@ -23,9 +23,13 @@ def validate_args(q: Any, k: Any, v: Any, g: Any, beta: Any, *, scale: Any,
   check_shape("beta", beta, (batch, time, heads), BTH)
   for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
     check_float_dtype(name, x)
-  if time < 1 or dk < 1 or dv < 1:
-    raise ValueError(f"time and head dims must be >= 1, got q {tuple(q.shape)}, "
-                     f"v {tuple(v.shape)}")
+  if min(batch, time, heads, dk, dv) < 1:
+    raise ValueError(f"batch, time, heads and head dims must be >= 1, got q "
+                     f"{tuple(q.shape)}, v {tuple(v.shape)}")
+  # Values are checked only where concrete (see check_values); the docstring of
+  # chunk_gated_delta_rule says what traced bad values do.
+  check_values("g", g, lambda x: x <= 0, "<= 0 (a log decay; no NaN)")
+  check_values("beta", beta, lambda x: (x >= 0) & (x <= 1), "in [0, 1] (no NaN)")
   if initial_state is not None:
     check_shape("initial_state", initial_state, (batch, heads, dk, dv),
                 "[batch, heads, key_dim, value_dim]")

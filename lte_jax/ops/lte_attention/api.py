@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from lte_jax import _checks
 from lte_jax.ops.attention.api import (check_implementation, check_qkv, check_window_size,
@@ -46,9 +47,14 @@ def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *
     q: [B, T, Hq, D] queries; query head h reads KV head h // (Hq // Hkv).
     k: [B, T, Hkv, D] keys.
     v: [B, T, Hkv, Dv] values.
-    scores: [B, T, Hkv] float retention scores r (retained iff r > 0).
+    scores: [B, T, Hkv] float retention scores r (retained iff r > 0), finite: checked
+      (ValueError) when the values are concrete; traced under jit they cannot be checked
+      without a host sync, and a NaN or inf score makes the outputs of its batch row NaN
+      (its straight-through value v * (r - stop_gradient(r)) is NaN, and 0 * NaN is NaN
+      in the products with it).
     sink_size: the first sink_size tokens of each document are always visible.
-    window_size: largest distance i - j always visible (window_size + 1 tokens).
+    window_size: largest distance i - j always visible (window_size + 1 tokens), an int
+      in [0, 2**31 - 1].
     budget: None (training: every retained token is visible) or an int > sink_size:
       each query keeps only the (budget - sink_size) best-scored retained tokens
       outside sinks and window (ties: the earlier token wins), as the decode cache does.
@@ -67,6 +73,8 @@ def lte_attention(q: jax.Array, k: jax.Array, v: jax.Array, scores: jax.Array, *
   num_kv_heads = k.shape[2]
   _checks.check_shape("scores", scores, (batch, time, num_kv_heads), "[batch, time, kv_heads]")
   _checks.check_float_dtype("scores", scores)
+  # The straight-through estimator computes v * (r - stop_gradient(r)): NaN for r = NaN or inf.
+  _checks.check_values("scores", scores, np.isfinite, "finite (no NaN or inf)")
   _checks.check_positive_int("sink_size", sink_size, allow_zero=True)
   check_window_size(window_size, optional=False)
   if budget is not None:

@@ -46,9 +46,12 @@ def lte_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, fill: jax.Arr
     q: [B, Tq, Hq, D] queries (RoPE applied); query head h reads KV head h // (Hq // Hkv).
     k: [B, ring_size + b, Hkv, D] cached keys, same dtype as q.
     v: [B, ring_size + b, Hkv, Dv] cached values.
-    fill: [B, Hkv] int, retained slots in use.
+    fill: [B, Hkv] int, retained slots in use, in [0, b].
     num_tokens: int scalar (may be traced), tokens written to the cache so far,
       the Tq queries included (>= Tq).
+      fill and num_tokens are checked (ValueError) where their values are concrete;
+      traced under jit they are not (that needs a host sync): a fill above b counts as
+      b, and a query at a negative position (num_tokens < Tq) sees no slot (zeros).
     ring_size: static ring length w + 1 (1 <= Tq <= ring_size <= slots).
     scale: logit scale, default D ** -0.5.
     implementation: 'pallas' (the split-K kernel; interpreted on CPU), 'xla'
@@ -72,6 +75,10 @@ def lte_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, fill: jax.Arr
   num_tokens = jnp.asarray(num_tokens)
   _checks.check_shape("num_tokens", num_tokens, (), "scalar")
   _checks.check_int_dtype("num_tokens", num_tokens)
+  _checks.check_values("fill", fill, lambda f: (f >= 0) & (f <= slots - ring_size),
+                       f"in [0, cache slots - ring_size] = [0, {slots - ring_size}]")
+  _checks.check_values("num_tokens", num_tokens, lambda n: n >= num_queries,
+                       f">= Tq={num_queries} (the queries are among the tokens)")
   scale = resolve_scale(scale, q.shape[-1])
   name = default_implementation() if implementation is None else implementation
   if name not in IMPLEMENTATIONS:

@@ -92,7 +92,9 @@ def nsa_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.
     k_cmp, v_cmp: [B, L / block_size, Hkv, D] / [..., Dv]: the mean of each block complete
       by ``position`` (later blocks are ignored).
     gates: [B, 1, Hq, 3] gate values for (cmp, slc, swa).
-    position: int scalar, the query's position.
+    position: int scalar, the query's position, in [0, L): checked (ValueError) when
+      concrete; traced under jit it cannot be checked without a host sync, and a
+      position outside the cache gives a NaN output.
     block_size, block_count, window_size, scale: as ``nsa_attention``.
 
   Returns:
@@ -114,6 +116,8 @@ def nsa_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.
                                        v_cache.shape[-1]), layout)
   _checks.check_rank("position", position, 0, "[] (a scalar)")
   _checks.check_int_dtype("position", position)
+  _checks.check_values("position", position, lambda p: (p >= 0) & (p < cache_len),
+                       f"in [0, cache length) = [0, {cache_len})")
   scale = resolve_scale(scale, head_dim)
   return decode.nsa_decode_xla(q, k_cache, v_cache, k_cmp, v_cmp, gates, position,
                                block_size=block_size, block_count=block_count,

@@ -37,7 +37,8 @@ def nsa_decode_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: 
   """q [B, 1, Hq, D]; k_cache [B, L, Hkv, D], v_cache [B, L, Hkv, Dv] holding positions
   0..position (L a multiple of block_size); k_cmp [B, L / block_size, Hkv, D], v_cmp: block
   means, valid for the blocks complete by ``position``; gates [B, 1, Hq, 3];
-  position: int32 scalar -> o [B, 1, Hq, Dv] in v_cache.dtype."""
+  position: int32 scalar -> o [B, 1, Hq, Dv] in v_cache.dtype (NaN for a position
+  outside [0, L))."""
   batch, _, num_heads, head_dim = q.shape
   cache_len, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
   group = num_heads // num_kv_heads
@@ -78,4 +79,6 @@ def nsa_decode_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: 
     win_mask = ((tok <= position) & (position - tok <= window_size))[None, None, :]
     o_swa, _ = _attend(qg, _heads_first(k_win), _heads_first(v_win), win_mask, scale)
     o = o + g[..., 2:3] * o_swa
+  # Past the cache the slices above clamp to its end: mark the answer undefined.
+  o = jnp.where((position >= 0) & (position < cache_len), o, jnp.nan)
   return o.reshape(batch, 1, num_heads, -1).astype(v_cache.dtype)
