@@ -1,0 +1,65 @@
+"""Suite-wide setup: the entry points' absl flags in one process, and Ctrl-C that stops a run.
+
+- experiments.train, .convert, .eval_retrieval, .eval_ppl and .generate each define flags
+  such as --workdir, --checkpoint or --config in absl's one global FLAGS; tests import
+  several of them, so a later definition of a name replaces the earlier one (same name, same
+  meaning; the earlier module's FlagHolder reads the flag by name) instead of failing
+  collection with DuplicateFlagError.
+- jaxlib frees the Python objects its threads let go of from a gc callback (a Python
+  function in ``gc.callbacks``). A SIGINT that arrives while it runs raises KeyboardInterrupt
+  inside the callback, where Python prints "Exception ignored in: <function
+  _xla_gc_callback>" with a KeyboardInterrupt traceback and drops the exception: Ctrl-C, or
+  a time limit's SIGINT, leaves the suite running. The suite runs that collection after each
+  test instead, so a signal's exception always reaches the test.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+from absl import flags
+
+_ENTRY_POINTS = "experiments."
+
+
+def _replace_flags_of_other_entry_points() -> None:
+  define = flags.FlagValues.__setitem__
+
+  def setitem(self, name, flag):
+    if self is flags.FLAGS and name in self._flags():  # pylint: disable=protected-access
+      owner = self.find_module_defining_flag(name) or ""
+      if owner.startswith(_ENTRY_POINTS):
+        flag.allow_override = True
+    define(self, name, flag)
+
+  flags.FlagValues.__setitem__ = setitem
+
+
+def _take_jax_gc_callback():
+  """Remove jaxlib's gc callback; returns the collection it ran (None if not found)."""
+  from jax._src import lib as jax_lib  # pylint: disable=g-import-not-at-top
+  callbacks = [c for c in gc.callbacks if getattr(c, "__name__", "") == "_xla_gc_callback"]
+  for callback in callbacks:
+    gc.callbacks.remove(callback)
+  return jax_lib._jax.collect_garbage if callbacks else None  # pylint: disable=protected-access
+
+
+_replace_flags_of_other_entry_points()
+_COLLECT = _take_jax_gc_callback()
+
+
+@pytest.fixture(autouse=True)
+def _collect_jax_garbage():
+  yield
+  if _COLLECT is not None:
+    _COLLECT()
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """Finish queued work and free what jaxlib still holds before the interpreter exits."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.effects_barrier()
+  jax.clear_caches()
+  gc.collect()
+  if _COLLECT is not None:
+    _COLLECT()
