@@ -1,0 +1,1 @@
+"""Runnable examples of lte_jax used from outside its own models (not installed)."""
