@@ -140,6 +140,16 @@ def test_prompt_longer_than_the_model_takes(loaded):
     gen.encode_prompt(tokenizer, "x" * 200, model, 56)
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(loaded):
+  class Wide(ByteTokenizer):
+    def encode(self, text):
+      return [400]
+
+  with pytest.raises(ValueError, match=r"the tokenizer gives id 400 but the model has only 300 "
+                                       r"tokens; give --tokenizer the model's tokenizer"):
+    gen.encode_prompt(Wide(), "hi", loaded[0], 4)
+
+
 def test_main_exits_with_the_flag_error_before_loading():
   with pytest.raises(SystemExit, match=r"generate: --top_p must be in \(0, 1\]"):
     run_main("--workdir=/no/such/workdir", "--prompt=hi", "--top_p=2")
