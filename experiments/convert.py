@@ -13,7 +13,11 @@ directories (config.json + safetensors). Writes, in WORKDIR:
 Then fine-tune with the command it prints: the same --config and overrides plus
 --config.model.from_file=WORKDIR/converted_model.json. Keep the config the same in both
 commands: the optimizer state's structure and the input iterator's position saved here
-follow it (a changed data source or clipping switched off would not restore).
+follow it (a changed data source or clipping switched off would not restore). Without
+--config, overrides (--config.data.tokenizer=...) apply to the architecture's config. A
+model whose vocabulary is smaller than the tokenizer's (the byte tokenizer's 259 ids by
+default) needs its own: --config.data.tokenizer=PATH (tokenizer.json or a SentencePiece
+.model; the error names the one in --from, if any).
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments import configs as config_files
 from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
 from lte_jax import lte_controller
-from lte_jax.convert import convert_hf
+from lte_jax.convert import convert_hf, model_config_from_hf, read_config
+from lte_jax.data.tokenizers import get_tokenizer
 from lte_jax.training import checkpoint, experiment, optimizer, train_state
 from lte_jax.training.train_state import TrainState
 
@@ -64,6 +70,17 @@ def guess_arch(layers: tuple[str, ...]) -> str:
   kind = sorted(kinds)[0]
   name = names[kind]
   return name if name in configs_lib.ARCHITECTURES else "GDN"
+
+
+ALLOWED = cli.allowed_values({
+    "--config": [*config_files.available(), "PATH to a config file"],
+    "--from model_type": ("gated_deltanet (flash-linear-attention)",
+                          "hybrid_gated_deltanet (the reference's LTE / NSA hybrids)"),
+    "config.data.tokenizer": "'byte' or a path to the model's tokenizer.json / SentencePiece "
+                             ".model",
+    "config.data.source": data_lib.SOURCE_KINDS,
+})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def make_state(converted, exp: experiment.Experiment) -> TrainState:
@@ -108,6 +125,37 @@ def check_paths(source: str, workdir: str) -> None:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise ValueError(f"--to={workdir} already holds checkpoints; choose a new workdir")
+
+
+def check_tokenizer(spec: str, vocab_size: int, source: str) -> None:
+  """ValueError naming --config.data.tokenizer when tokenizer ``spec`` has more ids than the
+  model's ``vocab_size`` (and the tokenizer file in ``source``, if it holds one)."""
+  tokenizer = get_tokenizer(spec)
+  if tokenizer.vocab_size <= vocab_size:
+    return
+  found = [os.path.join(source, name) for name in TOKENIZER_FILES
+           if os.path.isfile(os.path.join(source, name))]
+  fix = (f"--config.data.tokenizer={found[0]} (the tokenizer in --from)" if found else
+         "--config.data.tokenizer=PATH to the model's tokenizer.json or SentencePiece .model")
+  raise ValueError(f"the model's vocabulary holds {vocab_size} tokens, fewer than the "
+                   f"{tokenizer.vocab_size} ids of config.data.tokenizer={spec!r}: pass {fix}")
+
+
+def default_config_args(argv: list[str]) -> list[str]:
+  """``argv`` with --config=<the --from model's architecture> added when it overrides config
+  fields without naming a config (as the conversion itself defaults)."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]) or not any(
+      a.startswith(("--config.", "--noconfig.")) for a in argv[1:]):
+    return argv
+  source = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--from=")), None)
+  if source is None and "--from" in argv[1:-1]:
+    source = argv[argv.index("--from") + 1]
+  try:
+    model, _ = model_config_from_hf(read_config(source))
+  except (ValueError, TypeError, OSError):  # no usable --from: say what to add instead
+    cli.check_config_overrides(argv, config_files.available())
+    raise
+  return [argv[0], f"--config={guess_arch(model.layers)}", *argv[1:]]
 
 
 @contextlib.contextmanager
@@ -164,6 +212,7 @@ def convert_to_workdir(source: str, workdir: str,
       config = config_files.load(config_files.resolve(guess_arch(converted.config.layers)))
     config.model.from_file = staged_model_file
     exp = experiment.resolve(config)
+    check_tokenizer(exp.data.tokenizer, converted.config.vocab_size, source)
     config.model.from_file = model_file
     state = make_state(converted, exp)
     data_iter = data_lib.make_train_iterator(exp.data)
@@ -195,8 +244,9 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
+  cli.exit_on_help(argv, __doc__, __name__, ALLOWED)
   try:
-    argv = config_files.resolve_command_line(argv)
+    argv = config_files.resolve_command_line(default_config_args(argv))
   except ValueError as err:
     sys.exit(f"FATAL Flags parsing error: {err}")
   return app.parse_flags_with_usage(argv)

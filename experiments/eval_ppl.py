@@ -22,6 +22,7 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import cli
 from lte_jax import data as data_lib
 from lte_jax.data import holdout as holdout_lib
 from lte_jax.evals import loading, perplexity
@@ -133,5 +134,11 @@ def main(argv):
   print("wrote " + ", ".join(paths.values()), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  cli.exit_on_help(argv, __doc__, __name__,
+                   cli.allowed_values({"--data_source": data_lib.SOURCE_KINDS}))
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -7,7 +7,8 @@ Loads the newest checkpoint of a workdir written by experiments.train (or
 --checkpoint), builds --num_samples examples per task and length, scores them
 with each task's public metric and writes results.json, results.md and
 niah_heatmap.png (accuracy by context length and needle depth) to --out_dir,
-with the decode-cache bytes per sequence at each length.
+with the decode-cache bytes per sequence at each length and each task's chance
+level (the score of a uniform guess of the answer).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import cli
 from lte_jax.data.retrieval import NIAH_TASKS
 from lte_jax.data.tokenizers import get_tokenizer
 from lte_jax.evals import evaporate, loading, report, tasks as tasks_lib
@@ -61,6 +63,24 @@ _MQAR_NUM_PAIRS = flags.DEFINE_integer(
 _MQAR_ALPHA = flags.DEFINE_float("mqar_alpha", 0.01, "MQAR query-slot power-law exponent a.")
 _DEPTH_BINS = flags.DEFINE_integer("depth_bins", 10, "Needle-depth bins of the heatmap.",
                                    lower_bound=1)
+
+
+ALLOWED = cli.allowed_values({
+    "--tasks": tasks_lib.TASKS,
+    "--lengths": "integers; at least "
+                 f"{tasks_lib.NIAH_MAX_NEW_TOKENS + 2} (+ the prompt) for NIAH tasks, "
+                 "4 x max(--mqar_num_pairs, 1) + 1 for mqar, "
+                 f"{evaporate.WINDOW_MARGIN + 1} for {', '.join(evaporate.EVAPORATE_TASKS)}",
+    "--tokenizer": "'byte' or a path to the model's tokenizer.json / SentencePiece .model",
+})
+
+
+def check_tokenizer(tokenizer, spec: str, vocab_size: int) -> None:
+  """ValueError naming --tokenizer when ``tokenizer`` has ids the model has no row for."""
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(f"the tokenizer {spec!r} has {tokenizer.vocab_size} ids but the model's "
+                     f"vocabulary only {vocab_size}: pass the model's own tokenizer with "
+                     "--tokenizer=PATH (its tokenizer.json or SentencePiece .model)")
 
 
 def min_length(task: str, mqar_num_pairs: int = 0) -> tuple[int, str]:
@@ -117,7 +137,9 @@ def evaluate() -> dict:
       evaporate.data_file(_DATA_DIR.value, task)
   run = loading.load_run(_WORKDIR.value, _CHECKPOINT.value)
   model, cfg = run.model, run.model.config
-  tokenizer = get_tokenizer(_TOKENIZER.value or run.data.tokenizer)
+  spec = _TOKENIZER.value or run.data.tokenizer
+  tokenizer = get_tokenizer(spec)
+  check_tokenizer(tokenizer, spec, cfg.vocab_size)
   logging.info("evaluating %s (%s) step %d", run.checkpoint, ",".join(cfg.layers), run.step)
   results = {"run": {"checkpoint": run.checkpoint, "step": run.step, "layers": list(cfg.layers),
                      "arch": _arch_name(cfg.layers), "tokenizer": repr(tokenizer)},
@@ -172,5 +194,10 @@ def main(argv):
   print("wrote " + ", ".join(paths.values()), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  cli.exit_on_help(argv, __doc__, __name__, ALLOWED)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

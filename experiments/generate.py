@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from flax import nnx
 
+from experiments import cli
 from lte_jax.data.tokenizers import Tokenizer, get_tokenizer
 from lte_jax.generate import cut_at_stop, generate, stop_token_ids
 from lte_jax.sampling import SamplingConfig, sample
@@ -285,5 +286,10 @@ def main(argv):
       seed=_SEED.value, stops=stops, stream=_STREAM.value)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  cli.exit_on_help(argv, __doc__, __name__)
+  return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -11,21 +11,29 @@ intact (lte_jax/training/checkpoint.py). With checkpoints present but none
 readable the run stops with an error unless --allow_fresh_start is given.
 SIGTERM or SIGINT (Ctrl-C) saves a checkpoint and exits; an exception in the
 loop (a data error, a bug) saves the last completed step, then propagates.
+The workdir is created once the data and validation sources are open: a source
+that cannot be read stops the run with one line and leaves no workdir behind (nor
+does a data error before the first checkpoint). A workdir already at
+config.steps says so and exits.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments import configs as config_files
 from experiments.configs.base import get_base_config
+from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
 from lte_jax.training import checkpoint, evaluation, experiment, mesh as mesh_lib
 from lte_jax.training import metrics as metrics_lib
@@ -70,12 +78,36 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "(when a coordinator address or a SLURM / Open MPI launch with several tasks is found).")
 
 
+ALLOWED = cli.allowed_values({
+    "--config": [*config_files.available(), "PATH to a config file"],
+    "config.arch": configs_lib.ARCHITECTURES,
+    "config.size": configs_lib.SIZES,
+    "config.recipe": tuple(recipes.RECIPES),
+    "config.data.source": data_lib.SOURCE_KINDS,
+    "config.data.tokenizer": "'byte' or a path to a tokenizer.json / SentencePiece .model",
+    "config.data.mixture": data_lib.MIXTURE_NAMES,
+    "config.data.niah_tasks": tuple(data_lib.NIAH_TASKS),
+    "config.data.bad_records": data_lib.BAD_RECORD_POLICIES,
+    "config.model.remat": configs_lib.REMAT_POLICIES,
+    "config.model.init": configs_lib.INIT_SCHEMES,
+    "config.model.from_file": "a ModelConfig JSON, e.g. WORKDIR/converted_model.json of "
+                              "experiments.convert (instead of arch / size)",
+    "config.optim.weight_decay_mask": optimizer.WEIGHT_DECAY_MASKS,
+    "config.optim.nonfinite": optimizer.NONFINITE_MODES,
+    "--distributed": mesh_lib.DISTRIBUTED_MODES,
+})
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          allow_fresh_start: bool = False) -> TrainState:
+          allow_fresh_start: bool = False,
+          prepare_workdir: Callable[[], None] | None = None) -> TrainState:
   """Run (or resume) training to ``config.steps``; returns the final train state.
 
-  Raises checkpoint.UnreadableCheckpoints when the workdir holds checkpoints but none
-  is good, unless ``allow_fresh_start``.
+  ``prepare_workdir`` runs once the data and validation sources are open and before
+  anything is written to ``workdir`` (experiments.train: create it, write config.json),
+  so a config whose data cannot be read leaves nothing behind. A workdir already at
+  ``config.steps`` says so and returns its state. Raises checkpoint.UnreadableCheckpoints
+  when the workdir holds checkpoints but none is good, unless ``allow_fresh_start``.
   """
   config = recipes.apply(config)
   exp = experiment.resolve(config)
@@ -92,9 +124,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   evaluator = evaluation.Evaluator(exp, shardings.params, batch_sharding,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
+  if prepare_workdir is not None:
+    prepare_workdir()
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), **config.checkpoint)
   num_params = train_state.num_params(model_def)
-  logging.info("%s %s: %.2fM parameters, mesh %s, %d x %s", config.arch, config.size,
+  logging.info("%s: %.2fM parameters, mesh %s, %d x %s", experiment.describe_model(config),
                num_params / 1e6, mesh_lib.describe(mesh), jax.device_count(),
                jax.devices()[0].device_kind)
 
@@ -103,6 +137,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                      allow_fresh_start)
     if state is None:
       state = train_state.create_train_state(model_def, tx, exp.seed, shardings)
+    if int(state.step) >= exp.steps:  # a finished run: no step, summary or save to make
+      ckpt.close()
+      if jax.process_index() == 0:
+        print(f"{workdir} is already at step {int(state.step)} (config.steps={exp.steps}): "
+              "nothing to do; raise --config.steps to train further", flush=True)
+      return state
     step_fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, grad_accum=exp.grad_accum,
                                                nonfinite=exp.optim.nonfinite),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
@@ -217,20 +257,60 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       tempfile.gettempdir(), "lte_jax_runs",
       f"{config.arch}-{config.size}-{time.strftime('%Y%m%d-%H%M%S')}")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
-  logging.info("workdir %s", workdir)
+  run_dir = _RunDir(workdir, config)
   try:
-    train(config, workdir, allow_fresh_start=_ALLOW_FRESH_START.value)
+    train(config, workdir, allow_fresh_start=_ALLOW_FRESH_START.value,
+          prepare_workdir=run_dir.prepare)
   except checkpoint.UnreadableCheckpoints as err:
     sys.exit(f"cannot resume: {err}. Fix or remove them, or pass --allow_fresh_start to train "
              "again from step 0 (metrics.jsonl is then rewritten from step 1).")
+  except ValueError as err:  # the data or validation source, before or during the run
+    if run_dir.prepared and not isinstance(err, data_lib.DataError):
+      raise  # raised by the run itself: keep the traceback
+    run_dir.remove_if_unused()
+    what = "data error" if isinstance(err, data_lib.DataError) else "cannot start training"
+    sys.exit(f"{what}: {err}")
+
+
+class _RunDir:
+  """The workdir, created (with config.json) only once the data is open; what this run
+  created in it is taken back when it stops before saving any checkpoint."""
+
+  def __init__(self, path: str, config: ml_collections.ConfigDict):
+    self.path, self.config = path, config
+    self.prepared, self.existed, self.before = False, True, set()
+
+  def prepare(self) -> None:
+    self.prepared = True
+    if jax.process_index() == 0:
+      self.existed = os.path.isdir(self.path)
+      self.before = set(os.listdir(self.path)) if self.existed else set()
+      os.makedirs(self.path, exist_ok=True)
+      _write_config(self.config, self.path)
+    logging.info("workdir %s", self.path)
+
+  def remove_if_unused(self) -> None:
+    if not self.prepared or jax.process_index() != 0:
+      return
+    ckpt_dir = os.path.join(self.path, "checkpoints")
+    if "checkpoints" in self.before or (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)):
+      return  # a run with checkpoints: everything in it is worth keeping
+    if not self.existed:
+      shutil.rmtree(self.path, ignore_errors=True)
+      return
+    for name in set(os.listdir(self.path)) - self.before:
+      path = os.path.join(self.path, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """Resolve ``--config=NAME`` to its file and check ``--config.*`` names, then parse."""
+  cli.exit_on_help(argv, __doc__, __name__, ALLOWED)
   try:
+    cli.check_config_overrides(argv, config_files.available())
     argv = config_files.resolve_command_line(argv)
   except ValueError as err:
     sys.exit(f"FATAL Flags parsing error: {err}")

@@ -37,6 +37,8 @@ from lte_jax.data.sources import SOURCE_KINDS, make_source
 from lte_jax.data.tokenizers import Tokenizer, encode_document, get_tokenizer
 
 MIXTURE_NAMES = ("corpus", "mqar", "niah")
+FILE_SOURCES = tuple(kind for kind in SOURCE_KINDS if kind != "embedded")
+FIELD_SOURCES = ("jsonl", "parquet")  # the sources whose records DataConfig.text_field indexes
 KIND_IDS = {"corpus": 0, "mqar": 1, "niah": 2}  # the 'kind' field of a document
 _SALT_SHUFFLE, _SALT_MQAR, _SALT_NIAH = 1, 2, 3
 BAD_RECORDS_HELP = (
@@ -129,6 +131,10 @@ class DataConfig:
       _fail("path", f"a glob of files for source={self.source!r}", self.path)
     if not (isinstance(self.text_field, str) and self.text_field):
       _fail("text_field", "a non-empty string", self.text_field)
+    # A path the source would ignore: refused, so a run never reads other data than asked.
+    if self.source == "embedded" and self.path is not None:
+      _fail("path", "None with source='embedded' (the embedded corpus reads no file; set "
+            f"source to one of {FILE_SOURCES} to read the path)", self.path)
     if not (isinstance(self.tokenizer, str) and self.tokenizer):
       _fail("tokenizer", "'byte' or a path to tokenizer.json / a SentencePiece .model",
             self.tokenizer)
@@ -302,8 +308,11 @@ class _NIAHDoc:
 def _check_vocab(cfg: DataConfig, tokenizer: Tokenizer) -> None:
   limit = cfg.model_vocab_size or tokenizer.vocab_size
   if cfg.model_vocab_size is not None and tokenizer.vocab_size > cfg.model_vocab_size:
-    _fail("model_vocab_size", f">= the tokenizer's vocab size {tokenizer.vocab_size}",
-          cfg.model_vocab_size)
+    raise ValueError(
+        f"config field DataConfig.model_vocab_size={cfg.model_vocab_size} (the model's "
+        f"vocabulary) is smaller than the {tokenizer.vocab_size} ids of the tokenizer "
+        f"{cfg.tokenizer!r}: give the model's own tokenizer with --config.data.tokenizer=PATH "
+        "(its tokenizer.json or SentencePiece .model; DataConfig.tokenizer)")
   if "mqar" in cfg.weights and cfg.mqar_vocab_offset + cfg.mqar_vocab_size > limit:
     _fail("mqar_vocab_size", f"<= {limit - cfg.mqar_vocab_offset} (mqar_vocab_offset "
           f"{cfg.mqar_vocab_offset} + mqar_vocab_size must fit the vocab of {limit})",

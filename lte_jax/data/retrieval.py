@@ -16,7 +16,12 @@ NIAH (RULER's single needle tasks): a noise or essay haystack, an
 the question; the essay haystack is Python's own documentation prose. As in
 RULER, a haystack grows by units (noise: lines; essay: words, the needle then
 placed at a sentence boundary at one of 40 depths) and holds the most units
-whose tokenized prompt + the reserved tokens fit the budget.
+whose tokenized prompt + the reserved tokens fit the budget. A haystack with
+fewer than MIN_DEPTH_PLACES of those places (short contexts: at 512 byte
+tokens the prompt and the 128 reserved tokens leave room for a few words)
+grows by words instead, and the needle goes to the sentence boundary, or with
+too few of those the word boundary, nearest the drawn depth: needles spread
+over the haystack at every length, and ``depth`` is where the needle is.
 """
 from __future__ import annotations
 
@@ -102,7 +107,13 @@ NIAH_TASKS = {  # task -> (haystack, value kind), RULER scripts/synthetic.yaml
 }
 NOISE_LINE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
               "There and back again.")
+_NOISE_WORDS = tuple(NOISE_LINE.split(" "))
 ESSAY_DEPTHS = np.round(np.linspace(0, 100, num=40)).astype(int)
+# Needle places (RULER's noise lines, essay sentence boundaries) a haystack needs for RULER's
+# placement; fewer, and it is placed finer. One per default heatmap depth bin.
+MIN_DEPTH_PLACES = 10
+NUMBER_RANGE = (1_000_000, 10_000_000)  # 'number' values: uniform over [low, high)
+UUID_RANDOM_BITS = 122  # 'uuid' values: a version-4 UUID's random bits
 
 _ADJECTIVES = (
     "amber", "ancient", "bitter", "bold", "brave", "breezy", "bright", "calm", "clever", "cozy",
@@ -128,8 +139,9 @@ class NIAHExample:
 
   ``prompt`` ends with "... mentioned in the provided text is"; the expected
   continuation is " " + ``answer``. ``document`` is both, the training text.
-  ``depth`` is the needle's depth in percent: the drawn depth (essay) or the
-  needle's line index / noise lines (noise).
+  ``depth`` is the needle's depth in percent: with RULER's placement the drawn
+  depth (essay) or the needle's line index / noise lines (noise); with the finer
+  placement of short haystacks, the haystack words before the needle / all of them.
   """
   prompt: str
   answer: str
@@ -144,7 +156,7 @@ class NIAHExample:
 
 def _value(rng: np.random.Generator, kind: str) -> str:
   if kind == "number":
-    return str(int(rng.integers(1_000_000, 10_000_000)))
+    return str(int(rng.integers(*NUMBER_RANGE)))
   return str(uuid.UUID(bytes=rng.bytes(16), version=4))
 
 
@@ -184,44 +196,85 @@ def make_niah(rng: np.random.Generator, tokenizer: Tokenizer, max_tokens: int, *
     depth_pct = None
   else:
     depth_pct = float(ESSAY_DEPTHS[rng.integers(len(ESSAY_DEPTHS))])
+    where = depth_pct / 100
     first_word = int(_essay_sentence_starts()[rng.integers(len(prose_sentences()))])
 
-  def build(n: int) -> tuple[str, float]:
-    if haystack == "noise":
+  def build(n: int, fine: bool) -> tuple[str, float]:
+    if haystack == "noise" and not fine:
       # As RULER: n copies of the noise line, the needle a line of its own before copy
       # number floor(where * n) (never after the last one).
       lines = [NOISE_LINE] * n
       at = int(where * n)
       lines.insert(at, needle)
       return "\n".join(lines), 100.0 * at / max(n, 1)
+    if haystack == "noise":  # the noise lines' first n words, the needle on a line of its own
+      return _place_finely([_NOISE_WORDS[i % len(_NOISE_WORDS)] for i in range(n)],
+                           len(_NOISE_WORDS), needle, where, "\n")
     # As RULER: the haystack is the first n WORDS of the essay text (here from a random
     # sentence on, cycling), split into sentences; the needle goes in before sentence
     # int(sentences * depth / 100).
     words = _essay_words()
-    text = " ".join(words[(first_word + i) % len(words)] for i in range(n))
-    sents = _SENTENCE_END.split(text) if text else []
+    words = [words[(first_word + i) % len(words)] for i in range(n)]
+    if fine:
+      return _place_finely(words, None, needle, where, " ")
+    sents = _SENTENCE_END.split(" ".join(words)) if words else []
     at = int(len(sents) * depth_pct / 100)
     return " ".join(sents[:at] + [needle] + sents[at:]), depth_pct
 
-  def example(n: int) -> NIAHExample:
-    context, depth = build(n)
-    return NIAHExample(niah_prompt(context, key, kind), value, key, task, depth)
+  def fitting(fine: bool) -> tuple[int, Callable[[int], NIAHExample], Callable[[int], int]]:
+    def example(n: int) -> NIAHExample:
+      context, depth = build(n, fine)
+      return NIAHExample(niah_prompt(context, key, kind), value, key, task, depth)
 
-  def count(n: int) -> int:
-    ex = example(n)
-    return len(tokenizer.encode(ex.document if include_answer else ex.prompt)) + reserve_tokens
+    def count(n: int) -> int:
+      ex = example(n)
+      return len(tokenizer.encode(ex.document if include_answer else ex.prompt)) + reserve_tokens
 
-  # Every haystack unit holds at least one token, so max_tokens units never fit.
-  n_max = _largest_fitting(count, max_tokens, limit=max(max_tokens, 1))
+    # Every haystack unit holds at least one token, so max_tokens units never fit.
+    return _largest_fitting(count, max_tokens, limit=max(max_tokens, 1)), example, count
+
+  n_max, example, count = fitting(fine=False)
   if n_max < 0:
     raise ValueError(f"max_tokens={max_tokens} is too small for a {task} prompt "
                      f"(with reserve_tokens={reserve_tokens})")
+  if _ruler_places(haystack, n_max, build) < MIN_DEPTH_PLACES:
+    n_max, example, count = fitting(fine=True)
   if fill == "random":
     n = int(rng.integers(n_max + 1))
     # BPE merges make the count only nearly monotone: never return a misfit.
     if n < n_max and count(n) <= max_tokens:
       return example(n)
   return example(n_max)
+
+
+def _ruler_places(haystack: str, n: int, build: Callable) -> int:
+  """Needle places RULER's placement has in a haystack of n units: noise lines, or the
+  sentence boundaries of an essay of n words."""
+  if haystack == "noise":
+    return n
+  context = build(n, False)[0]
+  return len(_SENTENCE_END.split(context)) if n else 1
+
+
+def _place_finely(words: list[str], line_words: int | None, needle: str, where: float,
+                  glue: str) -> tuple[str, float]:
+  """(haystack text with ``needle`` in it, its depth %) for a short haystack of ``words``:
+  the needle at the sentence boundary nearest ``where`` (0-1) of the words, or, with fewer
+  than MIN_DEPTH_PLACES boundaries, at the nearest word boundary.
+
+  ``line_words``: None (words joined by spaces) or the words a line holds (noise: a line
+  break after each copy of the noise line); ``glue`` joins the needle.
+  """
+  n = len(words)
+  seps = [("\n" if line_words and i % line_words == 0 else " ") for i in range(n)]
+  ends = [i for i in range(1, n) if words[i - 1][-1] in ".!?" and words[i][:1].isupper()]
+  places = [0, *ends, n] if n else [0]
+  if len(places) < MIN_DEPTH_PLACES:
+    places = list(range(n + 1))
+  at = min(places, key=lambda p: abs(p - where * n))
+  join = lambda lo, hi: "".join((seps[i] if i > lo else "") + words[i] for i in range(lo, hi))
+  parts = [join(0, at), needle, join(at, n)]
+  return glue.join(p for p in parts if p), (100.0 * at / n if n else 0.0)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")  # as sources.prose_sentences splits

@@ -2,9 +2,11 @@
 
 ``results`` layout (what experiments.eval_retrieval builds):
   {"run": {...}, "lengths": [L, ...],
-   "tasks": {task: {str(L): {"score": 0-100, "num_samples": n, ...}}},
+   "tasks": {task: {str(L): {"score": 0-100, "num_samples": n, "chance": 0-100 or None,
+                             "chance_basis": str, ...}}},
    "memory": {"cache_bytes_per_sequence": {str(L): bytes}}}
-NIAH entries hold "samples": [{"depth": %, "hit": 0/1}] for the heatmap.
+NIAH entries hold "samples": [{"depth": %, "hit": 0/1}] for the heatmap. The table's
+last column is each task's chance level, so a score near zero reads against it.
 """
 from __future__ import annotations
 
@@ -23,21 +25,40 @@ def _mib(n: int) -> str:
   return f"{n / 2**20:.3f}"
 
 
+def _chance_cell(by_len: dict) -> str:
+  """The chance levels of a task's entries: one value, a range, '~0' or '-' (unknown)."""
+  levels = sorted({e["chance"] for e in by_len.values() if e.get("chance") is not None})
+  if not levels:
+    return "-"
+  show = lambda c: "~0" if c < 0.005 else f"{c:.2g}"
+  return show(levels[0]) if len(levels) == 1 else f"{show(levels[0])}-{show(levels[-1])}"
+
+
 def markdown_table(results: dict) -> str:
-  """Score per task and length, then the decode-cache memory row."""
+  """Score per task and length with the task's chance level, the decode-cache memory row,
+  then what each chance level is the score of."""
   lengths = [str(n) for n in results["lengths"]]
-  head = "| task | " + " | ".join(lengths) + " |"
-  rule = "|---|" + "---|" * len(lengths)
-  rows = [head, rule]
+  head = "| task | " + " | ".join(lengths) + " | chance |"
+  rule = "|---|" + "---|" * (len(lengths) + 1)
+  rows, notes = [head, rule], []
   for task, by_len in results["tasks"].items():
     cells = [f"{by_len[n]['score']:.1f}" if n in by_len else "-" for n in lengths]
-    rows.append(f"| {task} | " + " | ".join(cells) + " |")
+    rows.append(f"| {task} | " + " | ".join(cells) + f" | {_chance_cell(by_len)} |")
+    bases = {n: e["chance_basis"] for n, e in by_len.items() if "chance_basis" in e}
+    if len(set(bases.values())) == 1:
+      notes.append(f"- {task}: {next(iter(bases.values()))}")
+    elif bases:
+      notes.append(f"- {task}: " + "; ".join(f"at {n}: {b}" for n, b in bases.items()))
   mem = results["memory"]["cache_bytes_per_sequence"]
   rows.append("| decode cache per sequence (MiB) | " + " | ".join(_mib(mem[n]) for n in lengths)
-              + " |")
+              + " | |")
   run = results.get("run", {})
   title = f"Retrieval scores (0-100) of {run.get('arch', '?')} at step {run.get('step', '?')}"
-  return f"{title}\n\n" + "\n".join(rows) + "\n"
+  text = f"{title}\n\n" + "\n".join(rows) + "\n"
+  if notes:
+    text += ("\nchance: the score (0-100) of guessing the answer uniformly at random\n"
+             + "\n".join(notes) + "\n")
+  return text
 
 
 def depth_grid(samples_by_length: dict, lengths: list[str], bins: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Run one retrieval task at one context length and score it (EVALS.md).
 
-Every runner returns a dict: ``score`` (0-100), ``num_samples`` and task details;
-NIAH runners add ``samples`` (needle depth and 0/1 hit of each sample) for the
-depth heatmap.
+Every runner returns a dict: ``score`` (0-100), ``num_samples``, ``chance`` (the
+score of a uniform guess of the answer, from the task's generator; None where the
+answer is document text) with ``chance_basis`` (what that guess is) and task
+details; NIAH runners add ``samples`` (needle depth and 0/1 hit of each sample) for
+the depth heatmap.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lte_jax.data.retrieval import NIAH_TASKS, make_niah, mqar_batch
+from lte_jax.data.retrieval import (NIAH_TASKS, NUMBER_RANGE, UUID_RANDOM_BITS, make_niah,
+                                    mqar_batch)
 from lte_jax.data.tokenizers import Tokenizer
 from lte_jax.evals import evaporate
 from lte_jax.evals.metrics import contains_any, mqar_accuracy, substring_match
@@ -20,6 +23,23 @@ from lte_jax.generate import cut_at_stop, generate, pad_prompts, stop_token_ids
 
 NIAH_MAX_NEW_TOKENS = 128
 TASKS = tuple(NIAH_TASKS) + ("mqar",) + evaporate.EVAPORATE_TASKS
+
+
+def niah_chance(task: str) -> tuple[float, str]:
+  """(score 0-100 of guessing the needle's value uniformly, what is guessed)."""
+  kind = NIAH_TASKS[task][1]
+  if kind == "number":
+    count = NUMBER_RANGE[1] - NUMBER_RANGE[0]
+    return 100.0 / count, f"a 7-digit number, 1 in {count:,}"
+  return 100.0 / 2**UUID_RANDOM_BITS, f"a UUID, 1 in 2^{UUID_RANDOM_BITS}"
+
+
+def mqar_chance(vocab_size: int, num_pairs: int) -> tuple[float, str]:
+  """(score 0-100 of a uniform guess among the value ids, what is guessed): values are
+  drawn from the upper half of the MQAR vocab (retrieval.mqar_batch)."""
+  values = vocab_size - vocab_size // 2
+  return 100.0 / values, (f"one of {values} value ids (one of the {num_pairs} values in the "
+                          f"context: {100.0 / num_pairs:.3g})")
 
 
 def generate_texts(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], *,
@@ -63,7 +83,9 @@ def run_niah(model, tokenizer: Tokenizer, task: str, length: int, *, num_samples
   preds = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                          batch_size=batch_size)
   hits = [substring_match(p, ex.answer) for p, ex in zip(preds, examples)]
+  chance, basis = niah_chance(task)
   return {"score": 100.0 * float(np.mean(hits)), "num_samples": num_samples,
+          "chance": chance, "chance_basis": basis,
           "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
           "samples": [{"depth": ex.depth, "hit": h} for ex, h in zip(examples, hits)],
           "examples": [{"answer": ex.answer, "prediction": p}
@@ -100,7 +122,9 @@ def run_mqar(model, *, length: int, vocab_size: int, offset: int, bos_id: int,
   # The logit at input index j + 1 (token x[j], after BOS) predicts x[j]'s label.
   preds = np.concatenate(preds)[:, 1:]
   acc = mqar_accuracy(preds, data.labels, data.label_mask)
-  return {"score": 100.0 * acc, "num_samples": num_samples, "seq_len": seq_len,
+  chance, basis = mqar_chance(vocab_size, num_pairs)
+  return {"score": 100.0 * acc, "num_samples": num_samples, "chance": chance,
+          "chance_basis": basis, "seq_len": seq_len,
           "num_pairs": num_pairs, "vocab_size": vocab_size, "alpha": alpha}
 
 
@@ -114,5 +138,6 @@ def run_evaporate(model, tokenizer: Tokenizer, task: str, length: int, *, data_d
                          stop_strings=[evaporate.STOP], batch_size=batch_size)
   hits = [contains_any(p, ex.answers) for p, ex in zip(preds, examples)]
   return {"score": 100.0 * float(np.mean(hits)), "num_samples": len(examples),
+          "chance": None, "chance_basis": "none computed: the answers are document text",
           "examples": [{"answers": list(ex.answers), "prediction": p}
                        for ex, p in list(zip(examples, preds))[:3]]}

@@ -92,9 +92,20 @@ def model_config(config: ml_collections.ConfigDict) -> configs_lib.ModelConfig:
   return model
 
 
+def describe_model(config: ml_collections.ConfigDict) -> str:
+  """How logs and run names refer to the model: 'laLTE 0.4B', or the file it is read from."""
+  from_file = config.model.get("from_file")
+  return f"the model of {from_file}" if from_file else f"{config.arch} {config.size}"
+
+
 def data_config(config: ml_collections.ConfigDict,
                 model: configs_lib.ModelConfig) -> data_lib.DataConfig:
   values = config.data.to_dict()
+  field, source = values.get("text_field", "text"), values.get("source")
+  if field != "text" and source not in data_lib.FIELD_SOURCES:
+    raise ValueError(f"config.data.text_field={field!r} names a field of {data_lib.FIELD_SOURCES} "
+                     f"records, but config.data.source={source!r} has none: drop text_field or "
+                     "set the source")
   values["mixture"] = {k: float(v) for k, v in values.get("mixture", {}).items() if v}
   values["model_vocab_size"] = model.vocab_size
   return _dataclass_from(data_lib.DataConfig, values, "config.data")
@@ -137,6 +148,10 @@ def resolve(config: ml_collections.ConfigDict, *, num_devices: int | None = None
   optim = optimizer_config(config)
   learning_rate_schedule(optim, config.steps)  # checks warmup_steps < steps
   evaluation = eval_config(config)
+  if evaluation.path is not None and (evaluation.source or data.source) == "embedded":
+    raise ValueError(f"config.eval.path={evaluation.path!r} is not read by the 'embedded' source "
+                     f"(config.eval.source={evaluation.source!r}, default config.data.source): set "
+                     f"config.eval.source to one of {data_lib.FILE_SOURCES}")
   if evaluation.every:
     validation_data(evaluation, data)  # checks there is something to validate on
   return Experiment(model=model, data=data, optim=optim, steps=config.steps,
