@@ -156,7 +156,11 @@ def run_main(config, workdir) -> str:
   return str(exit_info.value.code)
 
 
-def test_data_errors_stop_in_one_line_and_leave_no_workdir(tmp_path, parsed_flags):
+def test_data_errors_stop_in_one_line_and_leave_no_workdir(tmp_path, parsed_flags, monkeypatch):
+  zeros = lambda model_def, tx, seed, shardings: jax.tree.map(  # no init to compile
+      lambda x: jnp.zeros(x.shape, x.dtype),
+      jax.eval_shape(lambda: train_state.init_train_state(model_def, tx, seed)))
+  monkeypatch.setattr(train_cli.train_state, "create_train_state", zeros)
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text('{"text": "a good line"}\nnot json\n')
   config = tiny_config()
