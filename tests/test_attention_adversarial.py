@@ -115,8 +115,8 @@ def assert_close(got, want, tol, names):
   tol = np.broadcast_to(np.asarray(tol, np.float64), (len(ROWS),))
   for name, a, b in zip(names, got, want):
     a = np.asarray(a, np.float64)
-    assert np.isfinite(a).all(), (name, "not finite in rows",
-                                  [ROWS[i] for i in range(len(ROWS)) if not np.isfinite(a[i]).all()])
+    finite = np.isfinite(a).reshape(len(ROWS), -1).all(axis=1)
+    assert finite.all(), (name, "not finite in rows", [r for r, f in zip(ROWS, finite) if not f])
     for row in range(len(ROWS)):
       err = np.sqrt(np.mean((a[row] - b[row]) ** 2))
       size = np.sqrt(np.mean(b[row] ** 2))
