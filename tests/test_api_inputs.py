@@ -199,6 +199,29 @@ def test_window_beyond_int32_raises(name, window):
     WINDOW_CALLS[name](window)
 
 
+SIZE_CALLS = {
+    "sink_size": lambda n: lte_attention(_zeros(1, 8, 2, 16), _zeros(1, 8, 1, 16),
+                                         _zeros(1, 8, 1, 16), _zeros(1, 8, 1), sink_size=n,
+                                         window_size=2, implementation="xla"),
+    "budget": lambda n: lte_attention(_zeros(1, 8, 2, 16), _zeros(1, 8, 1, 16),
+                                      _zeros(1, 8, 1, 16), _zeros(1, 8, 1), sink_size=1,
+                                      window_size=2, budget=n, implementation="xla"),
+    "block_size": lambda n: nsa_attention(_zeros(1, 8, 2, 16), _zeros(1, 8, 1, 16),
+                                          _zeros(1, 8, 1, 16), _zeros(1, 8, 2, 3),
+                                          block_size=n, block_count=3, window_size=3),
+    "block_count": lambda n: nsa_attention(_zeros(1, 8, 2, 16), _zeros(1, 8, 1, 16),
+                                           _zeros(1, 8, 1, 16), _zeros(1, 8, 2, 3),
+                                           block_size=4, block_count=n, window_size=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIZE_CALLS))
+def test_sizes_beyond_int32_raise(name):
+  """Before: OverflowError from inside the op."""
+  with pytest.raises(ValueError, match=rf"{name} must be an integer <= 2\*\*31 - 1"):
+    SIZE_CALLS[name](2 ** 40)
+
+
 @pytest.mark.parametrize("make", [
     lambda w: AttentionConfig(window_size=w),
     lambda w: LTEConfig(window_size=w),
