@@ -29,6 +29,7 @@ from experiments import bench_common
 from lte_jax.ops.attention import attention
 from lte_jax.ops.attention import reference as attention_reference
 from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule
+from lte_jax.ops.gated_delta_rule import reference as gdn_reference
 from lte_jax.ops.lte_attention import lte_attention
 from lte_jax.ops.lte_attention import reference as lte_reference
 
@@ -71,22 +72,6 @@ def gdn_inputs(time, dk, seed=0):
   return (q, k, v, g.copy(), beta.copy(), h0), d_o, seg
 
 
-def _recurrence64(q, k, v, g, beta, h0, reset):
-  """The gated delta rule one token at a time (float64 under x64) -> o."""
-  scale = q.shape[-1] ** -0.5
-
-  def step(h, xs):
-    q_t, k_t, v_t, g_t, beta_t, reset_t = xs
-    h = jnp.where(reset_t[:, None, None, None], 0.0, h) * jnp.exp(g_t)[..., None, None]
-    v_new = beta_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", h, k_t))
-    h = h + k_t[..., :, None] * v_new[..., None, :]
-    return h, jnp.einsum("bhkv,bhk->bhv", h, scale * q_t)
-
-  time_major = lambda x: jnp.moveaxis(x, 1, 0)
-  _, o = jax.lax.scan(step, h0, tuple(map(time_major, (q, k, v, g, beta, reset))))
-  return jnp.moveaxis(o, 0, 1)
-
-
 def _value_and_grads(fn, args, d_o):
   def loss(*a):
     o = fn(*a)
@@ -117,9 +102,9 @@ def check_gdn(impl, dtype, time, dk):
   reset = np.zeros(seg.shape, bool)
   reset[:, 1:] = seg[:, 1:] != seg[:, :-1]
   with jax.enable_x64(True):
-    want_o, want_grads = _value_and_grads(
-        lambda *a: _recurrence64(*a, jnp.asarray(reset)), [jnp.asarray(x) for x in seen],
-        jnp.asarray(d_o64))
+    oracle = lambda *a: gdn_reference.recurrence(*a, jnp.asarray(reset))[1]
+    want_o, want_grads = _value_and_grads(oracle, [jnp.asarray(x) for x in seen],
+                                          jnp.asarray(d_o64))
   fn = lambda q, k, v, g, beta, h0: chunk_gated_delta_rule(
       q, k, v, g, beta, initial_state=h0, segment_ids=jnp.asarray(seg),
       implementation=impl)[0]

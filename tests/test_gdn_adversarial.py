@@ -25,6 +25,7 @@ from lte_jax.kernels.gated_delta_rule import Plan, chunk_gated_delta_rule_pallas
 from lte_jax.kernels.gated_delta_rule.backend import Layout
 from lte_jax.models import HybridLM
 from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from lte_jax.ops.gated_delta_rule import reference as gdn_reference
 
 KEY_KINDS = ("identical", "similar")
 G_VALUES = (0.0, -0.01, -5.0)
@@ -77,26 +78,10 @@ def _packed_ids(rows, time):
   return jnp.asarray(np.broadcast_to(ids, (rows, time)), jnp.int32)
 
 
-def _recurrence(q, k, v, g, beta, h0, reset):
-  """The gated delta rule one token at a time in the inputs' dtype -> (o, final h)."""
-  scale = q.shape[-1] ** -0.5
-
-  def step(h, xs):
-    q_t, k_t, v_t, g_t, beta_t, reset_t = xs
-    h = jnp.where(reset_t[:, None, None, None], 0.0, h) * jnp.exp(g_t)[..., None, None]
-    v_new = beta_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", h, k_t))
-    h = h + k_t[..., :, None] * v_new[..., None, :]
-    return h, jnp.einsum("bhkv,bhk->bhv", h, scale * q_t)
-
-  time_major = lambda x: jnp.moveaxis(x, 1, 0)
-  h, o = jax.lax.scan(step, h0, tuple(map(time_major, (q, k, v, g, beta, reset))))
-  return jnp.moveaxis(o, 0, 1), h
-
-
 @jax.jit
 def _float64_value_and_grads(args, d_o, d_h, reset):
   def loss(*args):
-    o, h = _recurrence(*args, reset)
+    h, o = gdn_reference.recurrence(*args, reset)
     return jnp.sum(o * d_o) + jnp.sum(h * d_h), (o, h)
 
   return jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True)(*args)

@@ -134,4 +134,5 @@ def test_end_to_end_run_writes_config_metrics_events_and_checkpoints(tmp_path):
     assert key in records[-1], key
   assert len(records[-1]["kept"]) == 1 and len(records[-1]["kept"][0]) == 2
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
+  # The two newest steps, and their checksums beside them.
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "checksums"]

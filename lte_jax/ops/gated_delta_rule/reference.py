@@ -55,6 +55,22 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
     # The row's first document continues from initial_state, so t = 0 never resets.
     reset = segments.document_starts(segment_ids).at[:, 0].set(False)
 
+  h, o = recurrence(f32(q), f32(k), f32(v), f32(g), f32(beta), h0, reset, scale=scale)
+  o = o.astype(v.dtype)
+  return o, (h if output_final_state else None)
+
+
+def recurrence(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
+               h0: jax.Array, reset: jax.Array, *, scale: float | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+  """The bare recurrence in the inputs' own dtype (float64 under x64: the oracle of the
+  adversarial tests and experiments.check_adversarial), no validation.
+
+  q, k [B, T, H, Dk], v [B, T, H, Dv], g, beta [B, T, H], h0 [B, H, Dk, Dv], reset
+  [B, T] bool (the state restarts from zero before that token) -> (final h, o [B, T, H, Dv]).
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+
   def step(h, xs):
     q_t, k_t, v_t, g_t, beta_t, reset_t = xs
     h = jnp.where(reset_t[:, None, None, None], 0.0, h)
@@ -65,9 +81,6 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
     o_t = jnp.einsum("bhkv,bhk->bhv", h, scale * q_t, precision=_HIGHEST)
     return h, o_t
 
-  time_major = lambda x: jnp.moveaxis(f32(x), 1, 0)
-  xs = (time_major(q), time_major(k), time_major(v), time_major(g), time_major(beta),
-        jnp.moveaxis(reset, 1, 0))
-  h, o = jax.lax.scan(step, h0, xs)
-  o = jnp.moveaxis(o, 0, 1).astype(v.dtype)
-  return o, (h if output_final_state else None)
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  h, o = jax.lax.scan(step, h0, tuple(map(time_major, (q, k, v, g, beta, reset))))
+  return h, jnp.moveaxis(o, 0, 1)
