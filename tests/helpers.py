@@ -52,3 +52,20 @@ def packed_segment_ids(rng, batch, time, *, lengths=(1, 1, 2, 5, 17, 40), paddin
       ids[-padding:] = [0] * padding
     rows.append(ids)
   return np.asarray(rows, np.int32)
+
+
+def save_checkpoints(directory, state_at, data, steps=(1, 2), keep=3) -> dict:
+  """Save state_at(s) after s batches of a training iterator over `data` (a DataConfig);
+  returns the iterator position of each saved step."""
+  from lte_jax.data import make_train_iterator  # pylint: disable=g-import-not-at-top
+  from lte_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(directory, every=1, keep=keep)
+  it = make_train_iterator(data)
+  positions = {}
+  for s in range(1, max(steps) + 1):
+    next(it)
+    if s in steps:
+      assert ckpt.save(s, state_at(s), it)
+      positions[s] = it.get_state()
+  ckpt.close()
+  return positions

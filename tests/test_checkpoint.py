@@ -12,6 +12,7 @@ import pytest
 
 from lte_jax.data import DataConfig, make_train_iterator
 from lte_jax.training import checkpoint
+from tests import helpers
 
 DATA = DataConfig(seq_len=16, batch_size=2, model_vocab_size=512)
 
@@ -27,16 +28,7 @@ def abstract() -> dict:
 
 def saved_run(directory, steps=(1, 2), keep=3):
   """Save state_at(s) after consuming s batches; returns the iterator positions."""
-  ckpt = checkpoint.Checkpointer(directory, every=1, keep=keep)
-  it = make_train_iterator(DATA)
-  positions = {}
-  for s in range(1, max(steps) + 1):
-    next(it)
-    if s in steps:
-      assert ckpt.save(s, state_at(s), it)
-      positions[s] = it.get_state()
-  ckpt.close()
-  return positions
+  return helpers.save_checkpoints(directory, state_at, DATA, steps, keep)
 
 
 def test_restore_latest_round_trips_state_and_data_position(tmp_path):

@@ -27,6 +27,7 @@ from experiments import configs as config_files
 from lte_jax.data import DataConfig, make_train_iterator
 from lte_jax.evals import loading
 from lte_jax.training import checkpoint, experiment, integrity, optimizer, train_state
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = DataConfig(seq_len=16, batch_size=2, model_vocab_size=512)
@@ -51,16 +52,7 @@ def abstract() -> dict:
 
 def save_steps(directory, steps=(1, 2), keep=3):
   """Save state_at(s) after s batches; returns the iterator position of each step."""
-  ckpt = checkpoint.Checkpointer(directory, every=1, keep=keep)
-  it = make_train_iterator(DATA)
-  positions = {}
-  for s in range(1, max(steps) + 1):
-    next(it)
-    if s in steps:
-      assert ckpt.save(s, state_at(s), it)
-      positions[s] = it.get_state()
-  ckpt.close()
-  return positions
+  return helpers.save_checkpoints(directory, state_at, DATA, steps, keep)
 
 
 def largest_file(step_dir) -> str:
