@@ -11,6 +11,12 @@ same random tokens and reports the error of lte_jax's logits against FLA's:
   gdn        GatedDeltaNetForCausalLM: GDN layers only (expand_v 2, untied head)
   gdn_attn   GDN + full softmax attention on layers 1 and 3 (GQA 4/2, tied embeddings)
   gdn_swa    GDN + sliding-window attention (window 32 visible tokens) on layers 1 and 3
+The export cases go the other way: a random lte_jax model with the shapes of the FLA model
+named after ``export_`` (norm weights perturbed too) is written by lte_jax.convert.save_hf,
+FLA loads it with transformers' AutoModelForCausalLM.from_pretrained (every tensor must
+load), and the logits are compared the same way:
+  export_gdn       the gdn model's shapes
+  export_gdn_attn  the gdn_attn model's shapes (attention layers, tied embeddings)
 Sequence lengths <= 64 run FLA's fused_recurrent GDN kernel, longer ones its chunk kernel.
 
 FLA's softmax attention calls flash-attn; so that the script does not need it, a
@@ -41,7 +47,8 @@ _OUT = flags.DEFINE_string("out", "conformance_fla.json", "JSON file for the res
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["48", "300"],
                               "Sequence lengths (<= 64: FLA's fused_recurrent path; > 64: chunk).")
 _BATCH = flags.DEFINE_integer("batch", 2, "Sequences per run.")
-_MODELS = flags.DEFINE_list("models", ["gdn", "gdn_attn", "gdn_swa"], "Models to check.")
+_MODELS = flags.DEFINE_list("models", ["gdn", "gdn_attn", "gdn_swa", "export_gdn",
+                                        "export_gdn_attn"], "Models to check.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-2, "Largest rel_max accepted.")
 _IMPLEMENTATION = flags.DEFINE_string(
     "implementation", None, "lte_jax op implementation for every mixer (None: the backend's best).")
@@ -50,6 +57,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where the FLA checkpoints are s
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the FLA weights, the perturbation and the tokens.")
 
 D_MODEL, LAYERS, VOCAB = 256, 4, 1024
+# Export cases: the FLA model whose shapes each lte_jax model takes.
+EXPORTS = {"export_gdn": "gdn", "export_gdn_attn": "gdn_attn"}
 
 
 def fla_config_kwargs(name: str) -> dict:
@@ -101,6 +110,68 @@ def build_fla_model(name: str, seed: int, directory: str):
   return model.to(device="cuda", dtype=torch.float32).eval()
 
 
+def random_lte_params(config, seed: int) -> dict:
+  """Parameters of an lte_jax HybridLM drawn with numpy (nnx.to_pure_dict layout): matrices
+  normal(init_std), norm weights 1 + normal(0.2) (at 1 a misplaced norm would not show),
+  A_log = log U(1, 16) and dt_bias = softplus^-1 of dt log-uniform in [1e-3, 0.1], as FLA
+  initialises them."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from lte_jax.convert.hf_params import expected_shapes  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in expected_shapes(config).items():
+    if any("norm" in str(key) for key in path):
+      x = 1.0 + 0.2 * rng.standard_normal(shape)
+    elif path[-1] == "A_log":
+      x = np.log(rng.uniform(1.0, 16.0, shape))
+    elif path[-1] == "dt_bias":
+      dt = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), shape))
+      x = dt + np.log(-np.expm1(-dt))
+    else:
+      x = config.init_std * rng.standard_normal(shape)
+    flat[path] = x.astype(np.float32)
+  return traverse_util.unflatten_dict(flat)
+
+
+def export_lte_model(name: str, seed: int, directory: str, implementation: str | None = None):
+  """The lte_jax half of an export case: a random model with the shapes of FLA model
+  EXPORTS[name], written to ``directory`` by save_hf; returns (model in eval mode, config)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lte_jax import configs as configs_lib  # pylint: disable=g-import-not-at-top
+  from lte_jax.convert import model_config_from_hf, save_hf  # pylint: disable=g-import-not-at-top
+  from lte_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  config, _ = model_config_from_hf(dict(fla_config_kwargs(EXPORTS[name]),
+                                        model_type="gated_deltanet"))
+  params = random_lte_params(config, seed)
+  save_hf(params, config, directory, overwrite=True)  # a rerun with --workdir replaces it
+  if implementation is not None:
+    config = configs_lib.replace(config, **{
+        mixer: configs_lib.replace(getattr(config, mixer), implementation=implementation)
+        for mixer in ("gdn", "attn", "swa")})
+  model = train_state.make_model_def(config, train=False).bind(
+      jax.tree.map(jnp.asarray, params), jax.random.key(0))
+  model.eval()
+  return model, config
+
+
+def load_fla_export(directory: str):
+  """FLA's model of an exported directory (eval, fp32, cuda); exits unless every tensor of
+  the model was in the file and every tensor of the file was used."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import fla.models  # pylint: disable=g-import-not-at-top,unused-import  # registers gated_deltanet
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+  tied = model.config.tie_word_embeddings
+  problems = {key: sorted(k for k in info.get(key) or () if not (tied and k == "lm_head.weight"))
+              for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+  problems = {key: value for key, value in problems.items() if value}
+  if problems or info.get("error_msgs"):
+    sys.exit(f"FLA did not load {directory} as written: {problems} {info.get('error_msgs')}")
+  return model.to(device="cuda", dtype=torch.float32).eval()
+
+
 def compare(lte, fla) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   lte, fla = np.asarray(lte, np.float64), np.asarray(fla, np.float64)
@@ -136,6 +207,10 @@ def main(argv):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from lte_jax.convert import load_hf  # pylint: disable=g-import-not-at-top
 
+  known = ("gdn", "gdn_attn", "gdn_swa", *EXPORTS)
+  unknown = [name for name in _MODELS.value if name not in known]
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown}; known: {', '.join(known)}")
   if not torch.cuda.is_available():
     sys.exit("conformance_fla needs a CUDA GPU (FLA's kernels are Triton)")
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -148,9 +223,14 @@ def main(argv):
   results = []
   for name in _MODELS.value:
     directory = os.path.join(root, name)
-    print(f"{name}: building FLA model ({time.strftime('%H:%M:%S')})", flush=True)
-    fla_model = build_fla_model(name, _SEED.value, directory)
-    model, config = load_hf(directory, implementation=_IMPLEMENTATION.value)
+    if name in EXPORTS:
+      print(f"{name}: exporting an lte_jax model ({time.strftime('%H:%M:%S')})", flush=True)
+      model, config = export_lte_model(name, _SEED.value, directory, _IMPLEMENTATION.value)
+      fla_model = load_fla_export(directory)
+    else:
+      print(f"{name}: building FLA model ({time.strftime('%H:%M:%S')})", flush=True)
+      fla_model = build_fla_model(name, _SEED.value, directory)
+      model, config = load_hf(directory, implementation=_IMPLEMENTATION.value)
     forward = nnx.jit(lambda m, x: m(x)[0])
     # One lte_jax forward at the longest length serves every length: the model is causal,
     # so its logits at positions < t depend on tokens[:, :t] alone, and one compilation
@@ -172,7 +252,7 @@ def main(argv):
                  lte_seconds=lte_seconds, **compare(got, ref))
       row["pass"] = row["rel_max"] <= _TOLERANCE.value
       results.append(row)
-      print(f"{name:9s} T={t:5d} {row['fla_gdn_path']:15s} rel_max={row['rel_max']:.3e} "
+      print(f"{name:15s} T={t:5d} {row['fla_gdn_path']:15s} rel_max={row['rel_max']:.3e} "
             f"rel_rms={row['rel_rms']:.3e} argmax={row['argmax_agree']:.4f} "
             f"{'PASS' if row['pass'] else 'FAIL'}", flush=True)
       _write_report(results, jax, torch, fla, transformers)  # a run cut short keeps its rows

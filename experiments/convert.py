@@ -1,7 +1,9 @@
-r"""Convert a Hugging Face checkpoint into an lte_jax workdir that experiments.train resumes.
+r"""Convert a Hugging Face checkpoint into an lte_jax workdir that experiments.train resumes,
+or (--to_hf) a trained workdir into a Hugging Face directory.
 
     python -m experiments.convert --from=/path/to/hf_model --to=/tmp/converted \
         [--config=GDN_Attn --config.data.source=jsonl ...]
+    python -m experiments.convert --from=/path/to/workdir --to_hf=/tmp/hf_model [--overwrite]
 
 Reads flash-linear-attention ``gated_deltanet`` and the reference's ``hybrid_gated_deltanet``
 directories (config.json + safetensors). Writes, in WORKDIR:
@@ -18,6 +20,15 @@ follow it (a changed data source or clipping switched off would not restore). Wi
 model whose vocabulary is smaller than the tokenizer's (the byte tokenizer's 259 ids by
 default) needs its own: --config.data.tokenizer=PATH (tokenizer.json or a SentencePiece
 .model; the error names the one in --from, if any).
+
+With --to_hf, --from is a workdir (of experiments.train, or made by this script) and its
+newest good checkpoint is written by lte_jax.convert.save_hf: config.json and
+model.safetensors in FLA's gated_deltanet format (GDN, GDN_SWA, GDN_Attn, transformer) or
+the reference's hybrid_gated_deltanet (laLTE, laNSA, NSA), the LTE lambda controller as the
+reference's model.l1_lambda / model.num_kept, and the run's tokenizer (config.data.tokenizer;
+the byte tokenizer as an equivalent tokenizer.json). A model the format cannot express is
+refused naming the field, and nothing is written. --config flags do not apply: the
+workdir's config.json holds the model.
 """
 from __future__ import annotations
 
@@ -41,7 +52,8 @@ from experiments import configs as config_files
 from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
 from lte_jax import lte_controller
-from lte_jax.convert import convert_hf, model_config_from_hf, read_config
+from lte_jax.convert import convert_hf, model_config_from_hf, read_config, save_hf
+from lte_jax.convert import export as export_lib
 from lte_jax.data.tokenizers import get_tokenizer
 from lte_jax.training import checkpoint, experiment, optimizer, train_state
 from lte_jax.training.train_state import TrainState
@@ -51,6 +63,13 @@ MODEL_FILE = "converted_model.json"
 _FROM = flags.DEFINE_string("from", None, "Hugging Face model directory (config.json + "
                             "model.safetensors or model.safetensors.index.json with its shards).")
 _TO = flags.DEFINE_string("to", None, "Workdir to create; must not hold checkpoints yet.")
+_TO_HF = flags.DEFINE_string("to_hf", None, "The reverse direction: Hugging Face directory to "
+                             "write from the --from workdir's newest good checkpoint.")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "With --to_hf: replace a non-empty "
+                                  "directory (everything it held is removed).")
+_STRICT = flags.DEFINE_boolean("strict", True, "With --to_hf: refuse LTE controller targets "
+                               "(target_kept, target_seq_len) the format cannot hold; "
+                               "--nostrict exports anyway (they only steer fine-tuning).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config the checkpoint is made for (a name from "
     "experiments/configs/ or a file; default: the architecture's config, e.g. GDN_Attn). Its "
@@ -79,6 +98,8 @@ ALLOWED = cli.allowed_values({
     "config.data.tokenizer": "'byte' or a path to the model's tokenizer.json / SentencePiece "
                              ".model",
     "config.data.source": data_lib.SOURCE_KINDS,
+    "--to_hf model_type": ("gated_deltanet (GDN, GDN_SWA, GDN_Attn, transformer)",
+                           "hybrid_gated_deltanet (laLTE, laNSA, NSA)"),
 })
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -230,11 +251,49 @@ def convert_to_workdir(source: str, workdir: str,
           f"--config.model.from_file={model_file}"]
 
 
+def export_workdir(workdir: str, directory: str, *, overwrite: bool = False,
+                   strict: bool = True):
+  """Write the newest good checkpoint of ``workdir`` to the Hugging Face ``directory``
+  (save_hf: the model, its LTE lambda controller, the run's tokenizer); returns the
+  evals.loading.LoadedRun it came from. The paths are checked before anything is loaded."""
+  from lte_jax.evals import loading  # pylint: disable=g-import-not-at-top
+  if not isinstance(workdir, str) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"--from must be a workdir written by experiments.train or "
+                     f"experiments.convert (config.json and checkpoints/) when --to_hf is "
+                     f"given, got {workdir!r}")
+  if not isinstance(directory, str) or not directory:
+    raise ValueError(f"--to_hf must name a directory to create, got {directory!r}")
+  if os.path.isdir(directory) and os.path.samefile(workdir, directory):
+    raise ValueError(f"--to_hf={directory} is the workdir --from={workdir}; choose a new "
+                     "directory")
+  try:
+    export_lib.check_target(directory, overwrite)
+  except ValueError as err:
+    raise ValueError(f"--to_hf: {err}".replace("pass overwrite=True", "pass --overwrite")
+                     ) from None
+  run = loading.load_run(workdir)
+  save_hf(run.model, None, directory, tokenizer=run.data.tokenizer, controller=run.controller,
+          overwrite=overwrite, strict=strict)
+  return run
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   checkpoint.quiet_orbax_logs()
   source, workdir = flags.FLAGS["from"].value, _TO.value
+  if (workdir is None) == (_TO_HF.value is None):
+    sys.exit("cannot convert: give exactly one of --to (Hugging Face directory -> workdir) "
+             "and --to_hf (workdir -> Hugging Face directory)")
+  if _TO_HF.value is not None:
+    try:
+      run = export_workdir(source, _TO_HF.value, overwrite=_OVERWRITE.value,
+                           strict=_STRICT.value)
+    except (ValueError, OSError) as err:
+      sys.exit(f"cannot export {source}: {err}")
+    print(f"wrote {_TO_HF.value} from {run.checkpoint}; load it with "
+          "lte_jax.convert.load_hf, or with transformers after `import fla`")
+    return
   try:
     config_args = [a for a in sys.argv[1:] if a.startswith(("--config", "--noconfig"))]
     command = convert_to_workdir(source, workdir, _CONFIG.value, config_args)
@@ -245,6 +304,11 @@ def main(argv):
 
 def parse_flags(argv: list[str]) -> list[str]:
   cli.exit_on_help(argv, __doc__, __name__, ALLOWED)
+  config_flags_given = [a.split("=", 1)[0] for a in argv[1:]
+                        if a.startswith(("--config", "--noconfig"))]
+  if any(a == "--to_hf" or a.startswith("--to_hf=") for a in argv[1:]) and config_flags_given:
+    sys.exit(f"FATAL Flags parsing error: {config_flags_given[0]} does not apply with --to_hf: "
+             "the --from workdir's config.json holds the model")
   try:
     argv = config_files.resolve_command_line(default_config_args(argv))
   except ValueError as err:
@@ -253,5 +317,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["from", "to"])
+  flags.mark_flags_as_required(["from"])
   app.run(main, flags_parser=parse_flags)

@@ -32,6 +32,9 @@ class LoadedRun:
   data: DataConfig         # the run's data config (tokenizer, MQAR vocab)
   step: int
   checkpoint: str          # the step directory restored
+  # lte_controller.ControllerState of the restored state (LTE lambdas, kept counts);
+  # None for models without LTE layers
+  controller: object = None
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -85,7 +88,7 @@ def load_run(workdir: str | None, checkpoint: str | None = None) -> LoadedRun:
   model.eval()
   model.set_attributes(enforce_budget=True, raise_if_not_found=False)
   return LoadedRun(model=model, data=exp.data, step=int(step),
-                   checkpoint=os.path.join(directory, str(step)))
+                   checkpoint=os.path.join(directory, str(step)), controller=state.controller)
 
 
 def _restore_good(manager: ocp.CheckpointManager, directory: str, steps: list[int],
