@@ -159,6 +159,10 @@ class LteJaxLM(TemplateLM):
       raise ValueError(f"unknown model_args {sorted(unknown)}; the {MODEL_TYPE} model type "
                        f"takes {', '.join(MODEL_ARGS)}")
     super().__init__()
+    for name, value in (("batch_size", batch_size), ("max_length", max_length),
+                        ("max_gen_toks", max_gen_toks)):
+      if value is not None:   # before the model loads
+        _as_int(name, value)
     model, tok = load_model(workdir=workdir, checkpoint=checkpoint, hf=hf,
                             tokenizer=tokenizer, dtype=dtype)
     self._setup(model, tok, batch_size=batch_size, max_length=max_length,
