@@ -268,12 +268,12 @@ def export_workdir(workdir: str, directory: str, *, overwrite: bool = False,
                      "directory")
   try:
     export_lib.check_target(directory, overwrite)
-  except ValueError as err:
-    raise ValueError(f"--to_hf: {err}".replace("pass overwrite=True", "pass --overwrite")
-                     ) from None
-  run = loading.load_run(workdir)
-  save_hf(run.model, None, directory, tokenizer=run.data.tokenizer, controller=run.controller,
-          overwrite=overwrite, strict=strict)
+    run = loading.load_run(workdir)
+    save_hf(run.model, None, directory, tokenizer=run.data.tokenizer,
+            controller=run.controller, overwrite=overwrite, strict=strict)
+  except ValueError as err:  # save_hf's keyword arguments are this script's flags
+    raise ValueError(str(err).replace("overwrite=True", "--overwrite").replace(
+        "strict=False", "--nostrict")) from None
   return run
 
 

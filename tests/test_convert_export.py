@@ -300,8 +300,7 @@ def test_cli_exports_a_workdir_with_its_controller_and_tokenizer(tmp_path, parse
   assert convert.convert_hf(out).config == convert.convert_hf(source).config
   assert tokenizers.get_tokenizer(out).encode("ok") == tokenizers.ByteTokenizer().encode("ok")
 
-  with pytest.raises(ValueError, match="--to_hf: path .* exists and is not empty; pass "
-                     "--overwrite"):
+  with pytest.raises(ValueError, match="path .* exists and is not empty; pass --overwrite"):
     convert_cli.export_workdir(workdir, out)
   with pytest.raises(ValueError, match="--from must be a workdir"):
     convert_cli.export_workdir(source, str(tmp_path / "x"))
