@@ -11,10 +11,18 @@
   _xla_gc_callback>" with a KeyboardInterrupt traceback and drops the exception: Ctrl-C, or
   a time limit's SIGINT, leaves the suite running. The suite runs that collection after each
   test instead, so a signal's exception always reaches the test.
+- One run of the suite shares a JAX persistent compilation cache (a fresh temporary folder,
+  removed at the end) between its workers and the entry points its tests start as
+  subprocesses: the same tiny models are compiled by many tests, and on two cores compiling
+  is most of the suite's time. Compiled programs are keyed by their HLO, flags and versions,
+  so a hit runs exactly what a fresh compile would.
 """
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import tempfile
 
 import pytest
 from absl import flags
@@ -45,8 +53,27 @@ def _take_jax_gc_callback():
   return jax_lib._jax.collect_garbage if callbacks else None  # pylint: disable=protected-access
 
 
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE = None  # the folder this process created (the xdist controller or a lone run)
+
+
+def _share_compilations() -> None:
+  """Point this process, the xdist workers it starts and every subprocess at one cache."""
+  global _OWN_CACHE
+  if _CACHE_ENV not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="lte_jax_test_compile_cache-")
+    os.environ[_CACHE_ENV] = _OWN_CACHE
+  # Programs compiled in under half a second are cheaper to rebuild than to read back.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
 _replace_flags_of_other_entry_points()
 _COLLECT = _take_jax_gc_callback()
+_share_compilations()
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +91,5 @@ def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argumen
   gc.collect()
   if _COLLECT is not None:
     _COLLECT()
+  if _OWN_CACHE is not None and not hasattr(session.config, "workerinput"):
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
