@@ -21,7 +21,7 @@ from flax import nnx
 
 from experiments import configs as config_files
 from experiments import convert as convert_cli
-from experiments import eval_ppl, eval_retrieval, generate
+from experiments import eval_ppl, eval_retrieval, generate, reproduce
 from experiments import train as train_cli
 from lte_jax import configs as configs_lib
 from lte_jax import data as data_lib
@@ -160,7 +160,7 @@ def test_data_errors_stop_in_one_line_and_leave_no_workdir(tmp_path, parsed_flag
   zeros = lambda model_def, tx, seed, shardings: jax.tree.map(  # no init to compile
       lambda x: jnp.zeros(x.shape, x.dtype),
       jax.eval_shape(lambda: train_state.init_train_state(model_def, tx, seed)))
-  monkeypatch.setattr(train_cli.train_state, "create_train_state", zeros)
+  monkeypatch.setattr(train_state, "create_train_state", zeros)
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text('{"text": "a good line"}\nnot json\n')
   config = tiny_config()
@@ -188,7 +188,8 @@ def test_data_errors_stop_in_one_line_and_leave_no_workdir(tmp_path, parsed_flag
     (convert_cli, [*config_files.available(), "gated_deltanet", "hybrid_gated_deltanet"]),
     (eval_ppl, [*data_lib.SOURCE_KINDS]),
     (generate, ["--max_new_tokens"]),
-], ids=["train", "eval_retrieval", "convert", "eval_ppl", "generate"])
+    (reproduce, ["small, pilot, smoke", "train, eval, report", "laLTE"]),
+], ids=["train", "eval_retrieval", "convert", "eval_ppl", "generate", "reproduce"])
 def test_help_exits_0_and_lists_the_allowed_values(module, expected, capsys):
   with pytest.raises(SystemExit) as exit_info:
     module.parse_flags([module.__name__, "--help"])
