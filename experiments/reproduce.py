@@ -50,6 +50,9 @@ _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds for the architectures the prese
 _STAGE = flags.DEFINE_list("stage", list(STAGES), f"Stages to run, of {STAGES}.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Models trained and evaluated at once (child "
                                  "processes sharing the device).", lower_bound=1)
+_SITE_PACKAGES = flags.DEFINE_bool(
+    "site_packages", False, "Add the installed packages' .py sources to the corpus (where "
+    "the Python install ships a small standard library). Fixed at the study's first run.")
 _RUNS = flags.DEFINE_list("runs", None, "Models as 'arch:seed', instead of --archs / --seeds "
                           "(e.g. laLTE:1,GDN_SWA:1).")
 _CHILD = flags.DEFINE_bool("child", False, "Set for --parallel's child processes (they leave "
@@ -97,8 +100,10 @@ def training_config(preset: preset_lib.StudyPreset, arch: str, seed: int, corpus
 class Study:
   """Paths and stages of one study folder."""
 
-  def __init__(self, workdir: str, preset: preset_lib.StudyPreset, smoke: bool):
+  def __init__(self, workdir: str, preset: preset_lib.StudyPreset, smoke: bool,
+               site_packages: bool = False):
     self.workdir, self.preset, self.smoke = workdir, preset, smoke
+    self.site_packages = site_packages
     self.corpus_path = os.path.join(workdir, "corpus", "stdlib.jsonl")
 
   def run_dir(self, arch: str, seed: int) -> str:
@@ -107,7 +112,8 @@ class Study:
   def prepare(self, record_study: bool = True) -> dict:
     """The corpus (built once) and, with ``record_study``, the study's record of its preset."""
     os.makedirs(self.workdir, exist_ok=True)
-    manifest = corpus_lib.build(self.corpus_path, max_bytes=400_000 if self.smoke else None)
+    manifest = corpus_lib.build(self.corpus_path, max_bytes=400_000 if self.smoke else None,
+                                site_packages=self.site_packages)
     record = os.path.join(self.workdir, "study.json")
     if not record_study:
       return manifest
@@ -184,6 +190,7 @@ def _children(study: Study, runs: list[tuple[str, int]], stages: list[str]) -> N
       name = run_name(arch, seed)
       cmd = [sys.executable, "-m", "experiments.reproduce", f"--workdir={study.workdir}",
              f"--preset={study.preset.name}", f"--runs={arch}:{seed}", "--child",
+             f"--site_packages={study.site_packages}",
              f"--stage={','.join(stages)}"] + (["--smoke"] if study.smoke else [])
       env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{fraction:.2f}")
       log = open(os.path.join(logs, name + ".log"), "a")
@@ -227,7 +234,7 @@ def main(argv):
     sys.exit(f"--archs: {bad[0]!r} is not an architecture of the study; allowed: "
              f"{','.join(preset_lib.STUDY_ARCHS)}")
   preset = preset_lib.get_preset("smoke" if _SMOKE.value else _PRESET.value)
-  study = Study(os.path.abspath(_WORKDIR.value), preset, _SMOKE.value)
+  study = Study(os.path.abspath(_WORKDIR.value), preset, _SMOKE.value, _SITE_PACKAGES.value)
   from lte_jax.training import checkpoint
   checkpoint.quiet_orbax_logs()
   try:

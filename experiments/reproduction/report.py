@@ -56,7 +56,7 @@ def _cell(values: list[float], cis: list[tuple[float, float]] | None = None) -> 
   """'mean' for one seed with its interval, 'mean (a / b)' over seeds."""
   if len(values) == 1:
     lo, hi = cis[0] if cis else (None, None)
-    return f"{values[0]:.1f}" + (f" [{lo:.0f}-{hi:.0f}]" if lo is not None else "")
+    return f"{values[0]:.1f}" + (f" [{lo:.1f}-{hi:.1f}]" if lo is not None else "")
   return f"{np.mean(values):.1f} (" + " / ".join(f"{v:.1f}" for v in values) + ")"
 
 
