@@ -121,15 +121,9 @@ def load_model(*, workdir: str | None = None, checkpoint: str | None = None,
                ) -> tuple[nnx.Module, Tokenizer]:
   """(model in eval mode with the LTE budget enforced, tokenizer)."""
   if hf_dir:
-    from lte_jax.convert import load_hf  # pylint: disable=g-import-not-at-top
-    if not os.path.isdir(hf_dir):
-      raise ValueError(f"--hf_dir must be a Hugging Face model directory, got {hf_dir!r}")
-    if tokenizer is None and not any(os.path.isfile(os.path.join(hf_dir, name))
-                                     for name in ("tokenizer.json", "tokenizer.model")):
-      raise ValueError(f"--hf_dir={hf_dir} holds no tokenizer.json or tokenizer.model; "
-                       "name one with --tokenizer")
-    model, _ = load_hf(hf_dir)
-    return model, get_tokenizer(tokenizer or hf_dir)
+    from lte_jax.convert import load_hf_with_tokenizer  # pylint: disable=g-import-not-at-top
+    return load_hf_with_tokenizer(hf_dir, tokenizer, path_name="--hf_dir",
+                                  tokenizer_name="--tokenizer")
   from lte_jax.evals import loading  # pylint: disable=g-import-not-at-top
   run = loading.load_run(workdir, checkpoint)
   logging.info("loaded %s (step %d)", run.checkpoint, run.step)

@@ -104,16 +104,9 @@ def load_model(*, workdir: str | None = None, checkpoint: str | None = None,
   if dtype is not None:
     check_choice("model_args dtype", dtype, configs_lib.DTYPES)
   if hf is not None:
-    hf = str(hf)
-    if not os.path.isdir(hf):
-      raise ValueError(f"model_args hf must be a Hugging Face model directory, got {hf!r}")
-    if tokenizer is None and not any(os.path.isfile(os.path.join(hf, name))
-                                     for name in ("tokenizer.json", "tokenizer.model")):
-      raise ValueError(f"model_args hf={hf} holds no tokenizer.json or tokenizer.model; "
-                       "name one with tokenizer=SPEC")
-    from lte_jax.convert import load_hf  # pylint: disable=g-import-not-at-top
-    model, _ = load_hf(hf, dtype=dtype or "float32")
-    return model, get_tokenizer(str(tokenizer) if tokenizer is not None else hf)
+    from lte_jax.convert import load_hf_with_tokenizer  # pylint: disable=g-import-not-at-top
+    return load_hf_with_tokenizer(hf, tokenizer, dtype=dtype or "float32",
+                                  path_name="model_args hf", tokenizer_name="tokenizer=SPEC")
   from lte_jax.evals import loading  # pylint: disable=g-import-not-at-top
   run = loading.load_run(None if workdir is None else str(workdir),
                          None if checkpoint is None else str(checkpoint))

@@ -77,27 +77,24 @@ class StudyPreset:
     return self.steps * self.batch_size * self.seq_len
 
 
+_SMALL = StudyPreset(
+    name="small", seq_len=2048, d_model=384, num_layers=8, gdn_heads=3, gdn_head_dim=128,
+    attn_heads=6, attn_head_dim=64, nsa_heads=12, nsa_kv_heads=2,
+    steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100,
+    mixture=(("corpus", 0.1), ("niah", 0.55), ("mqar", 0.35)),
+    mqar_seq_len=512, mqar_num_pairs=32, eval_multiples=(1, 2, 4), eval_samples=200,
+    mqar_lengths_pairs=((512, 16), (512, 32), (512, 64), (2048, 64), (2048, 127)),
+    mqar_samples=200, greedy_samples=48, ppl_rows=32, eval_batch=8,
+    seeds_twice=("laLTE", "GDN_SWA"), log_every=20, checkpoint_every=500)
+
 PRESETS = {
-    "small": StudyPreset(
-        name="small", seq_len=2048, d_model=384, num_layers=8, gdn_heads=3, gdn_head_dim=128,
-        attn_heads=6, attn_head_dim=64, nsa_heads=12, nsa_kv_heads=2,
-        steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=100,
-        mixture=(("corpus", 0.1), ("niah", 0.55), ("mqar", 0.35)),
-        mqar_seq_len=512, mqar_num_pairs=32, eval_multiples=(1, 2, 4), eval_samples=200,
-        mqar_lengths_pairs=((512, 16), (512, 32), (512, 64), (2048, 64), (2048, 127)),
-        mqar_samples=200, greedy_samples=48, ppl_rows=32, eval_batch=8,
-        seeds_twice=("laLTE", "GDN_SWA"), log_every=20, checkpoint_every=500),
+    "small": _SMALL,
     # 'small' at half the length and fewer steps: the controls' check in ~9 minutes of an
     # H100 for three models at once (measured: ~200K tokens/s over all models together).
-    "pilot": StudyPreset(
-        name="pilot", seq_len=1024, d_model=384, num_layers=8, gdn_heads=3, gdn_head_dim=128,
-        attn_heads=6, attn_head_dim=64, nsa_heads=12, nsa_kv_heads=2,
-        steps=1300, batch_size=16, learning_rate=1e-3, warmup_steps=100,
-        mixture=(("corpus", 0.1), ("niah", 0.55), ("mqar", 0.35)),
-        mqar_seq_len=512, mqar_num_pairs=32, eval_multiples=(1, 2, 4), eval_samples=100,
+    "pilot": dataclasses.replace(
+        _SMALL, name="pilot", seq_len=1024, steps=1300, eval_samples=100,
         mqar_lengths_pairs=((512, 32), (1024, 64)), mqar_samples=100, greedy_samples=32,
-        ppl_rows=16, eval_batch=8, seeds_twice=("laLTE", "GDN_SWA"), log_every=20,
-        checkpoint_every=1300),
+        ppl_rows=16, checkpoint_every=1300),
     "smoke": StudyPreset(
         name="smoke", seq_len=512, d_model=32, num_layers=2, gdn_heads=1, gdn_head_dim=32,
         attn_heads=2, attn_head_dim=16, nsa_heads=2, nsa_kv_heads=1,

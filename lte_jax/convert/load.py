@@ -70,3 +70,21 @@ def load_hf(path: str, *, dtype: str = "float32", implementation: str | None = N
   model.eval()
   model.set_attributes(enforce_budget=True, raise_if_not_found=False)
   return model, converted.config
+
+
+def load_hf_with_tokenizer(path: str, tokenizer: str | None = None, *, dtype: str = "float32",
+                           path_name: str = "path", tokenizer_name: str = "tokenizer"):
+  """(model, tokenizer) of a Hugging Face directory: ``load_hf`` and the tokenizer named by
+  ``tokenizer`` (a lte_jax.data.tokenizers spec) or, by default, the directory's own
+  tokenizer.json / tokenizer.model. Errors name ``path_name`` / ``tokenizer_name`` (how the
+  caller's user spells the two, e.g. '--hf_dir' and '--tokenizer')."""
+  from lte_jax.data.tokenizers import get_tokenizer  # pylint: disable=g-import-not-at-top
+  path = str(path)
+  if not os.path.isdir(path):
+    raise ValueError(f"{path_name} must be a Hugging Face model directory, got {path!r}")
+  if tokenizer is None and not any(os.path.isfile(os.path.join(path, name))
+                                   for name in ("tokenizer.json", "tokenizer.model")):
+    raise ValueError(f"{path_name}={path} holds no tokenizer.json or tokenizer.model; name "
+                     f"one with {tokenizer_name}")
+  model, _ = load_hf(path, dtype=dtype)
+  return model, get_tokenizer(str(tokenizer) if tokenizer is not None else path)
