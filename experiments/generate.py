@@ -20,7 +20,6 @@ the same tokens. Generation ends at the tokenizer's EOS, at --max_new_tokens, or
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Iterable, Iterator, Sequence
 

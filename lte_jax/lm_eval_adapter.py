@@ -39,7 +39,6 @@ compiled prefill + decode loop per batch), ending at EOS, a stop string of ``unt
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from typing import Any, Sequence
 
