@@ -76,6 +76,16 @@ _COLLECT = _take_jax_gc_callback()
 _share_compilations()
 
 
+@pytest.fixture
+def parsed_flags():
+  """absl's FLAGS marked parsed for a test that calls an entry point's main() directly."""
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.mark_as_parsed()
+  yield
+  if not was_parsed:
+    flags.FLAGS.unparse_flags()
+
+
 @pytest.fixture(autouse=True)
 def _collect_jax_garbage():
   yield

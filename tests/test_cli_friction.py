@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags, logging
+from absl import logging
 from absl.testing import flagsaver
 from flax import nnx
 
@@ -137,15 +137,6 @@ def test_settings_the_data_source_ignores_are_refused_naming_both_fields():
 
 
 # --- 3. data errors: one line, no workdir left behind ---
-
-@pytest.fixture
-def parsed_flags():
-  was_parsed = flags.FLAGS.is_parsed()
-  flags.FLAGS.mark_as_parsed()
-  yield
-  if not was_parsed:
-    flags.FLAGS.unparse_flags()
-
 
 def run_main(config, workdir) -> str:
   """experiments.train's main with this config; the message it exits with."""

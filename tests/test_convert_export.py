@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
@@ -269,15 +268,6 @@ def workdir_config():
   config.data.seq_len, config.data.batch_size = 16, 2
   config.steps, config.optim.warmup_steps = 4, 1
   return config
-
-
-@pytest.fixture
-def parsed_flags():
-  was_parsed = flags.FLAGS.is_parsed()
-  flags.FLAGS.mark_as_parsed()
-  yield
-  if not was_parsed:
-    flags.FLAGS.unparse_flags()
 
 
 def test_cli_exports_a_workdir_with_its_controller_and_tokenizer(tmp_path, parsed_flags):
