@@ -1,4 +1,5 @@
-"""Shared test helpers: error metrics, packed-batch generators, simulated-device runs."""
+"""Shared test helpers: error metrics, packed-batch generators, simulated-device runs, and
+the one tiny training run the command-line tests share."""
 from __future__ import annotations
 
 import os
@@ -69,3 +70,42 @@ def save_checkpoints(directory, state_at, data, steps=(1, 2), keep=3) -> dict:
       positions[s] = it.get_state()
   ckpt.close()
   return positions
+
+
+# One tiny laLTE run for the command-line tests (resume, eval, train CLI, bad data): the
+# same model, batch and schedule everywhere, so after the first run each later one reads
+# its compiled train step from the suite's persistent compilation cache. Flags that only
+# change what is logged, saved or read (log.every, checkpoint.*, data.source) may differ.
+TINY_STEPS = 16
+TINY_TRAIN = ("--config=laLTE", f"--config.steps={TINY_STEPS}", "--config.model.num_layers=2",
+              "--config.model.d_model=64", "--config.model.intermediate_size=128",
+              "--config.data.seq_len=32", "--config.data.batch_size=2",
+              "--config.optim.warmup_steps=2", "--config.eval.every=0",
+              "--config.log.progress=False", "--config.log.tensorboard=False")
+# Fast compiles: these runs check plumbing, not speed; every run compiles under them, so
+# runs are bitwise comparable and share compilations.
+FAST_XLA_ENV = dict(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "
+                    "--xla_llvm_disable_expensive_passes=true")
+
+
+def fast_env() -> dict:
+  return dict(os.environ, **FAST_XLA_ENV)
+
+
+def train_command(workdir, *extra) -> list[str]:
+  """experiments.train on the tiny run into ``workdir``; ``extra`` flags override."""
+  return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *TINY_TRAIN, *extra]
+
+
+def run_module(module, *args, timeout=240) -> subprocess.CompletedProcess:
+  """``python -m module args`` in the repository under fast compiles."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=fast_env(),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def train_tiny(workdir, *extra, timeout=240) -> subprocess.CompletedProcess:
+  """The tiny run into ``workdir`` (``extra`` flags override); asserts it succeeded."""
+  done = subprocess.run(train_command(workdir, *extra), cwd=REPO, env=fast_env(),
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done

@@ -1,8 +1,9 @@
 """Killed and resumed training reproduces the uninterrupted run (subprocesses of the real CLI).
 
-Run A trains 60 steps in one go. Run B is stopped with SIGTERM (it must save
-and exit cleanly), resumed and killed with SIGKILL (no chance to save), and
-resumed again to the end. B's losses must equal A's at every step.
+Run A trains the tiny run's 16 steps in one go. Run B is stopped with SIGTERM
+(it must save and exit cleanly), resumed and killed with SIGKILL between two
+periodic saves (no chance to save), and resumed again to the end. B's losses
+must equal A's at every step.
 """
 from __future__ import annotations
 
@@ -10,25 +11,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 60
-FLAGS = ["--config=laLTE", f"--config.steps={STEPS}", "--config.model.num_layers=2",
-         "--config.data.seq_len=32", "--config.data.batch_size=4", "--config.log.every=1",
-         "--config.checkpoint.every=10", "--config.optim.warmup_steps=5",
-         "--config.log.progress=False", "--config.log.tensorboard=False"]
+from tests import helpers
+
+REPO = helpers.REPO
+STEPS = helpers.TINY_STEPS
+FLAGS = ("--config.log.every=1", "--config.checkpoint.every=4")
 # Both runs compile under the same (fast-compiling) flags, so they are bitwise comparable.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-           XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+ENV = helpers.fast_env()
 
 
 def command(workdir):
-  return [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *FLAGS]
+  return helpers.train_command(workdir, *FLAGS)
 
 
 def losses(workdir) -> dict[int, float]:
@@ -79,7 +77,7 @@ def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_losses(
   workdir = tmp_path / "b"
   ckpt_dir = workdir / "checkpoints"
 
-  term = start_and_signal(workdir, 15, signal.SIGTERM)
+  term = start_and_signal(workdir, 3, signal.SIGTERM)
   assert term.returncode == 0, term.stderr[-3000:]
   assert "stopping at step" in term.stderr
   stopped_at = max(losses(workdir))
@@ -87,7 +85,8 @@ def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_losses(
   assert str(stopped_at) in os.listdir(ckpt_dir), os.listdir(ckpt_dir)  # saved on the way out
   assert "run summary" in term.stdout
 
-  kill = start_and_signal(workdir, stopped_at + 20, signal.SIGKILL)
+  # Past the periodic save at 8 (4 after a stop at 3), well before the end.
+  kill = start_and_signal(workdir, stopped_at + 6, signal.SIGKILL)
   assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
   assert f"restored checkpoint {ckpt_dir / str(stopped_at)}" in kill.stderr
   killed_at = max(losses(workdir))

@@ -3,36 +3,26 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 from flax import nnx
 
+from experiments import eval_retrieval
 from lte_jax.evals import loading
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Fast compiles: these runs check plumbing, not speed.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0 "
-           "--xla_llvm_disable_expensive_passes=true")
-
-
-def run(module, *args, timeout=240):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV,
-                        capture_output=True, text=True, timeout=timeout)
+run = helpers.run_module
+STEP = helpers.TINY_STEPS  # the tiny run's last step, its newest checkpoint
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("run"))
-  done = run("experiments.train", "--config=laLTE", f"--workdir={path}", "--config.steps=2",
-             "--config.model.num_layers=2", "--config.model.d_model=64",
-             "--config.model.intermediate_size=128", "--config.data.seq_len=32",
-             "--config.data.batch_size=2", "--config.optim.warmup_steps=1",
-             "--config.log.progress=False", "--config.log.tensorboard=False")
-  assert done.returncode == 0, done.stderr[-3000:]
+  helpers.train_tiny(path)
   return path
 
 
@@ -45,7 +35,7 @@ def test_eval_cli_writes_scores_memory_and_heatmap(workdir, tmp_path):
              f"--data_dir={tmp_path}", f"--out_dir={out}", "--batch_size=2")
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads((out / "results.json").read_text())
-  assert results["run"]["step"] == 2 and results["run"]["arch"] == "laLTE"
+  assert results["run"]["step"] == STEP and results["run"]["arch"] == "laLTE"
   assert results["lengths"] == [512]
   for task in ("niah_single_2", "mqar"):
     entry = results["tasks"][task]["512"]
@@ -64,8 +54,8 @@ def test_eval_cli_writes_scores_memory_and_heatmap(workdir, tmp_path):
 
 def test_checkpoint_flag_loads_a_step_directory(workdir):
   by_workdir = loading.load_run(workdir)
-  by_step = loading.load_run(None, os.path.join(workdir, "checkpoints", "2"))
-  assert by_step.step == by_workdir.step == 2
+  by_step = loading.load_run(None, os.path.join(workdir, "checkpoints", str(STEP)))
+  assert by_step.step == by_workdir.step == STEP
   a = jax.tree.leaves(nnx.state(by_workdir.model, nnx.Param))
   b = jax.tree.leaves(nnx.state(by_step.model, nnx.Param))
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -73,15 +63,29 @@ def test_checkpoint_flag_loads_a_step_directory(workdir):
     loading.load_run(None, os.path.join(workdir, "checkpoints", "9"))
 
 
+def main_exit(*argv) -> str:
+  """The message main exits with, flags parsed from ``argv`` as the command line does."""
+  was_parsed = flags.FLAGS.is_parsed()
+  with flagsaver.flagsaver(), pytest.raises(SystemExit) as exited:
+    try:
+      flags.FLAGS(["eval_retrieval", *argv])
+      eval_retrieval.main(["eval_retrieval"])
+    finally:
+      flags.FLAGS.unparse_flags()
+      if was_parsed:
+        flags.FLAGS.mark_as_parsed()
+  return str(exited.value.code)
+
+
 def test_missing_data_and_bad_flags_fail_with_clear_messages(tmp_path):
-  done = run("experiments.eval_retrieval", f"--workdir={tmp_path}", "--tasks=fda",
-             f"--data_dir={tmp_path}")
-  assert done.returncode != 0 and "fda.parquet" in done.stderr and "fda.jsonl" in done.stderr
-  done = run("experiments.eval_retrieval", f"--workdir={tmp_path}", "--tasks=niah_multi")
-  assert done.returncode != 0 and "--tasks must name tasks from" in done.stderr
-  done = run("experiments.eval_retrieval", f"--workdir={tmp_path}", "--tasks=mqar")
-  assert done.returncode != 0 and "config.json" in done.stderr
+  message = main_exit(f"--workdir={tmp_path}", "--tasks=fda", f"--data_dir={tmp_path}")
+  assert "fda.parquet" in message and "fda.jsonl" in message
+  assert "--tasks must name tasks from" in main_exit(f"--workdir={tmp_path}",
+                                                     "--tasks=niah_multi")
+  assert "config.json" in main_exit(f"--workdir={tmp_path}", "--tasks=mqar")
+  # A process of its own: in this one, entry points imported later take over shared flags.
   done = run("experiments.eval_retrieval", "--help")
+  assert done.returncode == 0
   for flag in ("--workdir", "--checkpoint", "--tasks", "--lengths", "--num_samples",
                "--data_dir", "--out_dir"):
     assert flag in done.stdout
