@@ -26,6 +26,7 @@ from lte_jax.kernels.gated_delta_rule.backend import Layout
 from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from lte_jax.ops.gated_delta_rule.api import default_implementation
 from tests import helpers
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 from tests.test_gated_delta_rule import ARG_NAMES, TOLERANCES, _assert_close, _inputs
 
 
@@ -94,33 +95,50 @@ def test_matches_reference_forward_and_gradients(batch, time, heads, dk, dv, dty
            segment_ids=segment_ids)
 
 
-@pytest.mark.parametrize("options", [(("inverse_form", "doubling"),),
-                                     (("wy_operands", "fp32"),),
-                                     (("block_k", 16),),
-                                     (("keep_states", True),),
-                                     (("decay_on", "keys"),),
-                                     (("decay_on", "values"), ("platform", "tpu")),
-                                     (("qk_key_grid", False), ("block_k", 16)),
-                                     (("recurrence_block_v", 16),),
-                                     (("fuse_wy", False),),
-                                     (("output_value_grid", True), ("block_k", 32))])
+# Plan options that touch different kernels share a run (one compile of the interpreted
+# kernels is most of a case's time); options that leave the fused WY path (keep_states,
+# decays on the keys, fuse_wy=False) each take another of its three unfused routes.
+PLAN_VARIANTS = [
+    # Fused path: the TPU's inverse in the GPU form, fp32 WY products (the default rounds
+    # them to bf16 as FLA), the recurrences' value columns in four programs.
+    (("inverse_form", "doubling"), ("wy_operands", "fp32"), ("recurrence_block_v", 16)),
+    # The forward's W, h, V_new kept for the backward; key loops in four steps (prepare,
+    # WY grads, and the dq / dk / dW kernel's four key blocks as a grid axis).
+    (("keep_states", True), ("block_k", 16)),
+    # Decays on the key side (the default at this Dk puts them on the value side), with
+    # the dq / dk / dW kernel's four key blocks walked in a loop.
+    (("decay_on", "keys"), ("qk_key_grid", False), ("block_k", 16)),
+    # The recurrences on W and U from the WY transform (the default, fuse_wy, takes T),
+    # with the outputs and dV_local over a grid of value blocks, key loops in two steps.
+    (("fuse_wy", False), ("output_value_grid", True), ("block_k", 32)),
+    # The TPU form with the decays on the value side.
+    (("decay_on", "values"), ("platform", "tpu")),
+]
+
+
+@pytest.mark.parametrize("options", PLAN_VARIANTS)
 def test_plan_variants_match_reference(options):
-  """The GPU form with the TPU's inverse, with fp32 WY products (the default rounds them to
-  bf16 as FLA), with the backward's key loops in four steps, with the forward's states
-  kept for the backward, with the recurrences' decays on the key side (the default at this
-  Dk puts them on the value side) and on the value side in the TPU form, with the dq / dk /
-  dW kernel's four key blocks walked in a loop (the default takes them as a grid axis),
-  with the recurrences' value columns in four programs, with the recurrences on W and U
-  from the WY transform (the default, fuse_wy, takes T instead), and with the outputs
-  and dV_local
-  over a grid of value blocks (key loops in two steps); value loops in two steps
-  throughout."""
+  """Each non-default plan option against the reference, forward and all six gradients;
+  value loops in two steps throughout."""
   args = _inputs(1, 130, 1, 64, 64, jnp.bfloat16, g_dtype=jnp.float32, seed=3)
   segment_ids = jnp.asarray(helpers.packed_segment_ids(np.random.default_rng(3), 1, 130))
   options = dict(options)
   platform = options.pop("platform", "gpu")
   _compare(args, jnp.bfloat16, platform=platform, block_v=32, segment_ids=segment_ids,
            options=tuple(options.items()))
+
+
+def test_plan_variants_cover_every_option_and_route():
+  """Between them the variants set each tuning option they are meant to, and take the WY
+  routes their comments name (the fused one and each unfused one)."""
+  seen = {name for variant in PLAN_VARIANTS for name, _ in variant}
+  assert seen == {"inverse_form", "wy_operands", "recurrence_block_v", "keep_states",
+                  "block_k", "decay_on", "qk_key_grid", "fuse_wy", "output_value_grid",
+                  "platform"}
+  plans = [Plan(dict(v).get("platform", "gpu"), interpret=True,
+                **{k: x for k, x in v if k != "platform"}) for v in PLAN_VARIANTS]
+  assert [p.fuses_wy for p in plans] == [True, False, False, False, False]
+  assert plans[1].keep_states and plans[2].decay_on == "keys" and not plans[3].fuse_wy
 
 
 def test_plan_options_reach_the_kernels_from_op_and_layer():
@@ -133,13 +151,14 @@ def test_plan_options_reach_the_kernels_from_op_and_layer():
   from lte_jax.ops import chunk_gated_delta_rule
   args = _inputs(1, 40, 2, 16, 16, jnp.float32, seed=2)[:5]
 
-  def grads(**options):
+  def grads(keep_states):
+    # Jitted: the interpreted kernels run op by op otherwise, which is far slower.
     loss = lambda *a: jnp.sum(jnp.sin(chunk_gated_delta_rule(
-        *a, implementation="pallas", chunk_size=16, **options)[0]))
-    return jax.grad(loss, argnums=tuple(range(5)))(*args)
+        *a, implementation="pallas", chunk_size=16,
+        plan_options={"keep_states": keep_states})[0]))
+    return jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
 
-  for a, b in zip(grads(plan_options={"keep_states": False}),
-                  grads(plan_options={"keep_states": True})):
+  for a, b in zip(grads(False), grads(True)):
     # Same math in another order: fp32 rounding only (a true zero reads ~1e-7 either way).
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="wy_operands must be"):
@@ -188,8 +207,8 @@ def test_wy_inverse_kernel_inverts(platform, form, dk):
   k_tokens = jnp.asarray(k if platform == "tpu" else np.swapaxes(k, 1, 2))
   plan = Plan(platform, interpret=True, inverse_form=form)
   g2 = g_cum * np.log2(np.e)          # the kernels take G in base 2 (exp2 decays)
-  got = inverse.wy_inverse(plan, layout, k_tokens, col(beta), col(g2), row(g2), col(seg),
-                           row(seg))
+  wy_inverse = jax.jit(functools.partial(inverse.wy_inverse, plan, layout))  # not op by op
+  got = wy_inverse(k_tokens, col(beta), col(g2), row(g2), col(seg), row(seg))
   assert helpers.rel_rms(got[0, 0], want) < 1e-6
 
 
@@ -201,13 +220,17 @@ def test_strongly_negative_decay_keeps_gradients_finite_and_exact():
 
 def test_public_entry_point_runs_the_kernels():
   q, k, v, g, beta, h0 = _inputs(1, 40, 2, 16, 24, jnp.float32, seed=4)
-  o, h = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                implementation="pallas")
+
+  def run(q, k, v, g, beta, h0):     # one compile for both calls of the public op
+    full = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                  implementation="pallas")
+    return full, chunk_gated_delta_rule(q, k, v, g, beta, implementation="pallas")
+
+  (o, h), (o_only, none) = jax.jit(run)(q, k, v, g, beta, h0)
   o_ref, h_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
                                             output_final_state=True)
   _assert_close("o", o, o_ref, 2e-5)
   _assert_close("final_state", h, h_ref, 2e-5)
-  o_only, none = chunk_gated_delta_rule(q, k, v, g, beta, implementation="pallas")
   assert none is None and o_only.shape == v.shape and o_only.dtype == v.dtype
 
 
@@ -386,6 +409,7 @@ def test_kernel_plan_rejects_bad_options(options, needle):
 
 _SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_disable_most_optimizations", True)   # as tests/quick_compile.py
     from lte_jax.ops import chunk_gated_delta_rule
     from tests.test_gated_delta_rule import _inputs
     from tests import helpers
