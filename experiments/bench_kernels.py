@@ -28,6 +28,7 @@ where the card is not listed). The JSON's notes name the card.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -118,6 +119,7 @@ def _plan_options(impl: str) -> dict:
   return bench_common.parse_implementation(impl)[1] or {}
 
 
+@functools.cache  # one pair of jitted functions per implementation: the check's are reused
 def _lte_jax_fns(impl):
   def fwd(q, k, v, g, beta):
     if impl.startswith("pallas:"):

@@ -17,8 +17,8 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_kernels", f"--out={out}", "--nofla",
        "--implementations=pallas,pallas:inverse_form=doubling;wy_operands=input;keep_states=True",
-       "--shapes=1x64x1x32", "--check_shape=1x32x1x16", "--reps=1", "--stages",
-       "--tune=gdn_wy_inverse,gdn_chunk_state_grads", "--tune_launch=1/1,4/2"],
+       "--shapes=1x32x1x16", "--check_shape=1x32x1x16", "--reps=1", "--stages",
+       "--tune=gdn_wy_inverse,gdn_local_value_grads", "--tune_launch=1/1,4/2"],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -32,10 +32,10 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
           "qk_grads", "wy_grads"} <= set(data["stages"][0])
   swept = {(r["kernel"], r["launch"], r["stage"]) for r in data["tune"]}
   assert swept == {("gdn_wy_inverse", "1/1", "inverse"), ("gdn_wy_inverse", "4/2", "inverse"),
-                   ("gdn_chunk_state_grads", "1/1", "state_grads"),
-                   ("gdn_chunk_state_grads", "4/2", "state_grads")}
+                   ("gdn_local_value_grads", "1/1", "dv_local"),
+                   ("gdn_local_value_grads", "4/2", "dv_local")}
   best = dict(e.split("=") for e in data["best_launch"].split("+"))
-  assert set(best) >= {"gdn_wy_inverse", "gdn_chunk_state_grads"}, best
+  assert set(best) >= {"gdn_wy_inverse", "gdn_local_value_grads"}, best
 
 
 def test_best_launch_takes_each_kernels_fastest():
