@@ -91,7 +91,7 @@ def training_config(preset: preset_lib.StudyPreset, arch: str, seed: int, corpus
   c.eval.batches = 4 if preset.name != "smoke" else 1
   c.eval.holdout = 0.01
   c.checkpoint.every = preset.checkpoint_every
-  c.checkpoint.keep = 1
+  c.checkpoint.keep = 2  # the newest may be cut off mid-save; the one before resumes
   c.log.every = preset.log_every
   c.log.tensorboard = False
   return c
@@ -137,17 +137,23 @@ class Study:
     with open(model_file, "w") as f:
       json.dump(dataclasses.asdict(preset_lib.model_config(self.preset, arch)), f, default=list)
     config = training_config(self.preset, arch, seed, self.corpus_path, model_file)
+    ckpts = os.path.join(path, "checkpoints")
+    first = max([int(s) for s in os.listdir(ckpts) if s.isdigit()], default=0) if (
+        os.path.isdir(ckpts)) else 0
     start = time.time()
     state = train_lib.train(config, path, prepare_workdir=lambda: train_lib.write_config(
         config, path))
-    seconds = time.time() - start
+    # Each job that trained adds a segment [first step, last step, seconds]: the time per
+    # model in the report is their sum, resumed parts included.
     timing_path = os.path.join(path, "train_time.json")
-    timing = {}
+    timing = {"segments": []}
     if os.path.exists(timing_path):
       with open(timing_path) as f:
         timing = json.load(f)
-    if int(state.step) > timing.get("step", 0):  # a finished run that did nothing adds nothing
-      timing = {"step": int(state.step), "seconds": timing.get("seconds", 0.0) + seconds}
+    if int(state.step) > first:
+      timing["segments"].append([first, int(state.step), time.time() - start])
+      timing.update(step=int(state.step),
+                    seconds=sum(seg[2] for seg in timing["segments"]))
       with open(timing_path, "w") as f:
         json.dump(timing, f)
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import jax
 import pytest
 
 from experiments import reproduce
@@ -65,6 +66,17 @@ def smoke_study(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("study"))
   study = reproduce.Study(workdir, preset_lib.get_preset("smoke"), smoke=True)
   manifest = study.prepare()
+  # tests/quick_compile.py's setting, for this module-wide fixture: compiling is its cost.
+  quick = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    _train_cut_resume_evaluate(study)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", quick)
+  return study, manifest
+
+
+def _train_cut_resume_evaluate(study):
   study.train("laLTE", 0)
   run = study.run_dir("laLTE", 0)
   ckpts = os.path.join(run, "checkpoints")
@@ -72,10 +84,9 @@ def smoke_study(tmp_path_factory):
   assert steps[-1] == 4
   # A job cut off after step 2: the newest checkpoint gone, training resumes from step 2.
   shutil.rmtree(os.path.join(ckpts, "4"))
-  shutil.rmtree(os.path.join(ckpts, "checksums"), ignore_errors=True)
+  os.remove(os.path.join(ckpts, "checksums", "4.json"))
   study.train("laLTE", 0)
   study.evaluate("laLTE", 0)
-  return study, manifest
 
 
 def test_smoke_study_resumes_skips_finished_stages_and_reports(smoke_study):
@@ -85,6 +96,9 @@ def test_smoke_study_resumes_skips_finished_stages_and_reports(smoke_study):
   with open(os.path.join(run, "metrics.jsonl")) as f:
     steps = [json.loads(line)["step"] for line in f]
   assert steps == sorted(set(steps)) and steps[-1] == 4
+  with open(os.path.join(run, "train_time.json")) as f:
+    segments = json.load(f)["segments"]
+  assert [seg[:2] for seg in segments] == [[0, 4], [2, 4]]  # resumed from step 2
   # Finished stages are skipped: no new training, the evaluation file untouched.
   evaluated = os.path.join(run, "study_eval.json")
   before = (os.path.getmtime(evaluated), os.path.getmtime(os.path.join(run, "train_time.json")))
