@@ -11,12 +11,11 @@ import pytest
 from experiments import configs as config_files
 from lte_jax import configs as configs_lib
 from lte_jax.training import experiment
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One training config file per architecture the model knows.
 ARCH_CONFIGS = tuple(configs_lib.ARCHITECTURES)
-TINY = ["--config.model.num_layers=2", "--config.data.seq_len=32", "--config.data.batch_size=4",
-        "--config.optim.warmup_steps=1", "--config.log.progress=False"]
 
 
 def train(*args, timeout=240):
@@ -119,20 +118,25 @@ def test_bad_command_lines_fail_with_a_clear_message(args, message):
 
 def test_end_to_end_run_writes_config_metrics_events_and_checkpoints(tmp_path):
   workdir = tmp_path / "run"
-  proc = train(f"--config={os.path.join(REPO, 'experiments', 'configs', 'laLTE.py')}",
-               f"--workdir={workdir}", "--config.steps=6", "--config.log.every=2",
-               "--config.checkpoint.every=4", *TINY)
+  # The shared tiny run (its compiled step is cached), its config named by path.
+  config = os.path.join(REPO, "experiments", "configs", "laLTE.py")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}",
+       *helpers.TINY_TRAIN[1:], "--config.log.every=4", "--config.checkpoint.every=4",
+       "--config.checkpoint.keep=2", "--config.log.tensorboard=True"],
+      cwd=REPO, env=helpers.fast_env(), capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "run summary" in proc.stdout and "0 -> 6" in proc.stdout
+  steps = helpers.TINY_STEPS
+  assert "run summary" in proc.stdout and f"0 -> {steps}" in proc.stdout
   resolved = json.loads((workdir / "config.json").read_text())
-  assert resolved["config"]["steps"] == 6 and resolved["model"]["layers"] == ["gdn", "lte"]
+  assert resolved["config"]["steps"] == steps and resolved["model"]["layers"] == ["gdn", "lte"]
   assert resolved["optim"]["eps"] == 1e-15
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records] == [2, 4, 6]
+  assert [r["step"] for r in records] == list(range(4, steps + 1, 4))
   for key in ("loss", "ce_loss", "reg_loss", "lr", "grad_norm", "tokens_per_s", "skipped_total",
               "lte/kept/layer1", "lte/lam/layer1"):
     assert key in records[-1], key
   assert len(records[-1]["kept"]) == 1 and len(records[-1]["kept"][0]) == 2
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
-  # The two newest steps, and their checksums beside them.
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "checksums"]
+  # checkpoint.keep=2: the two newest steps, and their checksums beside them.
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps - 4), str(steps), "checksums"]
