@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from flax import nnx
 
 from lte_jax import configs
 from lte_jax.models import HybridLM, count_params
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 def reference_param_count(arch: str, size: str) -> int:
@@ -76,6 +78,12 @@ def _tiny(arch, **overrides):
   return configs.get_config(arch, "tiny", **base)
 
 
+# Compiled entry points: the model op by op compiles every primitive on its own, far slower.
+_forward = nnx.jit(lambda m, t, seg=None: m(t, segment_ids=seg))
+_prefill = nnx.jit(lambda m, t, c: m.prefill(t, c))
+_decode = nnx.jit(lambda m, t, c: m.decode(t, c))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("prompt_len", [3, 17])
 def test_prefill_then_decode_matches_full_forward(arch, prompt_len):
@@ -85,13 +93,12 @@ def test_prefill_then_decode_matches_full_forward(arch, prompt_len):
   model.set_attributes(enforce_budget=True, raise_if_not_found=False)
   total = 48
   tokens = jax.random.randint(jax.random.key(1), (2, total), 0, cfg.vocab_size)
-  full, _ = model(tokens)
+  full, _ = _forward(model, tokens)
   cache = model.init_cache(2, total, jnp.float32)
-  logits, cache = model.prefill(tokens[:, :prompt_len], cache)
+  logits, cache = _prefill(model, tokens[:, :prompt_len], cache)
   steps = [logits]
-  decode = nnx.jit(lambda m, t, c: m.decode(t, c))
   for t in range(prompt_len, total):
-    logits, cache = decode(model, tokens[:, t:t + 1], cache)
+    logits, cache = _decode(model, tokens[:, t:t + 1], cache)
     steps.append(logits)
   got = jnp.concatenate(steps, axis=1)
   np.testing.assert_allclose(got, full, rtol=2e-4, atol=2e-4)
@@ -101,31 +108,34 @@ def test_forward_shapes_and_aux():
   cfg = _tiny("laLTE")
   model = HybridLM(cfg, rngs=nnx.Rngs(0))
   tokens = jnp.zeros((2, 10), jnp.int32)
-  logits, aux = model(tokens)
+  logits, aux = _forward(model, tokens)
   assert logits.shape == (2, 10, cfg.vocab_size) and logits.dtype == jnp.float32
   assert model.lte_layers == (1, 3)
   assert len(aux["lte_retention"]) == 2
   assert aux["lte_retention"][0].shape == (2, 10, cfg.lte.num_kv_heads)
 
 
+@functools.lru_cache(maxsize=None)
+def _remat_loss_and_grads(remat):
+  """Loss and gradients of a 2-layer laLTE (one GDN, one LTE block) under `remat`; the
+  policies' common baseline 'none' is computed once."""
+  from lte_jax.training import train_state
+  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 97)
+  model_def = train_state.make_model_def(_tiny("laLTE", remat=remat, num_layers=2), train=False)
+  params = nnx.to_pure_dict(nnx.state(HybridLM(model_def.config, rngs=nnx.Rngs(0)), nnx.Param))
+
+  def loss(params):
+    logits, aux = model_def.bind(params, jax.random.key(1))(tokens)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(aux["lte_retention"][0])
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_mixers"])
 def test_remat_keeps_loss_and_gradients(policy):
   """Rematerialisation changes what is stored, never what is computed (the train path)."""
-  from lte_jax.training import train_state
-  tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, 97)
-
-  def loss_and_grads(remat):
-    model_def = train_state.make_model_def(_tiny("laLTE", remat=remat), train=False)
-    params = nnx.to_pure_dict(nnx.state(HybridLM(model_def.config, rngs=nnx.Rngs(0)), nnx.Param))
-
-    def loss(params):
-      logits, aux = model_def.bind(params, jax.random.key(1))(tokens)
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(aux["lte_retention"][0])
-
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  want_loss, want_grads = loss_and_grads("none")
-  got_loss, got_grads = loss_and_grads(policy)
+  want_loss, want_grads = _remat_loss_and_grads("none")
+  got_loss, got_grads = _remat_loss_and_grads(policy)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -184,8 +194,8 @@ def test_segment_ids_isolate_documents():
   b = jax.random.randint(jax.random.key(3), (1, 9), 0, cfg.vocab_size)
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.concatenate([jnp.ones((1, 11), jnp.int32), 2 * jnp.ones((1, 9), jnp.int32)], axis=1)
-  got, _ = model(packed, segment_ids=seg)
-  want = jnp.concatenate([model(a)[0], model(b)[0]], axis=1)
+  got, _ = _forward(model, packed, seg)
+  want = jnp.concatenate([_forward(model, a)[0], _forward(model, b)[0]], axis=1)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 from lte_jax import configs, remat
 from lte_jax.layers.gated_deltanet import GatedDeltaNet
 from lte_jax.layers.lte import LTEAttention
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 def _sub_jaxprs(eqn):

@@ -8,6 +8,7 @@ import pytest
 
 from lte_jax import configs, lte_controller, segments
 from lte_jax.training import optimizer, step as step_lib, train_state
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 B, T = 4, 32
 
@@ -64,12 +65,17 @@ def test_loss_is_cross_entropy_plus_lambda_weighted_regulariser(lalte):
   state = state.replace(controller=state.controller.replace(lam=lam))
   batch = make_batch(1)
   _, metrics = fn(state, batch)
-  model = model_def.bind(state.params, jax.random.key(0))  # dropout is 0: key irrelevant
-  logits, aux = model(jnp.asarray(batch["inputs"]), segment_ids=jnp.asarray(batch["segment_ids"]),
-                      positions=jnp.asarray(batch["positions"]))
-  mask = jnp.asarray(batch["loss_mask"])
-  ce = step_lib.cross_entropy_sum(logits, jnp.asarray(batch["targets"]), mask) / mask.sum()
-  reg, kept = lte_controller.retention_stats(aux["lte_retention"], mask, exclude_last=6)
+
+  @jax.jit    # one compile, not the model op by op
+  def stats(params, batch):
+    model = model_def.bind(params, jax.random.key(0))  # dropout is 0: key irrelevant
+    logits, aux = model(batch["inputs"], segment_ids=batch["segment_ids"],
+                        positions=batch["positions"])
+    mask = batch["loss_mask"]
+    ce = step_lib.cross_entropy_sum(logits, batch["targets"], mask) / mask.sum()
+    return ce, lte_controller.retention_stats(aux["lte_retention"], mask, exclude_last=6)
+
+  ce, (reg, kept) = stats(state.params, batch)
   np.testing.assert_allclose(float(metrics["ce_loss"]), float(ce), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["reg_loss"]),
                              float(lte_controller.regularizer_loss(reg, lam)), rtol=1e-5)
