@@ -41,6 +41,7 @@ from lte_jax.ops.lte_decode.reference import lte_decode_attention_reference
 from lte_jax.ops.nsa_attention import nsa_decode
 from lte_jax.ops.nsa_attention import reference as nsa_reference
 from lte_jax.ops.nsa_attention import xla as nsa_xla
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 ROWS = ("random", "tied_large", "large", "run", "self", "padding", "all_padding")
 TIME, HQ, HKV, D = 60, 2, 1, 16     # T not a multiple of 16: padded rows in every kernel

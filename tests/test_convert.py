@@ -15,6 +15,7 @@ from flax import nnx
 from lte_jax import convert
 from lte_jax.convert import safetensors as st
 from lte_jax.layers.short_conv import ShortConv
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 D, VOCAB = 64, 97
 

@@ -15,6 +15,7 @@ import pytest
 
 from lte_jax.ops.gated_delta_rule import (IMPLEMENTATIONS, chunk_gated_delta_rule,
                                           recurrent_gated_delta_rule)
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 ARG_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 # Relative-RMS bounds per input dtype: (output and state, dq/dk/dv/dh0, dg/dbeta).

@@ -26,6 +26,7 @@ from lte_jax.kernels.gated_delta_rule.backend import Layout
 from lte_jax.models import HybridLM
 from lte_jax.ops.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from lte_jax.ops.gated_delta_rule import reference as gdn_reference
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 KEY_KINDS = ("identical", "similar")
 G_VALUES = (0.0, -0.01, -5.0)

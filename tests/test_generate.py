@@ -12,6 +12,7 @@ from lte_jax.data.tokenizers import ByteTokenizer
 from lte_jax.generate import cut_at_stop, generate, pad_prompts, stop_token_ids
 from lte_jax.models import HybridLM
 from lte_jax.sampling import SamplingConfig, sample
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 def tiny_model(arch):

@@ -18,6 +18,7 @@ from lte_jax import sharding as sh
 from lte_jax.configs import AttentionConfig, GDNConfig
 from lte_jax.layers import (Attention, GatedDeltaNet, GatedRMSNorm, RMSNorm, ShortConv, SwiGLU,
                             apply_rope, dtype_of, linear, output_std)
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 D_MODEL = 32
 TOL = dict(rtol=1e-5, atol=1e-5)

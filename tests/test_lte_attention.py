@@ -12,6 +12,7 @@ from lte_jax.ops.lte_attention import lte_attention
 from lte_jax.ops.lte_attention import xla as lte_xla
 from tests import helpers
 from tests.helpers import rel_rms
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 STATIC = ("sink_size", "window_size", "budget", "scale", "implementation")
 
