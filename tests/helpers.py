@@ -109,3 +109,18 @@ def train_tiny(workdir, *extra, timeout=240) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stderr[-3000:]
   return done
+
+
+TINY_RUN_FLAGS = ("--config.log.every=1", "--config.checkpoint.every=4")
+_TINY_RUN = {}  # this process's finished tiny run: its workdir
+
+
+def tiny_run(tmp_path_factory) -> str:
+  """The workdir of one finished tiny run (TINY_RUN_FLAGS: every step logged, saved every 4),
+  trained once per process; tests read it and write nothing into it. Tests that use it share
+  one xdist group, so the suite trains it once."""
+  if "workdir" not in _TINY_RUN:
+    path = str(tmp_path_factory.mktemp("tiny_run"))
+    train_tiny(path, *TINY_RUN_FLAGS)
+    _TINY_RUN["workdir"] = path
+  return _TINY_RUN["workdir"]

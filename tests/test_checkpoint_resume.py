@@ -20,7 +20,7 @@ from tests import helpers
 
 REPO = helpers.REPO
 STEPS = helpers.TINY_STEPS
-FLAGS = ("--config.log.every=1", "--config.checkpoint.every=4")
+FLAGS = helpers.TINY_RUN_FLAGS  # every step logged, saved every 4
 # Both runs compile under the same (fast-compiling) flags, so they are bitwise comparable.
 ENV = helpers.fast_env()
 
@@ -63,15 +63,12 @@ def start_and_signal(workdir, after_step: int, sig: int) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("a")
-  proc = subprocess.run(command(workdir), cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = losses(workdir)
+  result = losses(helpers.tiny_run(tmp_path_factory))
   assert sorted(result) == list(range(1, STEPS + 1))
   return result
 
 
+@pytest.mark.xdist_group("tiny_run")
 def test_sigterm_then_sigkill_then_resume_reproduces_the_uninterrupted_losses(
     uninterrupted, tmp_path):
   workdir = tmp_path / "b"

@@ -19,11 +19,13 @@ run = helpers.run_module
 STEP = helpers.TINY_STEPS  # the tiny run's last step, its newest checkpoint
 
 
+# The suite's one tiny run, shared with test_checkpoint_resume (one xdist worker).
+pytestmark = pytest.mark.xdist_group("tiny_run")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("run"))
-  helpers.train_tiny(path)
-  return path
+  return helpers.tiny_run(tmp_path_factory)
 
 
 def test_eval_cli_writes_scores_memory_and_heatmap(workdir, tmp_path):
