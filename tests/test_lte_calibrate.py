@@ -1,6 +1,8 @@
 """experiments/lte_calibrate.py: a fresh laLTE model shifted to a chosen LTE sparsity."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +14,12 @@ from lte_jax.configs import get_config
 from lte_jax.training import train_state
 
 
+@functools.cache  # one fresh model per architecture for the whole module
 def _setup(arch, t=96):
   cfg = get_config(arch, "tiny")
   model_def = train_state.make_model_def(cfg)
-  state = train_state.init_train_state(model_def, optax.adam(1e-3), 0)
+  # Jitted: drawn op by op, the tiny model's initialisers compile one by one.
+  state = jax.jit(lambda: train_state.init_train_state(model_def, optax.adam(1e-3), 0))()
   tokens = jax.random.randint(jax.random.key(1), (2, t), 3, cfg.vocab_size, jnp.int32)
   segment_ids = jnp.concatenate([jnp.ones((2, 60), jnp.int32), 2 * jnp.ones((2, t - 60), jnp.int32)],
                                 axis=1)                      # two documents per row
