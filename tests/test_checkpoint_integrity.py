@@ -26,6 +26,7 @@ from absl import flags
 from experiments import configs as config_files
 from lte_jax.data import DataConfig, make_train_iterator
 from lte_jax.evals import loading
+from experiments import training_loop
 from lte_jax.training import checkpoint, experiment, integrity, optimizer, train_state
 from tests import helpers
 
@@ -249,7 +250,7 @@ def train(train_module, monkeypatch):
   (as the subprocess tests' XLA_FLAGS do: a third of the compile time)."""
   fast_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if k[0] != "_"})
   fast_jax.jit = functools.partial(jax.jit, compiler_options=FAST)
-  monkeypatch.setattr(train_module, "jax", fast_jax)
+  monkeypatch.setattr(training_loop, "jax", fast_jax)  # where train() jits its step
   monkeypatch.setattr(train_state, "jax", fast_jax)
   return train_module
 
