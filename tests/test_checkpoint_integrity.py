@@ -24,9 +24,9 @@ import pytest
 from absl import flags
 
 from experiments import configs as config_files
+from experiments import training_loop
 from lte_jax.data import DataConfig, make_train_iterator
 from lte_jax.evals import loading
-from experiments import training_loop
 from lte_jax.training import checkpoint, experiment, integrity, optimizer, train_state
 from tests import helpers
 
