@@ -108,7 +108,9 @@ def test_a_finished_run_has_nothing_to_do_and_a_file_model_is_named_by_its_file(
   config.model.num_layers = config.model.d_model = config.model.intermediate_size = None
   config.model.from_file = str(model_file)
   workdir = finished_workdir(tmp_path / "run", config)
-  with caplog.at_level(logging.INFO):
+  # The absl logger's own level too: a test that parsed flags in this process leaves absl at
+  # its default verbosity (WARNING).
+  with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     state = train_cli.train(config, workdir)
   assert int(state.step) == 2
   out = capsys.readouterr().out
@@ -197,6 +199,16 @@ def test_sigint_while_jax_collects_garbage_interrupts_the_test(capfd):
   """jaxlib's gc callback swallowed a KeyboardInterrupt raised inside it (tests/conftest.py)."""
   jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(2)))
   gc.collect()  # earlier tests' garbage: its weakref callbacks would be Python frames too
+  # Python's own SIGINT handler, whatever an earlier test in this worker installed.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _interrupt_three_times()
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert "_xla_gc_callback" not in capfd.readouterr().err
+
+
+def _interrupt_three_times():
   for _ in range(3):  # with the callback, most signals landed in it
     sender = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
     try:
@@ -207,7 +219,6 @@ def test_sigint_while_jax_collects_garbage_interrupts_the_test(capfd):
           _ = [[i] for i in range(2000)]  # collections long enough for a signal to land in
     finally:
       sender.join()
-  assert "_xla_gc_callback" not in capfd.readouterr().err
 
 
 # --- 7. retrieval report: chance levels, needle depths at short lengths ---
