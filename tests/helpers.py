@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,3 +125,25 @@ def tiny_run(tmp_path_factory) -> str:
     train_tiny(path, *TINY_RUN_FLAGS)
     _TINY_RUN["workdir"] = path
   return _TINY_RUN["workdir"]
+
+
+def attention_hf_and_workdir(tmp) -> tuple[str, str]:
+  """(Hugging Face directory, workdir converted from it) of the cheapest model to compile:
+  one softmax-attention layer, vocab 300 (the byte tokenizer's 259 ids fit), 256 positions,
+  random weights; written under ``tmp`` (a pathlib folder)."""
+  from experiments import configs as config_files  # pylint: disable=g-import-not-at-top
+  from experiments import convert as convert_cli  # pylint: disable=g-import-not-at-top
+  from tests import test_convert as synthetic  # pylint: disable=g-import-not-at-top
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(synthetic, "VOCAB", 300)
+    attn = dict(layers=[0], num_heads=2, num_kv_heads=1, qkv_bias=False, window_size=None,
+                rope_theta=10000.0)
+    cfg = synthetic.gdn_config(num_hidden_layers=1, attn=attn, vocab_size=300)
+    hf_dir = synthetic.save(tmp, cfg, synthetic.hf_tensors(cfg, np.random.default_rng(0)))
+  config = config_files.load(config_files.resolve("transformer"))
+  config.data.seq_len, config.data.batch_size = 16, 2
+  config.steps, config.optim.warmup_steps = 2, 1
+  config.model.dtype = "float32"
+  workdir = str(tmp / "wd")
+  convert_cli.convert_to_workdir(hf_dir, workdir, config)
+  return hf_dir, workdir

@@ -11,13 +11,11 @@ from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
-from experiments import configs as config_files
-from experiments import convert as convert_cli
 from experiments import generate as gen
 from lte_jax.data.tokenizers import ByteTokenizer
 from lte_jax.generate import generate
 from lte_jax.sampling import GREEDY
-from tests import test_convert as synthetic
+from tests import helpers
 
 PROMPT = "The cat sat on the"
 NEW = 12
@@ -25,22 +23,9 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-  """(Hugging Face directory, workdir converted from it): one softmax-attention layer, the
-  cheapest model to compile, vocab 300 (the byte tokenizer's 259 ids fit), 256 positions."""
-  tmp = tmp_path_factory.mktemp("gen")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(synthetic, "VOCAB", 300)
-    attn = dict(layers=[0], num_heads=2, num_kv_heads=1, qkv_bias=False, window_size=None,
-                rope_theta=10000.0)
-    cfg = synthetic.gdn_config(num_hidden_layers=1, attn=attn, vocab_size=300)
-    hf_dir = synthetic.save(tmp, cfg, synthetic.hf_tensors(cfg, np.random.default_rng(0)))
-  config = config_files.load(config_files.resolve("transformer"))
-  config.data.seq_len, config.data.batch_size = 16, 2
-  config.steps, config.optim.warmup_steps = 2, 1
-  config.model.dtype = "float32"
-  workdir = str(tmp / "wd")
-  convert_cli.convert_to_workdir(hf_dir, workdir, config)
-  return hf_dir, workdir
+  """(Hugging Face directory, workdir converted from it): tests.helpers'
+  attention_hf_and_workdir."""
+  return helpers.attention_hf_and_workdir(tmp_path_factory.mktemp("gen"))
 
 
 @pytest.fixture(scope="module")

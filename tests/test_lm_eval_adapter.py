@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import configs as config_files
-from experiments import convert as convert_cli
 from lte_jax.data.tokenizers import ByteTokenizer
 from lte_jax.generate import cut_at_stop
-from tests import test_convert as synthetic
+from tests import helpers
 from tests.helpers import REPO
 
 # Before lm_eval imports `datasets`: nothing is fetched, the tasks' data is a local file.
@@ -60,21 +58,9 @@ def harness(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-  """(Hugging Face directory, workdir converted from it): one softmax-attention layer,
-  vocab 300 (the byte tokenizer's 259 ids fit), 256 positions."""
-  tmp = tmp_path_factory.mktemp("lm_eval")
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(synthetic, "VOCAB", 300)
-    attn = dict(layers=[0], num_heads=2, num_kv_heads=1, qkv_bias=False, window_size=None,
-                rope_theta=10000.0)
-    cfg = synthetic.gdn_config(num_hidden_layers=1, attn=attn, vocab_size=300)
-    hf_dir = synthetic.save(tmp, cfg, synthetic.hf_tensors(cfg, np.random.default_rng(0)))
-  config = config_files.load(config_files.resolve("transformer"))
-  config.data.seq_len, config.data.batch_size = 16, 2
-  config.model.dtype = "float32"
-  workdir = str(tmp / "wd")
-  convert_cli.convert_to_workdir(hf_dir, workdir, config)
-  return hf_dir, workdir
+  """(Hugging Face directory, workdir converted from it): tests.helpers'
+  attention_hf_and_workdir."""
+  return helpers.attention_hf_and_workdir(tmp_path_factory.mktemp("lm_eval"))
 
 
 @pytest.fixture(scope="module")
