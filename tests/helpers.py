@@ -147,3 +147,12 @@ def attention_hf_and_workdir(tmp) -> tuple[str, str]:
   workdir = str(tmp / "wd")
   convert_cli.convert_to_workdir(hf_dir, workdir, config)
   return hf_dir, workdir
+
+
+def lalte_convert_config():
+  """The laLTE training config that experiments.convert's tests give a converted workdir."""
+  from experiments import configs as config_files  # pylint: disable=g-import-not-at-top
+  config = config_files.load(config_files.resolve("laLTE"))
+  config.data.seq_len, config.data.batch_size = 16, 2
+  config.steps, config.optim.warmup_steps = 4, 1
+  return config

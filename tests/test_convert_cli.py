@@ -12,14 +12,8 @@ from experiments import convert as convert_cli
 from lte_jax import configs as configs_lib
 from lte_jax.data import make_train_iterator
 from lte_jax.training import checkpoint, experiment, optimizer, train_state
+from tests import helpers
 from tests import test_convert as synthetic
-
-
-def small_config():
-  config = config_files.load(config_files.resolve("laLTE"))
-  config.data.seq_len, config.data.batch_size = 16, 2
-  config.steps, config.optim.warmup_steps = 4, 1
-  return config
 
 
 def test_workdir_restores_with_converted_params_and_controller(tmp_path, monkeypatch):
@@ -29,12 +23,12 @@ def test_workdir_restores_with_converted_params_and_controller(tmp_path, monkeyp
   tensors = synthetic.hf_tensors(cfg, np.random.default_rng(1))
   source = synthetic.save(tmp_path, cfg, tensors)
   workdir = str(tmp_path / "wd")
-  command = convert_cli.convert_to_workdir(source, workdir, small_config(), ["--config=laLTE"])
+  command = convert_cli.convert_to_workdir(source, workdir, helpers.lalte_convert_config(), ["--config=laLTE"])
   model_file = f"{workdir}/converted_model.json"
   assert command[-1] == f"--config.model.from_file={model_file}" and "--config=laLTE" in command
 
   # What experiments.train does on start: resolve the config, build the abstract state, restore.
-  config = small_config()
+  config = helpers.lalte_convert_config()
   config.model.from_file = model_file
   exp = experiment.resolve(config)
   assert exp.model.layers == ("gdn", "lte") and exp.model.dtype == "bfloat16"
@@ -53,7 +47,7 @@ def test_workdir_restores_with_converted_params_and_controller(tmp_path, monkeyp
              for x in jax.tree.leaves(state.opt_state) if np.ndim(x) >= 1)  # fresh Adam moments
 
   with pytest.raises(ValueError, match="already holds checkpoints"):
-    convert_cli.convert_to_workdir(source, workdir, small_config())
+    convert_cli.convert_to_workdir(source, workdir, helpers.lalte_convert_config())
 
 
 def test_from_file_keeps_the_files_shapes(tmp_path):
@@ -61,7 +55,7 @@ def test_from_file_keeps_the_files_shapes(tmp_path):
   model = configs_lib.get_config("GDN_SWA", "tiny", num_layers=3)
   path.write_text(json.dumps({"model": json.loads(json.dumps(configs_lib.to_dict(model),
                                                              default=list))}))
-  config = small_config()
+  config = helpers.lalte_convert_config()
   config.model.from_file = str(path)
   got = experiment.model_config(config)
   assert got == configs_lib.replace(model, dtype="bfloat16")

@@ -16,7 +16,6 @@ import pytest
 from absl.testing import flagsaver
 from flax import nnx
 
-from experiments import configs as config_files
 from experiments import conformance_fla
 from experiments import convert as convert_cli
 from lte_jax import configs as configs_lib
@@ -24,6 +23,7 @@ from lte_jax import convert, lte_controller
 from lte_jax.convert import export, export_config, hf_params
 from lte_jax.data import tokenizers
 from lte_jax.training import train_state
+from tests import helpers
 
 VOCAB = 97
 # Each forward is compiled once, and run on both models: XLA's cheap CPU settings suffice.
@@ -263,13 +263,6 @@ def test_tokenizers_are_written_so_they_load_again(tmp_path):
   assert open(os.path.join(sp_dir, "tokenizer.model"), "rb").read() == b"\x0a\x01spm"
 
 
-def workdir_config():
-  config = config_files.load(config_files.resolve("laLTE"))
-  config.data.seq_len, config.data.batch_size = 16, 2
-  config.steps, config.optim.warmup_steps = 4, 1
-  return config
-
-
 def test_cli_exports_a_workdir_with_its_controller_and_tokenizer(tmp_path, parsed_flags):
   """HF dir -> workdir (experiments.convert --to) -> HF dir (--to_hf): the same tensors."""
   config = tiny("laLTE", vocab_size=300)  # the byte tokenizer's 259 ids fit
@@ -278,7 +271,7 @@ def test_cli_exports_a_workdir_with_its_controller_and_tokenizer(tmp_path, parse
                 "kept_ema": np.asarray([[5.0, 7.0]], np.float32)}
   source = convert.save_hf(params, config, str(tmp_path / "hf"), controller=controller)
   workdir = str(tmp_path / "wd")
-  convert_cli.convert_to_workdir(source, workdir, workdir_config())
+  convert_cli.convert_to_workdir(source, workdir, helpers.lalte_convert_config())
 
   out = str(tmp_path / "out")
   with flagsaver.flagsaver(**{"from": workdir, "to": None, "to_hf": out}):
