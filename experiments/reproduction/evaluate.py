@@ -66,7 +66,9 @@ def _forward_fn():
   def run(model, x):
     logits, _ = model(x)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.argmax(logits, axis=-1), logp
+    # log p(next token) at each position, gathered here: the host needs [B, T], not [B, T, V].
+    nxt = jnp.concatenate([x[:, 1:], x[:, :1]], axis=1)  # the last column is never read
+    return jnp.argmax(logits, axis=-1), jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
   return run
 
 
@@ -89,7 +91,7 @@ def teacher_forced(model, samples: Sequence[NIAHSample], width: int, batch: int)
       ok = pred[i, pos] == target
       hits.append(bool(ok.all()))
       token_acc.append(float(ok.mean()))
-      loglik.append(float(logp[i, pos, target].sum()))
+      loglik.append(float(logp[i, pos].sum()))
   return {"hits": hits, "loglik": loglik, "token_acc": token_acc}
 
 
@@ -181,8 +183,8 @@ def lte_keep_map(model, tokenizer: Tokenizer, sample: NIAHSample) -> dict:
     pos = np.asarray(c["ret_pos"])[0]                 # [budget slots, Hkv]
     heads = [sorted(int(p) for p in pos[:, h] if p >= 0) for h in range(pos.shape[1])]
     window_lo = t - 1 - cfg.window_size
-    kept = [float(np.mean([(p in set(hp)) or p >= window_lo for p in range(start, end)]))
-            for hp in heads]
+    kept = [float(np.mean([p in held or p >= window_lo for p in range(start, end)]))
+            for held in map(set, heads)]
     layers.append(i)
     retained.append(heads)
     needle_kept.append(kept)
