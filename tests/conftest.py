@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import shutil
 import tempfile
@@ -84,6 +85,16 @@ def parsed_flags():
   yield
   if not was_parsed:
     flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(autouse=True)
+def _keep_absl_log_level():
+  """A test that changes --verbosity (a flag parse, a flagsaver restore) sets the absl logger's
+  own level, which would hide INFO records from every later caplog in this worker."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  yield
+  absl_logger.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
