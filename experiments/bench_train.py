@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -92,6 +93,10 @@ flags.DEFINE_integer("lte_kept", 0,
                      "every token (a run's first steps).")
 flags.DEFINE_string("profile_dir", "bench_train_profile", "Where --profile_steps traces go.")
 flags.DEFINE_integer("profile_top", 30, "Kernels listed per profiled model (largest first).")
+flags.DEFINE_string("study_preset", None,
+                    "Time the models of this experiments.reproduce preset (e.g. 'small') instead "
+                    "of --size: its shapes, dtype, batch and length (unless --batch / --seq_len "
+                    "are given).")
 flags.DEFINE_string("worker", None, "Internal: time one model in this process and print JSON.")
 
 
@@ -120,8 +125,7 @@ def _run_lte_jax(arch: str) -> dict:
 
   config = config_files.load(config_files.resolve(arch))
   config.size = FLAGS.size
-  config.data.seq_len = FLAGS.seq_len
-  config.data.batch_size = FLAGS.batch
+  config.data.seq_len, config.data.batch_size = _study_preset(config, arch)
   config.model.remat = FLAGS.remat
   config.model.scan_layers = FLAGS.scan_layers
   config.steps = 1000
@@ -152,7 +156,7 @@ def _run_lte_jax(arch: str) -> dict:
   shardings = mesh_lib.state_shardings(model_def, tx, jax.eval_shape(init), mesh)
   _phase(arch, "model defined, state shapes traced", t0)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  b, t = FLAGS.batch, FLAGS.seq_len
+  b, t = config.data.batch_size, config.data.seq_len
   tokens = jax.random.randint(jax.random.key(0), (b, t + 1), 3, exp.model.vocab_size, jnp.int32)
   batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
                segment_ids=jnp.ones((b, t), jnp.int32),
@@ -250,6 +254,21 @@ def _run_lte_jax(arch: str) -> dict:
               mfu=flops / (peak * jax.device_count()) if peak else None,
               xla_temp_gib=temp_gib, final_loss=float(loss), profile=profile,
               lte_kept=kept)
+
+
+def _study_preset(config, arch: str) -> tuple[int, int]:
+  """With --study_preset, point ``config`` at that preset's model of ``arch`` (a JSON file
+  in the temp folder); returns (seq_len, batch): the preset's unless the flags are given."""
+  if not FLAGS.study_preset:
+    return FLAGS.seq_len, FLAGS.batch
+  from experiments.reproduction import preset as preset_lib
+  p = preset_lib.get_preset(FLAGS.study_preset)
+  fd, path = tempfile.mkstemp(prefix=f"bench_train_{arch}_", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(dataclasses.asdict(preset_lib.model_config(p, arch)), f, default=list)
+  config.model.from_file, config.model.dtype, config.model.init = path, p.dtype, "reference"
+  return (FLAGS.seq_len if FLAGS["seq_len"].present else p.seq_len,
+          FLAGS.batch if FLAGS["batch"].present else p.batch_size)
 
 
 def _profile(arch: str, step: Callable[[], Any]) -> list[dict] | None:
@@ -356,6 +375,9 @@ def main(argv):
   # This process only reports the environment: it must not take the GPU's memory
   # from the workers.
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  if FLAGS.study_preset and FLAGS.fla:
+    raise app.UsageError("--study_preset times lte_jax models only (FLA's anchor is a --size "
+                         "model): add --nofla")
   from experiments import bench_common
   passthrough = [a for a in sys.argv[1:]
                  if not a.startswith(("--worker=", "--worker_timeout", "--out", "--archs"))]
@@ -364,7 +386,7 @@ def main(argv):
   run_flags = {name: FLAGS[name].value for name in (
       "size", "batch", "seq_len", "steps", "remat", "scan_layers", "implementation",
       "gdn_implementation", "conv_implementation", "gdn_plan_options", "mesh",
-      "lte_scorer_dtype", "lte_plan_options")}
+      "lte_scorer_dtype", "lte_plan_options", "study_preset")}
   rows = []
   for round_ in range(FLAGS.rounds):
     for worker in workers:
@@ -374,7 +396,9 @@ def main(argv):
       # Written after every model so a run cut short keeps what it measured.
       bench_common.write_json(FLAGS.out, dict(environment=env, flags=run_flags, results=rows,
                                               summary=bench_common.rounds_summary(rows)))
-  print(f"\nsize {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}, median of {FLAGS.steps} steps")
+  shape = (f"study preset {FLAGS.study_preset}" if FLAGS.study_preset else
+           f"size {FLAGS.size}, batch {FLAGS.batch} x {FLAGS.seq_len}")
+  print(f"\n{shape}, median of {FLAGS.steps} steps")
   bench_common.print_table(rows, ["model", "round", "params", "devices", "step_s",
                                   "tokens_per_s", "vs_fla", "peak_mem_gib", "mfu", "compile_s",
                                   "final_loss"])

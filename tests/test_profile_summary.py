@@ -42,7 +42,7 @@ def test_bench_train_profiles_its_steps(tmp_path):
   out = tmp_path / "bench_train.json"
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_train", "--nofla", "--archs=GDN",
-       "--size=tiny", "--batch=1", "--seq_len=64", "--steps=1", "--warmup=0",
+       "--study_preset=smoke", "--batch=1", "--seq_len=64", "--steps=1", "--warmup=0",
        "--profile_steps=1", f"--profile_dir={tmp_path / 'profile'}", "--hlo_copies=5",
        f"--out={out}"],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
@@ -55,6 +55,21 @@ def test_bench_train_profiles_its_steps(tmp_path):
   assert row["tokens_per_s"] > 0 and row["profile"] == []    # CPU: no device plane
   assert row["round"] == 0
   assert list((tmp_path / "profile" / "GDN").rglob("*.xplane.pb"))
+  # --study_preset: the study's model of the architecture, at the given batch and length.
+  from experiments.reproduction import preset
+  from lte_jax.training import train_state
+  smoke_gdn = train_state.make_model_def(preset.model_config(preset.get_preset("smoke"), "GDN"))
+  assert row["params"] == train_state.num_params(smoke_gdn)
+  assert "study preset smoke, median of 1 steps" in result.stdout
+  assert row["tokens_per_s"] == pytest.approx(64 / row["step_s"])
+
+
+def test_bench_train_study_preset_needs_nofla():
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--study_preset=smoke", "--archs=GDN"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode != 0 and "add --nofla" in result.stderr
 
 
 def test_bench_train_rounds_compare_within_a_round():
