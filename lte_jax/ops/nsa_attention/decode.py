@@ -31,6 +31,31 @@ def _heads_first(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 1, 2)  # [B, S, H, D] -> [B, H, S, D]
 
 
+def select_decode_blocks(qg: jax.Array, k_cmp: jax.Array, v_cmp: jax.Array,
+                         position: jax.Array, *, block_size: int, block_count: int,
+                         scale: float) -> tuple[jax.Array, jax.Array]:
+  """The compression branch and the selection of one decode step (shared by the 'xla' and
+  'pallas' steps).
+
+  qg [B, Hkv, G, D] float32 (the query's heads grouped by KV head); k_cmp [B, C, Hkv, D],
+  v_cmp [B, C, Hkv, Dv] block means (C = L / block_size); position: int32 scalar
+  -> (o_cmp [B, Hkv, G, Dv] float32, selected [B, Hkv, min(block_count, C)] int32: the
+  chosen blocks, forced ones first, then by decreasing importance (the earlier block on
+  ties); -1 marks an unused slot, while fewer than block_count blocks exist).
+  """
+  num_blocks = k_cmp.shape[1]
+  blocks = jnp.arange(num_blocks)
+  cur = position // block_size
+  complete = ((blocks + 1) * block_size <= position + 1)[None, None, :]
+  o_cmp, p = _attend(qg, _heads_first(k_cmp), _heads_first(v_cmp), complete, scale)
+  importance = jnp.sum(jax.lax.stop_gradient(p), axis=2)                   # [B, Hkv, C]
+  forced = ((blocks == 0) | (blocks == cur - 1) | (blocks == cur)) & (blocks <= cur)
+  free = (blocks >= 1) & (blocks <= cur - 2)
+  score = jnp.where(forced, jnp.inf, jnp.where(free, importance, -jnp.inf))
+  values, chosen = jax.lax.top_k(score, min(block_count, num_blocks))      # [B, Hkv, top]
+  return o_cmp, jnp.where(values > -jnp.inf, chosen, -1).astype(jnp.int32)
+
+
 def nsa_decode_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.Array,
                    v_cmp: jax.Array, gates: jax.Array, position: jax.Array, *, block_size: int,
                    block_count: int, window_size: int | None, scale: float) -> jax.Array:
@@ -45,18 +70,10 @@ def nsa_decode_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: 
   num_blocks = cache_len // block_size
   qg = q[:, 0].astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
   g = gates[:, 0].astype(jnp.float32).reshape(batch, num_kv_heads, group, 3)
-  blocks = jnp.arange(num_blocks)
-  cur = position // block_size
-
-  complete = ((blocks + 1) * block_size <= position + 1)[None, None, :]
-  o_cmp, p = _attend(qg, _heads_first(k_cmp), _heads_first(v_cmp), complete, scale)
-
-  importance = jnp.sum(jax.lax.stop_gradient(p), axis=2)                   # [B, Hkv, C]
-  forced = ((blocks == 0) | (blocks == cur - 1) | (blocks == cur)) & (blocks <= cur)
-  free = (blocks >= 1) & (blocks <= cur - 2)
-  score = jnp.where(forced, jnp.inf, jnp.where(free, importance, -jnp.inf))
-  top = min(block_count, num_blocks)
-  values, chosen = jax.lax.top_k(score, top)                               # [B, Hkv, top]
+  o_cmp, selected = select_decode_blocks(qg, k_cmp, v_cmp, position, block_size=block_size,
+                                         block_count=block_count, scale=scale)
+  top = selected.shape[-1]
+  chosen = jnp.maximum(selected, 0)
   per_block = jnp.moveaxis(k_cache.reshape(batch, num_blocks, block_size, num_kv_heads, -1),
                            3, 1)                                           # [B, Hkv, C, bs, D]
   per_block_v = jnp.moveaxis(v_cache.reshape(batch, num_blocks, block_size, num_kv_heads, -1),
@@ -64,7 +81,7 @@ def nsa_decode_xla(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: 
   k_sel = jnp.take_along_axis(per_block, chosen[..., None, None], axis=2)
   v_sel = jnp.take_along_axis(per_block_v, chosen[..., None, None], axis=2)
   tokens = chosen[..., None] * block_size + jnp.arange(block_size)         # [B, Hkv, top, bs]
-  sel_mask = (values > -jnp.inf)[..., None] & (tokens <= position)
+  sel_mask = (selected >= 0)[..., None] & (tokens <= position)
   o_slc, _ = _attend(qg, k_sel.reshape(batch, num_kv_heads, top * block_size, head_dim),
                      v_sel.reshape(batch, num_kv_heads, top * block_size, -1),
                      sel_mask.reshape(batch, num_kv_heads, -1), scale)
