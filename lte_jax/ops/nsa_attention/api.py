@@ -6,11 +6,12 @@ import jax
 from lte_jax import _checks
 from lte_jax.ops.attention.api import (check_implementation, check_qkv, check_window_size,
                                        resolve_scale)
-from lte_jax.ops.nsa_attention import decode, reference, xla
+from lte_jax.ops.nsa_attention import decode, pallas, reference, xla
 
 IMPLEMENTATIONS = {
     "reference": reference.nsa_attention_reference,
     "xla": xla.nsa_attention_xla,
+    "pallas": pallas.nsa_attention_pallas,
 }
 # Blocks 0, c - 1 and c are always selected, so fewer slots could not hold them.
 MIN_BLOCK_COUNT = 3
@@ -24,6 +25,14 @@ def check_block_args(block_size, block_count) -> None:
                      f"and c are always selected), got {block_count!r}")
 
 
+def check_pallas_block_size(block_size) -> None:
+  """The kernels read K/V in aligned tiles of block_size rows: Triton blocks are powers
+  of two and its dots need every dim >= 16."""
+  if block_size < 16 or block_size & (block_size - 1):
+    raise ValueError(f"block_size must be a power of two >= 16 for implementation='pallas', "
+                     f"got {block_size!r}")
+
+
 def check_gates(gates, q) -> None:
   batch, time, num_heads, _ = q.shape
   _checks.check_shape("gates", gates, (batch, time, num_heads, 3),
@@ -34,7 +43,8 @@ def check_gates(gates, q) -> None:
 def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array, *,
                   block_size: int = 64, block_count: int = 16, window_size: int | None = 511,
                   segment_ids: jax.Array | None = None, scale: float | None = None,
-                  implementation: str | None = None) -> jax.Array:
+                  implementation: str | None = None,
+                  plan_options: dict | None = None) -> jax.Array:
   """Causal Native Sparse Attention with mean-pooled compression (PAPER.md section 4).
 
   Three branches per query i (in-document position p, current block c = p // block_size):
@@ -62,7 +72,11 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array, *,
       i - j of the window (window_size + 1 tokens; the reference's 512 is 511 here).
     segment_ids: [B, T] int document ids; None: one document per row.
     scale: logit scale of every branch, default D ** -0.5.
-    implementation: 'reference' or 'xla' (None: 'xla').
+    implementation: 'reference', 'xla' or 'pallas' (None: 'xla'). 'pallas' reads only
+      the selected blocks (lte_jax.kernels.nsa_attention; block_size a power of two >= 16)
+      and runs the sliding window on the band kernels; interpreted on CPU.
+    plan_options: 'pallas' only: lte_jax.kernels.nsa_attention.Plan fields, e.g.
+      {'block_t': 2, 'num_warps': 2} (parse_options('block_t=2;num_warps=2')).
 
   Returns:
     o [B, T, Hq, Dv] in v.dtype.
@@ -74,9 +88,17 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array, *,
   _checks.check_segment_ids(segment_ids, q.shape[0], q.shape[1])
   scale = resolve_scale(scale, q.shape[-1])
   check_implementation(implementation, IMPLEMENTATIONS)
-  fn = IMPLEMENTATIONS["xla" if implementation is None else implementation]
-  return fn(q, k, v, gates, block_size=block_size, block_count=block_count,
-            window_size=window_size, segment_ids=segment_ids, scale=scale)
+  name = "xla" if implementation is None else implementation
+  extra = {}
+  if name == "pallas":
+    check_pallas_block_size(block_size)
+    extra = dict(plan_options=plan_options)
+  elif plan_options is not None:
+    raise ValueError(f"plan_options is for implementation='pallas' only, got "
+                     f"implementation={implementation!r}")
+  return IMPLEMENTATIONS[name](q, k, v, gates, block_size=block_size, block_count=block_count,
+                               window_size=window_size, segment_ids=segment_ids, scale=scale,
+                               **extra)
 
 
 def nsa_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.Array,
