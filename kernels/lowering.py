@@ -171,7 +171,8 @@ def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
          out_shape: Sequence[jax.ShapeDtypeStruct], name: str, num_warps: int,
          num_stages: int, sequential_last: bool = False, scratch_shapes: Sequence[Any] = (),
          vmem_limit_bytes: int | None = None,
-         input_output_aliases: dict[int, int] | None = None) -> Any:
+         input_output_aliases: dict[int, int] | None = None,
+         num_scalar_prefetch: int = 0) -> Any:
   """pallas_call with the lowering's parameters.
 
   Every grid axis is parallel except, with `sequential_last`, the last (TPU
@@ -180,7 +181,9 @@ def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
   TPU form runs in the TPU interpreter (it models VMEM/SMEM and the grid's order,
   poisons uninitialised memory and raises on out-of-bounds reads), the GPU form
   in the generic one. input_output_aliases: {input index: output index}, an output that
-  updates its input's buffer in place (pallas_call's argument).
+  updates its input's buffer in place (pallas_call's argument). num_scalar_prefetch (TPU
+  only): the first that many inputs are int arrays in SMEM, read before the grid runs and
+  passed to every index_map after the grid indices (blocks chosen by data).
   """
   if platform == "tpu":
     semantics = ("parallel",) * (len(grid) - 1) + (
@@ -194,8 +197,14 @@ def call(kernel: Callable[..., None], *, platform: str, interpret: bool,
     mode: Any = False
   else:
     mode = pltpu.InterpretParams() if platform == "tpu" else True
-  grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
-                          scratch_shapes=list(scratch_shapes))
+  if num_scalar_prefetch:
+    assert platform == "tpu", "scalar prefetch is a Mosaic notion"
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=num_scalar_prefetch, grid=grid, in_specs=list(in_specs),
+        out_specs=list(out_specs), scratch_shapes=list(scratch_shapes))
+  else:
+    grid_spec = pl.GridSpec(grid=grid, in_specs=list(in_specs), out_specs=list(out_specs),
+                            scratch_shapes=list(scratch_shapes))
   return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=list(out_shape),
                         compiler_params=params, interpret=mode, name=name,
                         input_output_aliases=dict(input_output_aliases or {}))

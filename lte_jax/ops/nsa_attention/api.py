@@ -6,12 +6,17 @@ import jax
 from lte_jax import _checks
 from lte_jax.ops.attention.api import (check_implementation, check_qkv, check_window_size,
                                        resolve_scale)
-from lte_jax.ops.nsa_attention import decode, pallas, reference, xla
+from lte_jax.ops.nsa_attention import decode, decode_pallas, pallas, reference, xla
 
 IMPLEMENTATIONS = {
     "reference": reference.nsa_attention_reference,
     "xla": xla.nsa_attention_xla,
     "pallas": pallas.nsa_attention_pallas,
+}
+# nsa_decode's steps: plain JAX, or selection in plain JAX then lte_jax.kernels.nsa_decode.
+DECODE_IMPLEMENTATIONS = {
+    "xla": decode.nsa_decode_xla,
+    "pallas": decode_pallas.nsa_decode_pallas,
 }
 # Blocks 0, c - 1 and c are always selected, so fewer slots could not hold them.
 MIN_BLOCK_COUNT = 3
@@ -104,7 +109,7 @@ def nsa_attention(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array, *,
 def nsa_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.Array,
                v_cmp: jax.Array, gates: jax.Array, position: jax.Array, *,
                block_size: int = 64, block_count: int = 16, window_size: int | None = 511,
-               scale: float | None = None) -> jax.Array:
+               scale: float | None = None, implementation: str | None = None) -> jax.Array:
   """One decode step of ``nsa_attention`` (one document per row, all rows at ``position``).
 
   Args:
@@ -118,6 +123,10 @@ def nsa_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.
       concrete; traced under jit it cannot be checked without a host sync, and a
       position outside the cache gives a NaN output.
     block_size, block_count, window_size, scale: as ``nsa_attention``.
+    implementation: 'xla' (gathers the selected blocks; the default) or 'pallas' (one
+      kernel per (batch, KV head) reads the selected and window blocks of the cache in
+      place, lte_jax.kernels.nsa_decode; block_size a power of two >= 16; interpreted on
+      CPU). Both share the compression branch and the selection (plain JAX).
 
   Returns:
     o [B, 1, Hq, Dv] in v_cache.dtype, equal to row ``position`` of ``nsa_attention``.
@@ -141,6 +150,9 @@ def nsa_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_cmp: jax.
   _checks.check_values("position", position, lambda p: (p >= 0) & (p < cache_len),
                        f"in [0, cache length) = [0, {cache_len})")
   scale = resolve_scale(scale, head_dim)
-  return decode.nsa_decode_xla(q, k_cache, v_cache, k_cmp, v_cmp, gates, position,
-                               block_size=block_size, block_count=block_count,
-                               window_size=window_size, scale=scale)
+  check_implementation(implementation, DECODE_IMPLEMENTATIONS)
+  if implementation == "pallas":
+    check_pallas_block_size(block_size)
+  step = DECODE_IMPLEMENTATIONS[implementation or "xla"]
+  return step(q, k_cache, v_cache, k_cmp, v_cmp, gates, position, block_size=block_size,
+              block_count=block_count, window_size=window_size, scale=scale)
