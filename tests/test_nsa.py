@@ -240,7 +240,7 @@ def _bad_calls():
       (lambda: op(q, k, v, g, block_size=0), "block_size"),
       (lambda: op(q, k, v, g, window_size=-1), "window_size"),
       (lambda: op(q, k, v, g, segment_ids=jnp.zeros((1, 9), jnp.int32)), "segment_ids"),
-      (lambda: op(q, k, v, g, implementation="pallas"), "not available yet"),
+      (lambda: op(q, k, v, g, implementation="pallas"), "power of two >= 16"),
       (lambda: op(q, k, v, g, implementation="triton"), "implementation"),
       (lambda: nsa_decode(q[:, :1], k_cache[:, :6], k_cache[:, :6], k_cmp, k_cmp, g[:, :1],
                           jnp.int32(0), block_size=4), "multiple of block_size"),
