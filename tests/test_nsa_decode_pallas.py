@@ -90,15 +90,14 @@ _training_op = jax.jit(functools.partial(nsa_attention, block_size=BLOCK, block_
 @pytest.mark.parametrize("tied_keys,key_scale", [(False, 1.0), (True, 1.0), (False, 30.0)])
 def test_kernel_matches_training_op_rows(tied_keys, key_scale):
   """Row `position` of nsa_attention('reference'); tied keys: every block mean ties, the
-  earlier blocks win; key_scale 30: logits of ~1e3, one-hot softmaxes."""
+  earlier blocks win; key_scale 30: logits of ~1e3, one-hot softmaxes (measured 1e-7)."""
   seq = _sequence(7, tied_keys=tied_keys, key_scale=key_scale)
   q, k, v, gates = seq
   full = _training_op(q, k, v, gates)
-  tol = 1e-3 if key_scale > 1 else 1e-5   # fp32 logits of 1e3 round at 1e-4
   for position in POSITIONS:
     got = _decode("pallas", 20)(*_step_args(seq, position))
     err = helpers.rel_rms(got[:, 0], full[:, position])
-    assert np.all(np.isfinite(got)) and err < tol, (position, err)
+    assert np.all(np.isfinite(got)) and err < 1e-5, (position, err)
   if tied_keys:
     qg = q[:, 70].reshape(2, 2, 2, D)
     select = jax.jit(functools.partial(select_decode_blocks, block_size=BLOCK,

@@ -147,7 +147,8 @@ def attend(plan: backend.Plan, meta, steps, q, k, v, base, gates, *, block_size:
   out_shape = [jax.ShapeDtypeStruct((batch, heads, rows, dv), out_dtype)]
   if plan.platform == "gpu":
     strip = lambda d: pl.BlockSpec((sq, cache_len, sq, d), lambda b, h: (b, 0, h, 0))
-    per_head = lambda *shape: pl.BlockSpec((sq, sq, *shape), lambda b, h: (b, h) + (0,) * len(shape))
+    per_head = lambda *shape: pl.BlockSpec((sq, sq, *shape),
+                                           lambda b, h: (b, h) + (0,) * len(shape))
     return backend.call(
         functools.partial(_gpu_kernel, **kw), plan, grid=(batch, heads),
         in_specs=[backend.scalar_spec(), backend.scalar_spec(), per_head(rows, dk),
