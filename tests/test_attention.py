@@ -13,6 +13,7 @@ from lte_jax.ops.attention import reference as attn_reference
 from lte_jax.ops.attention import xla as attn_xla
 from tests import helpers
 from tests.helpers import rel_rms
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 def packed_segment_ids(rng, batch, time):

@@ -13,6 +13,7 @@ from lte_jax import configs
 from lte_jax.data import DataConfig, make_document_dataset, make_train_iterator
 from lte_jax.data.boundaries import apply_document_masking
 from lte_jax.models import HybridLM
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 T, CUT = 48, 24  # a row of two documents: [0, 24) and [24, 48)
 NEAR, FAR = CUT - 1, 1  # doc 1's last token (every mixer's reach), a far one (a sink)

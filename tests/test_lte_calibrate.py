@@ -12,6 +12,7 @@ import pytest
 from experiments import lte_calibrate
 from lte_jax.configs import get_config
 from lte_jax.training import train_state
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 @functools.cache  # one fresh model per architecture for the whole module

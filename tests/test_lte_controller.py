@@ -8,6 +8,7 @@ import pytest
 
 from lte_jax import configs
 from lte_jax import lte_controller as ctl
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 def _python_controller(kept_seq, target, lam0=1e-9, alpha=2 / 17, interval=32):

@@ -27,6 +27,7 @@ from lte_jax.kernels.lte_decode import Plan, lte_decode_attention_pallas
 from lte_jax.models import HybridLM
 from lte_jax.ops.lte_decode import lte_decode_attention, lte_decode_mask
 from tests import helpers
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 RING, BUDGET = 13, 7
 

@@ -14,6 +14,7 @@ from lte_jax.layers.lte import LTEAttention, ring_positions
 from lte_jax.layers.lte_scorer import LTEScorer
 from lte_jax.ops.attention.reference import masked_attention_reference
 from lte_jax.ops.lte_attention.reference import lte_mask_reference
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 D_MODEL = 32
 

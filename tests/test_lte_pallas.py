@@ -26,6 +26,7 @@ from lte_jax.ops.lte_attention.pallas import lte_attention_pallas
 from tests import helpers
 from tests.helpers import rel_rms
 from tests.test_lte_attention import grads_of, make_inputs, packed_segment_ids
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 TOLERANCES = {jnp.float32: (2e-5, 5e-5), jnp.bfloat16: (1e-2, 2e-2)}
 SMALL = dict(block_q=16, block_k=16)

@@ -24,6 +24,7 @@ from lte_jax.ops.nsa_attention import xla as nsa_xla
 from lte_jax.training import metrics
 from tests import helpers
 from tests.helpers import rel_rms
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 STATIC = ("block_size", "block_count", "window_size", "implementation")
 nsa_jit = jax.jit(nsa_attention, static_argnames=STATIC)

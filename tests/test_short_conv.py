@@ -20,6 +20,7 @@ from lte_jax.kernels.short_conv import short_conv_pallas
 from lte_jax.layers import ShortConv
 from lte_jax.ops.short_conv import short_conv, short_conv_reference
 from tests import helpers
+from tests.quick_compile import quick_compile  # noqa: F401  (autouse fixture)
 
 
 def _inputs(b, t, c, k, *, segments, dtype=jnp.float32, seed=0):
