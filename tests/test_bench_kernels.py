@@ -3,13 +3,13 @@ the correctness check, timings, per-stage timings and the per-kernel launch swee
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 from experiments import bench_kernels
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 
 
 def test_smoke_run_checks_times_and_tunes(tmp_path):
@@ -19,7 +19,7 @@ def test_smoke_run_checks_times_and_tunes(tmp_path):
        "--implementations=pallas,pallas:inverse_form=doubling;wy_operands=input;keep_states=True",
        "--shapes=1x32x1x16", "--check_shape=1x32x1x16", "--reps=1", "--stages",
        "--tune=gdn_wy_inverse,gdn_local_value_grads", "--tune_launch=1/1,4/2"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      cwd=REPO, env=helpers.fast_env(), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads(out.read_text())

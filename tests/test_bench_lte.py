@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+
+REPO = helpers.REPO
 
 
 def test_smoke_run_writes_every_section(tmp_path):
   out = tmp_path / "bench_lte.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = helpers.fast_env()
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_lte", "--smoke", f"--out={out}",
        "--implementations=xla", "--attention_implementations=xla",
@@ -39,7 +40,7 @@ def test_stages_section_times_every_part_of_the_pallas_op(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_lte", "--smoke", f"--out={out}",
        "--sections=stages", "--implementations=pallas:block_q=16;block_k=16,xla"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      cwd=REPO, env=helpers.fast_env(), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   (row,) = json.loads(out.read_text())["stages"]         # the xla entry has no stages

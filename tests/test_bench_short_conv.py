@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
+
+REPO = helpers.REPO
 
 
 def test_smoke_run_checks_and_times_each_implementation(tmp_path):
@@ -15,7 +16,7 @@ def test_smoke_run_checks_and_times_each_implementation(tmp_path):
       [sys.executable, "-m", "experiments.bench_short_conv", "--shapes=1x48x32",
        "--check_shape=1x40x16", "--reps=2", "--nofla", f"--out={out}",
        "--implementations=pallas:block_t=16;block_c=16,xla"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      cwd=REPO, env=helpers.fast_env(), capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   data = json.loads(out.read_text())

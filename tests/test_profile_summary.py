@@ -7,7 +7,6 @@ wiring runs end to end at the tiny preset.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,8 +15,9 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import profile_summary
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = helpers.REPO
 
 
 def test_op_times_sums_the_traced_calls(tmp_path):
@@ -45,7 +45,7 @@ def test_bench_train_profiles_its_steps(tmp_path):
        "--study_preset=smoke", "--batch=1", "--seq_len=64", "--steps=1", "--warmup=0",
        "--profile_steps=1", f"--profile_dir={tmp_path / 'profile'}", "--hlo_copies=5",
        f"--out={out}"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      cwd=REPO, env=helpers.fast_env(), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "GDN: copies in the compiled step" in result.stderr      # --hlo_copies' table
@@ -67,7 +67,7 @@ def test_bench_train_profiles_its_steps(tmp_path):
 def test_bench_train_study_preset_needs_nofla():
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_train", "--study_preset=smoke", "--archs=GDN"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      cwd=REPO, env=helpers.fast_env(), capture_output=True, text=True,
       timeout=120)
   assert result.returncode != 0 and "add --nofla" in result.stderr
 
