@@ -444,13 +444,15 @@ def test_runs_per_shard_under_a_mesh():
 _sds = helpers.sds
 
 
-@pytest.mark.parametrize("platform,lowering,options", [
-    ("gpu", "cuda", {}), ("tpu", "tpu", {}),
-    ("gpu", "cuda", dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8)),
-    ("gpu", "cuda", dict(keep_states=True)), ("gpu", "cuda", dict(decay_on="keys")),
-    ("gpu", "cuda", dict(qk_key_grid=False)), ("gpu", "cuda", dict(recurrence_block_v=32)),
-    ("gpu", "cuda", dict(output_value_grid=True)), ("gpu", "cuda", dict(fuse_wy=False))])
-@pytest.mark.parametrize("size", ["0.4B", "1.4B"])
+# Both sizes with the default plans; every plan option at 1.4B (Dk = 256, past the
+# wide-key launch threshold), where each kernel's tiles are the largest.
+@pytest.mark.parametrize("platform,lowering,options,size", [
+    ("gpu", "cuda", {}, "0.4B"), ("tpu", "tpu", {}, "0.4B"),
+    ("gpu", "cuda", {}, "1.4B"), ("tpu", "tpu", {}, "1.4B")] + [
+    ("gpu", "cuda", options, "1.4B") for options in (
+        dict(inverse_precision="tf32", block_v=32, block_k=32, num_warps=8),
+        dict(keep_states=True), dict(decay_on="keys"), dict(qk_key_grid=False),
+        dict(recurrence_block_v=32), dict(output_value_grid=True), dict(fuse_wy=False))])
 def test_lowers_at_preset_shapes(platform, lowering, options, size):
   g_cfg = configs.get_config("GDN", size).gdn
   b, t, h, dk = 1, 4096, g_cfg.num_heads, g_cfg.head_dim
