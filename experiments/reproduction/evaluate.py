@@ -11,6 +11,7 @@ the logits of prefill + one-token decode steps against the full forward on one s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -61,6 +62,7 @@ def niah_samples(tokenizer: Tokenizer, task: str, length: int, n: int) -> list[N
   return out
 
 
+@functools.cache  # one jitted function: every task and batch of a length reuses its program
 def _forward_fn():
   @nnx.jit
   def run(model, x):
@@ -214,11 +216,30 @@ def _batch(preset, length: int) -> int:
   return max(1, preset.eval_batch * preset.seq_len // length)
 
 
+def _greedy_entries(model, tokenizer: Tokenizer, at_train_length: dict, niah: dict, preset,
+                    log) -> float | None:
+  """Greedy generation of every task's samples at the training length in one batch list
+  (one compiled program for all tasks), into niah[task@length]['greedy'];
+  -> % of samples where greedy and teacher forcing agree (None without samples)."""
+  if not at_train_length:
+    return None
+  flat = [s for sub, _ in at_train_length.values() for s in sub]
+  hits = greedy(model, tokenizer, flat, preset.eval_batch, max_new_tokens=48)
+  agree = []
+  for task, (sub, forced) in at_train_length.items():
+    mine, hits = hits[:len(sub)], hits[len(sub):]
+    entry = niah[f"{task}@{preset.seq_len}"]
+    entry["greedy"], entry["greedy_samples"] = 100 * float(np.mean(mine)), len(sub)
+    agree += [a == b for a, b in zip(mine, forced)]
+    log(f"  {task} @ {preset.seq_len}: greedy {entry['greedy']:.1f}% of {len(sub)}")
+  return 100 * float(np.mean(agree))
+
+
 def evaluate_model(model, tokenizer: Tokenizer, data_cfg, eval_cfg, preset,
                    log=print) -> dict:
   """Every measurement of one model (see the module docstring) as a JSON-able dict."""
   results = {"niah": {}, "mqar": {}, "memory": {}}
-  greedy_agree = []
+  at_train_length = {}   # task -> (samples generated greedily, their teacher-forced hits)
   for task in NIAH_TASKS:
     for length in preset.eval_lengths:
       samples = niah_samples(tokenizer, task, length, preset.eval_samples)
@@ -229,16 +250,11 @@ def evaluate_model(model, tokenizer: Tokenizer, data_cfg, eval_cfg, preset,
                "token_acc": 100 * float(np.mean(tf["token_acc"])),
                "depth_hits": [[s.example.depth, h] for s, h in zip(samples, tf["hits"])]}
       if length == preset.seq_len and preset.greedy_samples:
-        sub = samples[:preset.greedy_samples]
-        g = greedy(model, tokenizer, sub, preset.eval_batch, max_new_tokens=48)
-        entry["greedy"] = 100 * float(np.mean(g))
-        entry["greedy_samples"] = len(sub)
-        greedy_agree += [a == b for a, b in zip(g, tf["hits"])]
+        at_train_length[task] = (samples[:preset.greedy_samples], tf["hits"])
       results["niah"][f"{task}@{length}"] = entry
-      log(f"  {task} @ {length}: teacher-forced {entry['teacher_forced']:.1f}% "
-          f"(greedy {entry.get('greedy', float('nan')):.1f}%)")
-  results["greedy_vs_teacher_forced_agreement"] = (
-      100 * float(np.mean(greedy_agree)) if greedy_agree else None)
+      log(f"  {task} @ {length}: teacher-forced {entry['teacher_forced']:.1f}%")
+  results["greedy_vs_teacher_forced_agreement"] = _greedy_entries(
+      model, tokenizer, at_train_length, results["niah"], preset, log)
   for length, pairs in preset.mqar_lengths_pairs:
     r = tasks.run_mqar(model, length=length + 1, vocab_size=data_cfg.mqar_vocab_size,
                        offset=data_cfg.mqar_vocab_offset, bos_id=tokenizer.bos_id,
