@@ -136,6 +136,21 @@ def check_option_keys(options: dict, plan_cls: Any, exclude: Sequence[str] = ())
     raise ValueError(f"plan_options has unknown keys {unknown}; allowed: {allowed}")
 
 
+def make_plan(plan_cls: Any, platform: str | None, interpret: bool | None,
+              options: dict | None) -> Any:
+  """plan_cls for `platform` (None: the default backend's); `interpret` None: on CPU only;
+  `options`: its other fields, e.g. from `parse_options` (platform and interpret refused:
+  they are arguments of their own)."""
+  options = dict(options or {})
+  for name in ("platform", "interpret"):
+    if name in options:
+      raise ValueError(f"plan_options must not set {name!r} (pass it as its own argument)")
+  check_option_keys(options, plan_cls)
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return plan_cls(platform or default_platform(), interpret=interpret, **options)
+
+
 def parse_options(text: str, plan_cls: Any, exclude: Sequence[str] = ()) -> dict:
   """'block_v=32;num_warps=8;keep_states=True' -> Plan keyword arguments (for flags and
   config strings). Values: integers, True/False/None, else the string itself (the Plan

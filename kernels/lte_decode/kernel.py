@@ -27,7 +27,7 @@ from lte_jax.kernels.lte_decode import backend
 F32 = jnp.float32
 
 
-def _dot(a, b, *, tb=False):
+def dot(a, b, *, tb=False):
   """a @ b (b^T with tb) with fp32 accumulation; fp32 operands keep fp32 products
   (Triton would otherwise use TF32)."""
   dims = (((1,), (1,) if tb else (0,)), ((), ()))
@@ -68,13 +68,13 @@ def _decode_kernel(meta_ref, fill_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_re
     v = backend.load_tile(plan, v_ref, offset, bk, readable)
     pos_r, ring_r, ret_r = slot_info(start, (1, bk), 1)
     visible = (ring_r & (pos_r >= 0) & (pos_r <= q_pos)) | ret_r   # [R, bk]
-    logits = jnp.where(visible, _dot(q, k, tb=True) * scale, -jnp.inf)
+    logits = jnp.where(visible, dot(q, k, tb=True) * scale, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1, keepdims=True))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)         # rows with nothing visible yet
     p = jnp.where(visible, jnp.exp(logits - m_safe), 0.0)
     alpha = jnp.exp(m - m_safe)
     l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-    acc = alpha * acc + _dot(p.astype(v.dtype), v)
+    acc = alpha * acc + dot(p.astype(v.dtype), v)
     return m_new, l, acc
 
   init = (jnp.full((rows, 1), -jnp.inf, F32), jnp.zeros((rows, 1), F32),

@@ -79,14 +79,7 @@ def make_plan(platform: str | None = None, interpret: bool | None = None,
               options: dict | None = None) -> Plan:
   """Plan for `platform` (None: the default backend's); `interpret` None: on CPU only;
   `options`: Plan fields, e.g. from `parse_options`."""
-  options = dict(options or {})
-  for name in ("platform", "interpret"):
-    if name in options:
-      raise ValueError(f"plan_options must not set {name!r} (pass it as its own argument)")
-  lowering.check_option_keys(options, Plan)
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  return Plan(platform or default_platform(), interpret=interpret, **options)
+  return lowering.make_plan(Plan, platform, interpret, options)
 
 
 def parse_options(text: str) -> dict:

@@ -22,17 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lte_jax.kernels.lte_decode.kernel import dot
 from lte_jax.kernels.nsa_decode import backend
 
 F32 = jnp.float32
-
-
-def _dot(a, b, *, tb=False):
-  """a @ b (b^T with tb) with fp32 accumulation; fp32 operands keep fp32 products
-  (Triton would otherwise use TF32)."""
-  dims = (((1,), (1,) if tb else (0,)), ((), ()))
-  precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else None
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
 
 def _visible(block, position, shape, axis, *, block_size, cache_len, window):
@@ -47,13 +40,13 @@ def _visible(block, position, shape, axis, *, block_size, cache_len, window):
 def _update(state, q, k, v, visible, scale):
   """One block into an online softmax: q [R, D], k [bs, D], v [bs, Dv], visible [1, bs]."""
   m, l, acc = state
-  logits = jnp.where(visible, _dot(q, k, tb=True) * scale, -jnp.inf)
+  logits = jnp.where(visible, dot(q, k, tb=True) * scale, -jnp.inf)
   m_new = jnp.maximum(m, jnp.max(logits, axis=1, keepdims=True))
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)         # nothing visible yet
   p = jnp.where(visible, jnp.exp(logits - m_safe), 0.0)
   alpha = jnp.exp(m - m_safe)
   l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-  acc = alpha * acc + _dot(p.astype(v.dtype), v)
+  acc = alpha * acc + dot(p.astype(v.dtype), v)
   return m_new, l, acc
 
 
