@@ -1,7 +1,8 @@
 """Mesh construction and sharded training: DP, FSDP and TP steps equal the single-device step.
 
-Meshes (data x fsdp x tensor) over 8 devices: DP 8x1x1, FSDP 2x4x1 (FSDP within
-data-parallel groups), TP 4x1x2; two steps each, the tiny preset in fp32.
+Meshes (data x fsdp x tensor) over 8 devices: FSDP 2x4x1 (FSDP within data-parallel
+groups), TP 4x1x2 (tensor parallel within data-parallel groups), and FSDP with scanned
+layers; two steps each, the tiny preset in fp32.
 
 The multi-device check runs in a subprocess: the 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8) must be set before jax
@@ -102,7 +103,8 @@ _SCRIPT = textwrap.dedent("""
                           for x in jax.tree.leaves(state.params)])
 
     out = {"single": run(jax.devices()[:1], data=1)}
-    for name, axes in {"dp": dict(data=8), "fsdp": dict(data=2, fsdp=4),
+    # Data parallelism is in both: data=2 beside fsdp=4, data=4 beside tensor=2.
+    for name, axes in {"fsdp": dict(data=2, fsdp=4),
                        "tp": dict(data=4, tensor=2)}.items():
       out[name] = run(None, **axes)
     out["fsdp_scan"] = run(None, model_def=scan_def, data=2, fsdp=4)
@@ -126,7 +128,7 @@ def sharded_runs():
 
 # One worker takes all four, so the ~60 s fixture runs once under xdist (setup.cfg).
 @pytest.mark.xdist_group("sharded_runs")
-@pytest.mark.parametrize("mesh", ["dp", "fsdp", "tp", "fsdp_scan"])
+@pytest.mark.parametrize("mesh", ["fsdp", "tp", "fsdp_scan"])
 def test_sharded_step_equals_single_device_step(sharded_runs, mesh):
   import numpy as np
   single, sharded = sharded_runs["single"], sharded_runs[mesh]
@@ -136,7 +138,7 @@ def test_sharded_step_equals_single_device_step(sharded_runs, mesh):
   for a, b in zip(single["params"], sharded["params"]):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   # The parameters really are split: embedding [vocab, embed] -> (tensor, fsdp).
-  want = {"dp": "P(None, None)", "fsdp": "P(None, 'fsdp')", "tp": "P('tensor', None)",
+  want = {"fsdp": "P(None, 'fsdp')", "tp": "P('tensor', None)",
           "fsdp_scan": "P(None, 'fsdp')"}
   assert sharded["embed_spec"] == want[mesh]
   assert sharded["embed_shards"] == 8
@@ -195,7 +197,7 @@ def test_host_init_places_shards_on_two_processes(tmp_path):
 
 
 _TWO_DEVICES = textwrap.dedent("""
-    import json, sys
+    import json
     import jax
     from lte_jax import configs
     from lte_jax.data import DataConfig, make_train_iterator
@@ -208,33 +210,35 @@ _TWO_DEVICES = textwrap.dedent("""
     abstract = jax.eval_shape(lambda: train_state.init_train_state(model_def, tx, seed=0))
     batches = list(zip(range(2), make_train_iterator(
         DataConfig(seq_len=32, batch_size=8, model_vocab_size=512))))
-    mesh = mesh_lib.make_mesh(data=int(sys.argv[1]), devices=None)
-    shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-      state = train_state.create_train_state(model_def, tx, 0, shardings, on_host=True)
-      fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, lte_target=4.0),
-                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
-      losses = []
-      for _, batch in batches:
-        state, metrics = fn(state, mesh_lib.global_batch(batch, batch_sharding))
-        losses.append(float(metrics["loss"]))
-    print("RESULT" + json.dumps(losses))
+
+    def run(data, devices):
+      mesh = mesh_lib.make_mesh(data=data, devices=devices)
+      shardings = mesh_lib.state_shardings(model_def, tx, abstract, mesh)
+      batch_sharding = mesh_lib.batch_sharding(mesh)
+      with jax.set_mesh(mesh):
+        state = train_state.create_train_state(model_def, tx, 0, shardings, on_host=True)
+        fn = jax.jit(step_lib.make_train_step(model_def, tx, schedule, lte_target=4.0),
+                     in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+        losses = []
+        for _, batch in batches:
+          state, metrics = fn(state, mesh_lib.global_batch(batch, batch_sharding))
+          losses.append(float(metrics["loss"]))
+      return losses
+
+    assert jax.device_count() == 2
+    print("RESULT" + json.dumps({"1": run(1, jax.devices()[:1]), "2": run(2, None)}))
 """)
 
 
 def test_gdn_step_on_two_cpu_devices_returns():
   """Regression: with exactly 2 simulated CPU devices the GDN data-parallel step used to hang
   in its first call (XLA CPU's expanded triangular solve inside the 'xla' op; now matmuls
-  only, lte_jax.ops.gated_delta_rule.xla._unit_lower_inverse). Its losses equal the
-  1-device run's."""
-  losses = {}
-  for n in (1, 2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(n)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-    losses[n] = json.loads(line[len("RESULT"):])
-  np.testing.assert_allclose(losses[2], losses[1], rtol=2e-5)
+  only, lte_jax.ops.gated_delta_rule.xla._unit_lower_inverse). Its losses equal those of
+  one of the two devices alone, in the same process."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  losses = json.loads(line[len("RESULT"):])
+  np.testing.assert_allclose(losses["2"], losses["1"], rtol=2e-5)
