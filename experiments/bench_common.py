@@ -107,6 +107,21 @@ def torch_backward(out: Any, grad: Any, inputs: Any) -> None:
   out.backward(grad)
 
 
+def torch_event_ms(fn: Callable[[], Any], reps: int) -> float:
+  """Median ms of `reps` calls of fn() (a torch GPU computation, already warm), each
+  between two CUDA events."""
+  import torch
+  times = []
+  for _ in range(reps):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    times.append(start.elapsed_time(end))
+  return statistics.median(times)
+
+
 def torch_device_ms(fn: Callable[[], Any], calls: int, trace_path: str,
                     top: int = 10) -> float | None:
   """Summed device time per call of fn() (a torch GPU computation) from torch's profiler:

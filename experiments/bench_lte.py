@@ -49,7 +49,6 @@ import os
 # JAX and PyTorch share the GPU: without this JAX takes 75% of its memory at start.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import statistics  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from absl import app, flags  # noqa: E402
@@ -208,15 +207,7 @@ def time_torch(torch, fn) -> float:
     for _ in range(5):
       fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(FLAGS.reps):
-      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-      start.record()
-      fn()
-      end.record()
-      torch.cuda.synchronize()
-      times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return bench_common.torch_event_ms(fn, FLAGS.reps)
 
 
 def _torch_bhtd(torch, x, *, grad=False):

@@ -45,7 +45,6 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import inspect  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -347,15 +346,7 @@ def time_torch(torch, fn: Callable[[], Any], label: str) -> float:
   for _ in range(FLAGS.warmup - 1):
     fn()
   torch.cuda.synchronize()
-  times = []
-  for _ in range(FLAGS.reps):
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(begin.elapsed_time(end))
-  return statistics.median(times)
+  return bench_common.torch_event_ms(fn, FLAGS.reps)
 
 
 def torch_extra_mib(torch, fn: Callable[[], Any]) -> float:
