@@ -313,7 +313,7 @@ def fla_run(fla: Fla, inputs, block_indices=None) -> tuple[np.ndarray, list[np.n
   leaves, d_o = fla_inputs(fla, inputs, grad=True)
   o = fla_call(fla, leaves, block_indices)
   o.backward(d_o)
-  host = lambda t: t.float().cpu().numpy()
+  host = lambda t: t.detach().float().cpu().numpy()
   grads = [host(x.grad) if x.grad is not None else np.zeros(x.shape, np.float32)
            for x in leaves]
   return host(o), grads[:3] + [np.stack(grads[3:], axis=-1)]

@@ -89,6 +89,7 @@ def _train_cut_resume_evaluate(study):
   study.evaluate("laLTE", 0)
 
 
+@pytest.mark.xdist_group("smoke_study")  # one worker builds the module fixture once
 def test_smoke_study_resumes_skips_finished_stages_and_reports(smoke_study):
   study, manifest = smoke_study
   assert manifest["documents"] > 0 and manifest["byte_tokens"] > 400_000
@@ -126,6 +127,7 @@ def test_smoke_study_resumes_skips_finished_stages_and_reports(smoke_study):
                                                   "lte_controller.png", "loss.png"}
 
 
+@pytest.mark.xdist_group("smoke_study")
 def test_a_study_folder_keeps_its_preset(smoke_study, tmp_path):
   study, _ = smoke_study
   other = reproduce.Study(study.workdir, preset_lib.get_preset("pilot"), smoke=True)

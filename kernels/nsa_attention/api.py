@@ -1,7 +1,7 @@
 """Attention over selected blocks (NSA's selection branch) on Pallas kernels: glue and the custom VJP.
 
 Pipeline (modules in brackets): plain JAX [tables] turns the selection bitmap into the
-query table (each token's blocks), the reads table and the key tiles' last readers;
+query table (each token's blocks) and the reads table (each key tile's readers);
 forward [forward]: per (batch, KV head, token) the query group attends over its selected
 blocks -> o, lse; backward: dq per token [forward], dk/dv per aligned key tile
 [backward]. The custom VJP covers q, k and v after padding (T to whole blocks, and on
@@ -43,7 +43,7 @@ def _core_bwd(cfg, residuals, d_o):
   # [Gp, 1] columns and [1, Gp] rows have one memory order: the reshapes are free.
   as_rows = lambda x: x.reshape(*x.shape[:3], 1, cfg.rows)
   dk, dv = backward.selected_key_grads(cfg, q, k, v, d_o, as_rows(lse), as_rows(delta),
-                                       tabs.reads, tabs.key_end)
+                                       tabs.reads, tabs.offsets)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

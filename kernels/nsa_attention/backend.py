@@ -107,6 +107,13 @@ def table_row(plan: Plan, table: jax.Array) -> pl.BlockSpec:
                       lambda b, h, n: (b, h, n, 0, 0), **space)
 
 
+def table_head(plan: Plan, table: jax.Array) -> pl.BlockSpec:
+  """As table_row, for a table [B, Hkv, 1, 1, length] of one row a (batch, KV head)."""
+  space = {"memory_space": pltpu.SMEM} if plan.platform == "tpu" else {}
+  return pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, 1, table.shape[-1]),
+                      lambda b, h, n: (b, h, 0, 0, 0), **space)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Where the kernels' token tensors live.

@@ -9,12 +9,13 @@ every load is aligned on both lowerings.
 
 - query table, per token: (s_i, n_i, b_0 .. b_{n_i - 1}) with the selected blocks in
   increasing order, padded to a power-of-two width (the forward and dq kernels).
-- reads, per (aligned key tile a, query i): the keys of tile a that i reads. Inside one
-  document the tile meets at most two consecutive blocks A, A + 1 of i's document, and
-  i reads a union of whole blocks, so that set is ONE interval [lo, hi) of the tile:
-  packed as lo + hi * 2^16 (offsets in the tile; 0 when i reads none of it).
-- key end, per tile: one past the last query that may read it (its last key's document
-  end): the dk/dv kernel walks the queries [a * bs, key_end).
+- reads, per aligned key tile a: the (query i, keys [lo, hi) of the tile) pairs of every
+  selected block that overlaps the tile, sorted by tile, then query (a block off the grid
+  gives one pair in each of its two tiles; two blocks of one query in one tile give two
+  pairs with disjoint intervals, whose gradient terms simply add). Stored as one list
+  per (batch, KV head): entry n at [2n] (query) and [2n + 1] (lo + hi * 2^16), with the
+  offsets of each tile's first entry, so the dk/dv kernel walks exactly the queries that
+  read its tile: block_count * T pairs in all (twice that with documents), at any T.
 """
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ HEADER = 2
 
 class Tables(NamedTuple):
   """query [B, Hkv, Tp / bt, 1, bt * width]: per token (start, count, blocks...);
-  reads [B, Hkv, Tp / bs, 1, Tp]: the packed interval of each key tile a query reads;
-  key_end [B, 1, 1, 1, Tp / bs]: one past the last query that may read each key tile."""
+  reads [B, Hkv, 1, 1, 2 * E]: (query, packed interval) pairs sorted by key tile, E =
+  Tp * block_count (x2 with documents), unused entries past the last offset;
+  offsets [B, Hkv, 1, 1, Tp / bs + 1]: tile a's pairs are entries [offsets[a], offsets[a + 1])."""
   query: jax.Array
   reads: jax.Array
-  key_end: jax.Array
+  offsets: jax.Array
 
 
 def query_width(block_count: int) -> int:
@@ -72,23 +74,27 @@ def build(selected: jax.Array, segment_ids: jax.Array | None, *, block_size: int
   row = jnp.pad(row, ((0, 0), (0, 0), (0, 0), (0, width - row.shape[-1])))
   query = row.reshape(batch, heads, padded // block_t, 1, block_t * width)
 
-  # Reads: [B, H, Tp (query i), Tp / bs (key tile a)], then tiles first.
+  # Reads: one (tile, query, interval) per selected block and tile it overlaps; blocks
+  # start on the tile grid without documents, so the second tile exists only with them.
   tiles = padded // bs
-  i = jnp.arange(padded, dtype=I32)[None, None, :, None]
-  tile0 = (jnp.arange(tiles, dtype=I32) * bs)[None, None, None, :]
-  s_i = docs.start[:, None, :, None]
-  x0 = jnp.maximum(tile0, s_i)
-  x1 = jnp.minimum(tile0 + bs, i + 1)
-  first = jnp.clip((x0 - s_i) // bs, 0, num_blocks - 1)                     # block A
-  split = s_i + (first + 1) * bs                                            # start of A + 1
-  gather = lambda b: jnp.take_along_axis(sel, jnp.broadcast_to(b, sel.shape[:3] + (tiles,)),
-                                         axis=-1)
-  sel_a, sel_b = gather(first), gather(first + 1)
-  lo = jnp.where(sel_a, x0, split)
-  hi = jnp.where(sel_b, x1, jnp.minimum(split, x1))
-  reads = jnp.where((hi > lo) & (x1 > x0), (lo - tile0) + ((hi - tile0) << READ_SHIFT), 0)
-  reads = jnp.transpose(reads, (0, 1, 3, 2))[:, :, :, None, :]
-
-  last_key = jnp.arange(tiles, dtype=I32) * bs + bs - 1
-  key_end = (docs.end[:, last_key] + 1).reshape(batch, 1, 1, 1, tiles)
-  return Tables(query=query.astype(I32), reads=reads.astype(I32), key_end=key_end.astype(I32))
+  i = jnp.arange(padded, dtype=I32)[None, None, :, None, None]
+  used = (jnp.arange(top, dtype=I32) < count)[..., None]                  # [B, H, Tp, top, 1]
+  first = start[..., None] + blocks[..., None] * bs                          # block's first key
+  last = jnp.minimum(first + bs, i + 1)                                      # one past its last
+  halves = 1 if segment_ids is None else 2
+  tile = first // bs + jnp.arange(halves, dtype=I32)                        # [.., top, halves]
+  lo = jnp.maximum(first, tile * bs) - tile * bs
+  hi = jnp.minimum(last, tile * bs + bs) - tile * bs
+  tile = jnp.where(used & (hi > lo), tile, tiles)                           # tiles: unused
+  code = lo + (hi << READ_SHIFT)
+  flat = lambda x: jnp.broadcast_to(x, tile.shape).reshape(batch, heads, -1)
+  # Stable: each tile's pairs stay in query order (flattened query-major).
+  tile, reader, code = jax.lax.sort((flat(tile), flat(i), flat(code)), dimension=-1,
+                                    is_stable=True, num_keys=1)
+  per_tile = jnp.zeros((batch, heads, tiles + 1), I32).at[
+      jnp.arange(batch)[:, None, None], jnp.arange(heads)[None, :, None], tile].add(1)
+  offsets = jnp.concatenate([jnp.zeros((batch, heads, 1), I32),
+                             jnp.cumsum(per_tile[..., :tiles], axis=-1, dtype=I32)], axis=-1)
+  reads = jnp.stack([reader, code], axis=-1).reshape(batch, heads, 1, 1, -1)
+  return Tables(query=query.astype(I32), reads=reads.astype(I32),
+                offsets=offsets[:, :, None, None, :].astype(I32))
