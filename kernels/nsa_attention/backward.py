@@ -7,7 +7,9 @@ parallel_nsa visits every later query and tests its block list, O(T^2 / bs) a he
 Each entry adds its query's [Gp, D] group in the transposed form
 (lte_attention.tiles.dkv_step: logits^T [bs, Gp], so lse and delta are rows), summed over
 the group's heads in the product: dk/dv need no reduction afterwards. Work: the (query,
-block) pairs actually selected.
+block) pairs actually selected. On TPU the reads list of a (batch, KV head) sits in SMEM
+(2 x T x block_count int32) and the Q / dO rows in VMEM: short sequences only until a TPU
+layout that streams them exists.
 """
 from __future__ import annotations
 
