@@ -253,3 +253,12 @@ def test_nsa_layer_trains_the_same_on_the_kernels():
   assert len(leaves_xla) == len(leaves_pallas) >= 5
   for a, b in zip(leaves_pallas, leaves_xla):
     assert rel_rms(a, b) < 1e-4
+
+
+def test_default_implementation_per_backend_and_block_size():
+  from lte_jax.ops.nsa_attention.api import default_implementation
+  assert default_implementation("gpu", 64) == "pallas"
+  assert default_implementation("gpu", 48) == "xla"   # not a power of two: no kernel for it
+  assert default_implementation("gpu", 8) == "xla"    # below Triton's 16
+  assert default_implementation("tpu", 64) == "xla"
+  assert default_implementation("cpu", 64) == "xla"
