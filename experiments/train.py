@@ -85,6 +85,7 @@ ALLOWED = cli.allowed_values({
     "config.data.tokenizer": "'byte' or a path to a tokenizer.json / SentencePiece .model",
     "config.data.mixture": data_lib.MIXTURE_NAMES,
     "config.data.niah_tasks": tuple(data_lib.NIAH_TASKS),
+    "config.data.niah_loss": data_lib.NIAH_LOSSES,
     "config.data.bad_records": data_lib.BAD_RECORD_POLICIES,
     "config.model.remat": configs_lib.REMAT_POLICIES,
     "config.model.init": configs_lib.INIT_SCHEMES,

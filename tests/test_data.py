@@ -322,6 +322,20 @@ def test_niah_documents_fit_one_row():
       assert text.endswith(f"mentioned in the provided text is {value}")
 
 
+def test_niah_answer_loss_trains_on_the_answer_tokens_only():
+  cfg = DataConfig(seq_len=600, batch_size=2, mixture={"niah": 1.0}, niah_loss="answer")
+  for batch in take(make_train_iterator(cfg), 3):
+    check_batch_invariants(batch, 600, BYTE.bos_id)
+    for inputs, targets, mask in chunks_of([batch]):
+      text = BYTE.decode(np.concatenate([inputs, targets[-1:]]))
+      key = re.search(r"special magic \w+ for (\S+) mentioned", text).group(1)
+      value = re.search(rf"for {key} is: (\S+)\.", text).group(1)
+      on = np.flatnonzero(mask)
+      assert BYTE.decode(targets[on]) == value          # exactly the answer, nothing else
+      assert np.array_equal(on, np.arange(on[0], on[0] + len(value)))
+      assert BYTE.decode(inputs[:on[0] + 1]).endswith("provided text is ")
+
+
 # ----------------------------------------------------------------------------- retrieval
 
 
@@ -426,6 +440,7 @@ def test_haystack_search_finds_the_largest_fit():
     (dict(mixture={"mqar": 1.0}, mqar_num_pairs=40), "DataConfig.mqar_num_pairs"),
     (dict(mixture={"mqar": 1.0}, mqar_seq_len=256), "DataConfig.mqar_seq_len"),
     (dict(mixture={"niah": 1.0}, niah_tasks=("niah_multikey",)), "DataConfig.niah_tasks"),
+    (dict(mixture={"niah": 1.0}, niah_loss="prompt"), "DataConfig.niah_loss"),
     (dict(worker_count=-1), "DataConfig.worker_count"),
 ])
 def test_bad_config_names_the_field(kw, field):

@@ -64,6 +64,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.batch_size = config_dict.placeholder(int)  # recipe
   config.data.seed = 0
   config.data.mixture = ml_collections.ConfigDict({"corpus": 1.0, "mqar": 0.0, "niah": 0.0})
+  config.data.niah_loss = "all"  # 'answer': NIAH documents train on their answers only
   config.data.worker_count = 0
   config.data.read_threads = 2
   # A corpus record that is not UTF-8, bad JSON, null or without a string text_field:

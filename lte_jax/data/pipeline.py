@@ -37,6 +37,7 @@ from lte_jax.data.sources import SOURCE_KINDS, make_source
 from lte_jax.data.tokenizers import Tokenizer, encode_document, get_tokenizer
 
 MIXTURE_NAMES = ("corpus", "mqar", "niah")
+NIAH_LOSSES = ("all", "answer")
 FILE_SOURCES = tuple(kind for kind in SOURCE_KINDS if kind != "embedded")
 FIELD_SOURCES = ("jsonl", "parquet")  # the sources whose records DataConfig.text_field indexes
 KIND_IDS = {"corpus": 0, "mqar": 1, "niah": 2}  # the 'kind' field of a document
@@ -76,6 +77,11 @@ class DataConfig:
   niah_tasks: RULER tasks drawn uniformly for NIAH documents; each fits one row
     with a haystack of uniformly random size (needs a seq_len that holds the
     empty-haystack prompt: ~400 byte-level tokens).
+  niah_loss: what a NIAH document trains on: 'all' (default: every token, the
+    prompt and haystack too) or 'answer' (the answer's tokens only, as an MQAR
+    document trains on its queries: a few tokens of retrieval signal are not
+    drowned by hundreds of easy haystack tokens). With 'answer' the prompt and
+    the answer are tokenized apart, as the evaluation reads them.
   num_epochs: passes over the corpus (None: forever); synthetic data never ends.
   worker_count: processes for grain's mp_prefetch (0: in-process).
   read_threads: threads reading and tokenizing documents in each process.
@@ -113,6 +119,7 @@ class DataConfig:
   mqar_num_pairs: int = 8
   mqar_alpha: float = 0.01
   niah_tasks: Sequence[str] = tuple(NIAH_TASKS)
+  niah_loss: str = "all"
   shuffle: bool = True
   num_epochs: int | None = None
   worker_count: int = 0
@@ -169,6 +176,8 @@ class DataConfig:
       tasks = self.niah_tasks
       if isinstance(tasks, str) or not tasks or any(t not in NIAH_TASKS for t in tasks):
         _fail("niah_tasks", f"a non-empty sequence of {tuple(NIAH_TASKS)}", tasks)
+    if self.niah_loss not in NIAH_LOSSES:
+      _fail("niah_loss", f"one of {NIAH_LOSSES}", self.niah_loss)
 
   def _check_mixture(self) -> None:
     mix = self.mixture
@@ -289,7 +298,8 @@ class _MQARDoc:
 
 
 class _NIAHDoc:
-  """One needle document (prompt + answer) of random haystack size fitting one row."""
+  """One needle document (prompt + answer) of random haystack size fitting one row; its
+  loss on every token, or on the answer's only (DataConfig.niah_loss)."""
 
   def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
     self.cfg, self.tokenizer = cfg, tokenizer
@@ -297,12 +307,22 @@ class _NIAHDoc:
   def __call__(self, rng: np.random.Generator) -> dict:
     tasks = tuple(self.cfg.niah_tasks)
     task = tasks[int(rng.integers(len(tasks)))]
-    # BOS + text + end = seq_len + 1 tokens at most: seq_len (input, target) pairs.
-    ex = make_niah(rng, self.tokenizer, self.cfg.seq_len + 1, task=task, reserve_tokens=2,
-                   include_answer=True, fill="random")
+    answer_only = self.cfg.niah_loss == "answer"
+    # BOS + text + end = seq_len + 1 tokens at most: seq_len (input, target) pairs; one
+    # more reserved when prompt and answer are tokenized apart (a BPE split may cost one).
+    ex = make_niah(rng, self.tokenizer, self.cfg.seq_len + 1, task=task,
+                   reserve_tokens=3 if answer_only else 2, include_answer=True, fill="random")
     tok = self.tokenizer
     end = end_token(tok.bos_id, tok.eos_id, self.cfg.append_eos)
-    return _doc([tok.bos_id, *tok.encode(ex.document), end], "niah", atomic=True)
+    if not answer_only:
+      return _doc([tok.bos_id, *tok.encode(ex.document), end], "niah", atomic=True)
+    prompt = [tok.bos_id, *tok.encode(ex.prompt + " ")]
+    answer = tok.encode(ex.answer)
+    doc = _doc([*prompt, *answer, end], "niah", atomic=True)
+    mask = np.zeros(len(doc["targets"]), np.float32)
+    mask[len(prompt) - 1:len(prompt) - 1 + len(answer)] = 1  # targets that are the answer
+    doc["loss_mask"] = mask
+    return doc
 
 
 def _check_vocab(cfg: DataConfig, tokenizer: Tokenizer) -> None:
