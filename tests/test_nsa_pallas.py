@@ -197,8 +197,14 @@ def test_bad_arguments_raise_value_errors(kwargs, needle):
 def test_plan_defaults_and_parsing():
   assert make_plan("gpu", True).block_t == 1 and make_plan("tpu", True).block_t == 8
   assert parse_options("block_t=4;num_warps=2") == {"block_t": 4, "num_warps": 2}
+  measured = make_plan("gpu", False)   # the measured launches apply on a real GPU only
+  assert dict((n, (w, s)) for n, w, s in measured.launch) == {
+      "nsa_selected_fwd": (2, 2), "nsa_selected_dq": (2, 2)}
+  assert make_plan("gpu", True).launch == () and make_plan("gpu", False, dict(
+      num_warps=8)).launch == ()
   plan = make_plan("gpu", False, dict(launch="nsa_selected_dkv=2/3"))
-  assert plan.launch == (("nsa_selected_dkv", 2, 3),) and plan.num_warps == 4
+  assert ("nsa_selected_dkv", 2, 3) in plan.launch and plan.num_warps == 4
+  assert ("nsa_selected_fwd", 2, 2) in plan.launch   # one entry does not drop the others
   with pytest.raises(ValueError, match="unknown kernel"):
     make_plan("gpu", False, dict(launch="nsa_dkv=2/3"))
 

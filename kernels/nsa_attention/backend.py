@@ -25,8 +25,11 @@ KERNELS = ("nsa_selected_fwd", "nsa_selected_dq", "nsa_selected_dkv")
 # program walks several tokens.
 _DEFAULT_BLOCK_T = {"gpu": 1, "tpu": 8}
 _DEFAULT_VMEM_MIB = 48
-# Not measured yet: every kernel launches with num_warps / num_stages (4 / 2 by default).
-GPU_LAUNCH: dict[str, tuple[int, int]] = {}
+# Measured on an H100 (2026-12-07, BENCHMARKS.md, 32 / 2 heads of 64, blocks of 64, 16
+# selected): 2 warps take the forward kernel from 1.42 to 1.17 ms and dq from 1.38 to 1.14
+# at 4 x 4096 (1.52 -> 1.26, 1.51 -> 1.24 at 1 x 16384). dk/dv keeps 4 / 2: 2 warps slowed
+# its earlier form from 4.06 to 7.20 ms; its current form is not yet tuned.
+GPU_LAUNCH: dict[str, tuple[int, int]] = {"nsa_selected_fwd": (2, 2), "nsa_selected_dq": (2, 2)}
 
 
 @dataclasses.dataclass(frozen=True)
