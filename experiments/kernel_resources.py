@@ -5,6 +5,7 @@
       --implementations='pallas,pallas:decay_on=values;recurrence_block_v=32'
   python3 -m experiments.kernel_resources --op=lte --shapes=8x4096x16x64 \\
       --implementations='pallas,pallas:far_gather=kernel'
+  python3 -m experiments.kernel_resources --op=nsa --shapes=8x4096x32x64 --kv_heads=2
   python3 -m experiments.kernel_resources --nocompile    # launch parameters only (no Triton)
 
 Why: a kernel that spills registers to local memory (stack > 0 below) or stages more
@@ -12,8 +13,9 @@ than the 227 KB of an H100/H200 SM's shared memory is slow or does not compile, 
 machine without a GPU can tell so before anything is timed. The spread
 of regs/stack across launch parameters says which variants are worth timing.
 
-How: forward and backward of `chunk_gated_delta_rule_pallas` (--op=gdn) or of LTE
-attention with far keys (--op=lte: `attention_with_far_keys`) are lowered for 'cuda' on
+How: forward and backward of `chunk_gated_delta_rule_pallas` (--op=gdn), of LTE
+attention with far keys (--op=lte: `attention_with_far_keys`) or of NSA's selected-block
+attention (--op=nsa: `selected_attention`) are lowered for 'cuda' on
 the host (as tests/test_lowering.py does); a hook on JAX's Pallas Triton lowering keeps
 each kernel's Triton IR (TTIR) with the num_warps / num_stages it was given; the Triton
 wheel compiles the TTIR for sm_90 and cuobjdump (shipped in the wheel) reads REG, STACK
@@ -39,13 +41,17 @@ import jax.numpy as jnp
 from experiments import bench_common
 from lte_jax.kernels.gated_delta_rule import chunk_gated_delta_rule_pallas
 from lte_jax.kernels.lte_attention.api import attention_with_far_keys
+from lte_jax.kernels.nsa_attention import selected_attention
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("op", "gdn", ["gdn", "lte"], "Whose kernels: the chunked gated delta rule "
-                  "or LTE attention (band + far keys).")
+flags.DEFINE_enum("op", "gdn", ["gdn", "lte", "nsa"], "Whose kernels: the chunked gated "
+                  "delta rule, LTE attention (band + far keys) or NSA's selected blocks.")
 flags.DEFINE_list("shapes", ["4x4096x8x256"], "BxTxHxD shapes (Dk = Dv = D; for lte, H query "
                   "and KV heads).")
 flags.DEFINE_integer("window", 768, "lte: the sliding window.")
+flags.DEFINE_integer("kv_heads", 2, "nsa: KV heads (H of --shapes counts query heads).")
+flags.DEFINE_integer("block_size", 64, "nsa: tokens per selected block.")
+flags.DEFINE_integer("block_count", 16, "nsa: blocks selected per query.")
 flags.DEFINE_list("implementations", ["pallas"],
                   "'pallas' or 'pallas:k=v;k=v' (fields of the op's backend.Plan, as "
                   "experiments/bench_kernels.py and bench_lte.py take them).")
@@ -99,7 +105,7 @@ def captured_kernels():
 
 
 def op_kernels(op: str, shape: tuple[int, int, int, int], options: dict,
-               window: int = 768) -> list[dict]:
+               window: int = 768, nsa: tuple[int, int, int] = (2, 64, 16)) -> list[dict]:
   """The distinct kernels of one forward+backward of `op` at `shape` (bf16, as the layers
   call them), by name."""
   b, t, h, d = shape
@@ -112,6 +118,18 @@ def op_kernels(op: str, shape: tuple[int, int, int, int], options: dict,
 
     scalar = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
     args = (token, token, token, scalar, scalar)
+  elif op == "nsa":
+    kv_heads, block_size, block_count = nsa
+
+    def loss(q, k, v, selected):
+      o = selected_attention(q, k, v, selected, block_size=block_size,
+                             block_count=block_count, segment_ids=None, scale=d ** -0.5,
+                             platform="gpu", interpret=False, plan_options=options)
+      return o.astype(jnp.float32).sum()
+
+    kv = jax.ShapeDtypeStruct((b, t, kv_heads, d), jnp.bfloat16)
+    blocks = -(-t // block_size)
+    args = (token, kv, kv, jax.ShapeDtypeStruct((b, t, kv_heads, blocks), jnp.bool_))
   else:
     def loss(q, k, v, keep):
       o = attention_with_far_keys(q, k, v, keep=keep, last=None, window_size=window,
@@ -173,7 +191,8 @@ def main(argv):
     shape = tuple(int(x) for x in shape_text.split("x"))
     for impl in FLAGS.implementations:
       _, options = bench_common.parse_implementation(impl)
-      for kernel in op_kernels(FLAGS.op, shape, options or {}, FLAGS.window):
+      for kernel in op_kernels(FLAGS.op, shape, options or {}, FLAGS.window,
+                               (FLAGS.kv_heads, FLAGS.block_size, FLAGS.block_count)):
         if not pattern.search(kernel["name"]):
           continue
         row = dict(shape=shape_text, impl=impl, kernel=kernel["name"],

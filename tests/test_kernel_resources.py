@@ -48,6 +48,14 @@ def test_lte_attention_kernels_are_captured(tmp_path):
                                          "lte_attention_dkv_band", "lte_attention_dkv_far"}
 
 
+def test_nsa_kernels_are_captured_with_their_gpu_launch(tmp_path):
+  rows = _run(tmp_path, "--nocompile", "--op=nsa", "--kv_heads=1", "--block_size=16",
+              "--block_count=3", shape="1x64x2x16")
+  launch = {r["kernel"]: (r["warps"], r["stages"]) for r in rows}
+  assert launch == {"nsa_selected_fwd": (2, 2), "nsa_selected_dq": (2, 2),
+                    "nsa_selected_dkv": (4, 2)}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="needs the Triton wheel (pip install -e '.[ptx]')")
 def test_kernels_compile_and_report_resources(tmp_path):
