@@ -17,19 +17,7 @@ from lte_jax.kernels.lte_attention import sliding_window_attention_pallas
 from lte_jax.kernels.nsa_attention import selected_attention
 from lte_jax.ops.attention.pallas import per_shard
 from lte_jax.ops.attention.xla import blockwise_attention
-from lte_jax.ops.lte_attention.reference import token_positions
 from lte_jax.ops.nsa_attention import xla
-
-
-def _blocks(k, v, segment_ids, block_size):
-  """-> (k_cmp, v_cmp, layout, positions, doc): the mean-pooled blocks and their layout."""
-  batch, time = k.shape[:2]
-  positions = token_positions(segment_ids, batch, time)
-  doc = xla.document_index(segment_ids, batch, time)
-  layout = xla.block_layout(positions, doc, block_size)
-  k_cmp = xla.mean_pool(k, layout, block_size)
-  v_cmp = None if v is None else xla.mean_pool(v, layout, block_size)
-  return k_cmp, v_cmp, layout, positions, doc
 
 
 def nsa_attention_pallas(q, k, v, gates, *, block_size, block_count, window_size, segment_ids,
@@ -40,13 +28,14 @@ def nsa_attention_pallas(q, k, v, gates, *, block_size, block_count, window_size
   >= 16. platform ('gpu', 'tpu') and interpret as lte_jax.kernels.nsa_attention.make_plan;
   plan_options: that Plan's fields; window_plan_options: the sliding-window kernels'
   (lte_jax.kernels.lte_attention.Plan)."""
-  k_cmp, v_cmp, layout, _, doc = _blocks(k, v, segment_ids, block_size)
+  k_cmp, v_cmp, layout, _, doc = xla.pooled_blocks(k, v, segment_ids, block_size)
   o_cmp = blockwise_attention(q, k_cmp, v_cmp, xla.compressed_mask_fn(layout, doc), scale=scale)
 
   def selected_op(q, k, v, segment_ids):
-    # Selection per shard (it mixes only one KV group's query heads); the pooled keys are
-    # recomputed here because shard_map cannot take the unsharded ones without a reshard.
-    k_cmp, _, layout, positions, doc = _blocks(k, None, segment_ids, block_size)
+    # Selection per shard (it mixes only one KV group's query heads). The pooled keys are
+    # pooled again from the shard's k: per_shard passes [B, T, H, *] tensors and segment
+    # ids only, and pooling is one read of k, small beside the attention.
+    k_cmp, _, layout, positions, doc = xla.pooled_blocks(k, None, segment_ids, block_size)
     selected = xla.select_blocks(q, k_cmp, layout, positions, doc, block_size=block_size,
                                  block_count=block_count, scale=scale)
     return selected_attention(q, k, v, selected, block_size=block_size,

@@ -158,17 +158,25 @@ def selected_mask_fn(selected: jax.Array, positions: jax.Array, segment_ids: jax
   return mask_fn
 
 
+def pooled_blocks(k: jax.Array, v: jax.Array | None, segment_ids: jax.Array | None,
+                  block_size: int):
+  """-> (k_cmp, v_cmp (None without v), layout, positions [B, T], doc [B, T]): the
+  mean-pooled blocks of k and v and the block layout both branches read."""
+  batch, time = k.shape[:2]
+  positions = token_positions(segment_ids, batch, time)
+  doc = document_index(segment_ids, batch, time)
+  layout = block_layout(positions, doc, block_size)
+  v_cmp = None if v is None else mean_pool(v, layout, block_size)
+  return mean_pool(k, layout, block_size), v_cmp, layout, positions, doc
+
+
 def nsa_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, gates: jax.Array, *,
                       block_size: int, block_count: int, window_size: int | None,
                       segment_ids: jax.Array | None, scale: float,
                       block_q: int = DEFAULT_BLOCK_Q) -> jax.Array:
   """q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv], gates [B, T, Hq, 3]
   -> o [B, T, Hq, Dv] in v.dtype."""
-  batch, time = q.shape[:2]
-  positions = token_positions(segment_ids, batch, time)
-  doc = document_index(segment_ids, batch, time)
-  layout = block_layout(positions, doc, block_size)
-  k_cmp, v_cmp = mean_pool(k, layout, block_size), mean_pool(v, layout, block_size)
+  k_cmp, v_cmp, layout, positions, doc = pooled_blocks(k, v, segment_ids, block_size)
   o_cmp = blockwise_attention(q, k_cmp, v_cmp, compressed_mask_fn(layout, doc), scale=scale,
                               block_q=block_q)
   selected = select_blocks(q, k_cmp, layout, positions, doc, block_size=block_size,
